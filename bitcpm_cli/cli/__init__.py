@@ -1,0 +1,1 @@
+"""The Typer layer: one module per command; each parses options, calls one core function and renders."""

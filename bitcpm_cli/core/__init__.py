@@ -1,0 +1,1 @@
+"""The bitcpm library: no CLI concerns here (no typer, no printing, no exiting)."""

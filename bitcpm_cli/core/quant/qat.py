@@ -1,0 +1,90 @@
+"""QAT modules: swap a causal LM's linears for fake-quantized ones, and fuse them back."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bitcpm_cli.core.errors import QuantError, collect
+from bitcpm_cli.core.quant.functional import check_groupable, fake_quantize, fake_quantize_ste
+from bitcpm_cli.core.quant.scheme import CONFIG_KEY, LayerQuant, QuantScheme
+
+
+class QATLinear(nn.Linear):
+    """nn.Linear whose forward sees the fake-quantized weight (STE backward).
+
+    Parameter names are those of nn.Linear, so state dicts stay loadable by stock transformers.
+    """
+
+    quant: LayerQuant
+    quant_name: str
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, fake_quantize_ste(self.weight, self.quant, self.quant_name), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, quant_type={self.quant.quant_type}, group_size={self.quant.group_size}"
+
+
+def _input_embedding_weight(model: nn.Module) -> torch.Tensor | None:
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    return getattr(embedding, "weight", None)
+
+
+def plan(model: nn.Module, scheme: QuantScheme) -> dict[str, LayerQuant]:
+    """Which linears `prepare` would quantize, and how; raises one error listing every layer that cannot be."""
+    tied = _input_embedding_weight(model)
+    targets: dict[str, LayerQuant] = {}
+    problems: list[str] = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear and not isinstance(module, QATLinear):
+            continue
+        spec = scheme.for_module(name)
+        if not spec.enabled:
+            continue
+        if tied is not None and module.weight is tied:
+            problems.append(f"{name}: its weight is tied to the input embeddings, which stay in full precision; "
+                            f"keep {name} in modules_to_not_convert or untie the embeddings")
+            continue
+        try:
+            check_groupable(module.weight.shape, spec.group_size, name)
+        except QuantError as exc:
+            problems.append(f"{exc.message}; {exc.hint}")
+            continue
+        targets[name] = spec
+    collect(problems, QuantError, "the quantization scheme does not fit this model",
+            "change group_size, add per-layer overrides, or skip the layers named above")
+    return targets
+
+
+def prepare(model: nn.Module, scheme: QuantScheme) -> nn.Module:
+    """Make every targeted linear a QATLinear in place, and record the scheme in `model.config`."""
+    targets = plan(model, scheme)
+    for name, module in model.named_modules():
+        if name in targets:
+            module.__class__ = QATLinear
+            module.quant = targets[name]
+            module.quant_name = name
+    config = getattr(model, "config", None)
+    if config is not None:
+        setattr(config, CONFIG_KEY, scheme.to_dict())
+    return model
+
+
+def qat_layers(model: nn.Module) -> dict[str, QATLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QATLinear)}
+
+
+@torch.no_grad()
+def fuse(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Turn every QATLinear back into an nn.Linear holding its fused weight; drop the scheme from the config."""
+    for module in qat_layers(model).values():
+        fused = fake_quantize(module.weight, module.quant, dtype=dtype, name=module.quant_name)
+        module.weight = nn.Parameter(fused, requires_grad=module.weight.requires_grad)
+        module.__class__ = nn.Linear
+        del module.quant, module.quant_name
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, CONFIG_KEY):
+        delattr(config, CONFIG_KEY)
+    return model
