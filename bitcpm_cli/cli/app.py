@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from bitcpm_cli import __version__
-from bitcpm_cli.cli import env
+from bitcpm_cli.cli import env, fix_config
 from bitcpm_cli.cli.output import print_error
 from bitcpm_cli.core.errors import BitcpmError, CheckFailed
 
@@ -60,7 +60,7 @@ def main_options(
 
 
 app.command("env")(env.env)
-# app.command("fix-config")(fix_config.fix_config)
+app.command("fix-config")(fix_config.fix_config)
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ def test_help_lists_commands_and_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported at start-up'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert "env" in done.stdout
+    assert "env" in done.stdout and "fix-config" in done.stdout
 
 
 def test_version(invoke):

@@ -1,0 +1,220 @@
+"""Checkpoint I/O: locate weight files, read tensor shapes from headers alone, read config.json, write atomically.
+
+Header-only reading never materialises tensor data: safetensors headers are parsed directly (8-byte length + JSON),
+and pickled `.bin` files are opened with `torch.load(mmap=True, weights_only=True)`, which maps the data without
+reading it and never executes pickled code. Time and memory do not grow with the size of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from bitcpm_cli.core.errors import ConfigError, InputError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64",
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as its file header describes it."""
+
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name: "bfloat16", "float32", ...
+    file: str
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    format: str  # "safetensors" | "bin"
+    files: tuple[Path, ...]
+    index: Path | None = None
+
+
+def find_weight_files(path: str | Path) -> WeightFiles:
+    """The weight files of a model directory (or a single weight file), preferring safetensors."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"no such file or directory ({path})", hint="pass a Hugging Face model directory")
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return WeightFiles("safetensors", (path,))
+        if path.suffix in (".bin", ".pt", ".pth"):
+            return WeightFiles("bin", (path,))
+        raise InputError(f"not a weight file ({path})", hint="expected .safetensors, .bin, .pt or .pth")
+    for index_name, fmt in ((SAFETENSORS_INDEX, "safetensors"), (BIN_INDEX, "bin")):
+        index = path / index_name
+        if index.is_file():
+            return WeightFiles(fmt, _shards_from_index(index), index)
+    for pattern, fmt in (("*.safetensors", "safetensors"), ("pytorch_model*.bin", "bin"), ("model*.bin", "bin")):
+        files = tuple(sorted(path.glob(pattern)))
+        if files:
+            return WeightFiles(fmt, files)
+    raise InputError(
+        f"no weights found in {path}",
+        hint="expected model.safetensors, *.safetensors, pytorch_model.bin or a sharded index "
+             f"({SAFETENSORS_INDEX} / {BIN_INDEX})",
+    )
+
+
+def _shards_from_index(index: Path) -> tuple[Path, ...]:
+    data = read_json(index, "weight index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise InputError(f"weight index has no 'weight_map' ({index})", hint="regenerate the index with save_pretrained")
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (index.parent / s).is_file()]
+    if missing:
+        raise InputError(
+            f"weight index names {len(missing)} missing shard(s) ({index}): {', '.join(missing)}",
+            hint="download or copy the missing shard files next to the index",
+        )
+    return tuple(index.parent / s for s in shards)
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{what} not found ({path})", hint="check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read {what} ({path}): {exc}", hint="check the file's permissions") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{what} is not valid JSON ({path}, line {exc.lineno} column {exc.colno}): {exc.msg}",
+                          hint="fix the JSON syntax at that position") from None
+
+
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    config = read_json(path, "config.json")
+    if not isinstance(config, dict):
+        raise ConfigError(f"config.json must hold a JSON object ({path})", hint="restore it from the model's source")
+    return config
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorSpec]:
+    """Tensor specs from a safetensors header, checking the file holds every byte the header promises."""
+    hint = "the file is corrupt or truncated: download or copy it again"
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise InputError(f"safetensors file is truncated: {size} bytes, no header ({path})", hint=hint)
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+                raise InputError(f"safetensors header is corrupt or truncated: it claims {header_len} bytes "
+                                 f"in a {size}-byte file ({path})", hint=hint)
+            raw = handle.read(header_len)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}", hint="check the file's permissions") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"safetensors header is not valid JSON ({path})", hint=hint) from None
+    if not isinstance(header, dict):
+        raise InputError(f"safetensors header is not a JSON object ({path})", hint=hint)
+    specs: dict[str, TensorSpec] = {}
+    data_end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"safetensors header entry {name!r} is malformed ({path})", hint=hint) from None
+        if end < begin:
+            raise InputError(f"safetensors header entry {name!r} has invalid offsets ({path})", hint=hint)
+        data_end = max(data_end, end)
+        specs[name] = TensorSpec(shape, dtype, path.name)
+    if 8 + header_len + data_end > size:
+        raise InputError(f"safetensors file is truncated: the header needs {8 + header_len + data_end} bytes, "
+                         f"the file has {size} ({path})", hint=hint)
+    return specs
+
+
+def read_bin_specs(path: Path) -> dict[str, TensorSpec]:
+    """Tensor specs of a pickled state dict, memory-mapped (data not read) and without executing code."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise InputError(
+            f"refusing to load {path}: it holds objects other than tensors ({str(exc).splitlines()[0][:200]})",
+            hint="bitcpm only loads .bin files with weights_only=True; convert the checkpoint to safetensors "
+                 "with a tool you trust",
+        ) from None
+    except Exception as exc:
+        raise InputError(f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+                         hint="the file is corrupt, truncated or not a torch checkpoint") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise InputError(f"{path} does not hold a state dict (found {type(state).__name__})",
+                         hint="expected a mapping of parameter names to tensors")
+    specs = {
+        name: TensorSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."), path.name)
+        for name, t in state.items()
+        if isinstance(t, torch.Tensor)
+    }
+    del state
+    return specs
+
+
+def read_tensor_specs(path: str | Path) -> tuple[WeightFiles, dict[str, TensorSpec]]:
+    """Every tensor's shape and dtype, from headers alone, for a model directory or a single weight file."""
+    files = find_weight_files(path)
+    specs: dict[str, TensorSpec] = {}
+    for file in files.files:
+        part = read_safetensors_header(file) if files.format == "safetensors" else read_bin_specs(file)
+        duplicates = sorted(set(part) & set(specs))
+        if duplicates:
+            raise InputError(f"tensor {duplicates[0]!r} appears in more than one weight file ({file})",
+                             hint="remove stale shards from the directory")
+        specs.update(part)
+    if not specs:
+        raise InputError(f"the weight files hold no tensors ({path})", hint="check that the download completed")
+    return files, specs
+
+
+@contextmanager
+def atomic_write(destination: str | Path, mode: str = "w") -> Iterator[Any]:
+    """Write to a temporary file beside `destination`, then rename it into place (nothing partial is left)."""
+    destination = Path(destination)
+    fd, tmp = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
+    try:
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, destination)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,92 @@
+"""Builders for test checkpoints: Llama-style tensor shapes, sparse safetensors files, model directories.
+
+Also used by scripts/bench_fix_config.py.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+DTYPE_CODES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def llama_shapes(hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, intermediate: int,
+                 vocab: int, tied: bool = False) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (heads * head_dim, hidden),
+            p + "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
+            p + "self_attn.o_proj.weight": (hidden, heads * head_dim),
+            p + "mlp.gate_proj.weight": (intermediate, hidden),
+            p + "mlp.up_proj.weight": (intermediate, hidden),
+            p + "mlp.down_proj.weight": (hidden, intermediate),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        })
+    if not tied:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+# The BitCPM4-CANN-1B weights (adaptation report): 2048 / 28 layers / 16 heads / 2 KV heads / head_dim 128 / 6144.
+BITCPM_1B = dict(hidden=2048, layers=28, heads=16, kv_heads=2, head_dim=128, intermediate=6144, vocab=73448)
+
+
+def bitcpm_1b_published_config() -> dict:
+    """The config.json the 1B repository shipped: right vocab, KV heads and head_dim; wrong everything else."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2560, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 10240,
+        "vocab_size": 73448, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+        "rope_theta": 10000.0, "torch_dtype": "bfloat16", "tie_word_embeddings": False, "scale_emb": 12,
+        "rope_scaling": {"rope_type": "longrope", "long_factor": [1.0] * 64, "short_factor": [1.0] * 64,
+                         "original_max_position_embeddings": 32768},
+    }
+
+
+def write_sparse_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], dtype: str = "bfloat16") -> int:
+    """A real safetensors header followed by a hole as long as the data: full-size on paper, empty on disk."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = DTYPE_BYTES[dtype]
+        for d in shape:
+            size *= d
+        header[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * ((-len(raw)) % 8)
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(raw)))
+        handle.write(raw)
+        handle.truncate(8 + len(raw) + offset)
+    return 8 + len(raw) + offset
+
+
+def write_model_dir(path: Path, config: dict, shapes: dict[str, tuple[int, ...]], fmt: str = "safetensors",
+                    shards: int = 1, dtype: str = "bfloat16") -> Path:
+    """A model directory with config.json and weights: sparse safetensors, or real (small) tensors in .bin."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    names = list(shapes)
+    groups = [names[i::shards] for i in range(shards)]
+    ext = "safetensors" if fmt == "safetensors" else "bin"
+    stem = "model" if fmt == "safetensors" else "pytorch_model"
+    files = [f"{stem}.{ext}"] if shards == 1 else [f"{stem}-{i + 1:05d}-of-{shards:05d}.{ext}" for i in range(shards)]
+    for group, file in zip(groups, files):
+        subset = {n: shapes[n] for n in group}
+        if fmt == "safetensors":
+            write_sparse_safetensors(path / file, subset, dtype)
+        else:
+            import torch
+
+            torch.save({n: torch.zeros(s, dtype=getattr(torch, dtype)) for n, s in subset.items()}, path / file)
+    if shards > 1:
+        index = {"metadata": {}, "weight_map": {n: f for group, f in zip(groups, files) for n in group}}
+        (path / f"{stem}.{ext}.index.json").write_text(json.dumps(index))
+    return path
