@@ -218,3 +218,163 @@ def atomic_write(destination: str | Path, mode: str = "w") -> Iterator[Any]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ---- streaming tensor I/O -------------------------------------------------------------------------
+TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def _safetensors_layout(path: Path) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(data start, {name: header entry}, metadata), after read_safetensors_header validated the file."""
+    with path.open("rb") as handle:
+        (header_len,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_len))
+    metadata = header.pop("__metadata__", None) or {}
+    return 8 + header_len, header, metadata
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    return _safetensors_layout(path)[2]
+
+
+def iter_safetensors(path: Path, hasher=None) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) in file order, one tensor in memory at a time (plain reads, no mmap).
+
+    With `hasher`, every byte of the file is fed to it in order, so its digest is the file's sha256.
+    """
+    import torch
+
+    read_safetensors_header(path)  # validates sizes and offsets first
+    start, header, _ = _safetensors_layout(path)
+    entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+    with path.open("rb") as handle:
+        prefix = handle.read(start)
+        if hasher is not None:
+            hasher.update(prefix)
+        position = 0
+        for name, entry in entries:
+            begin, end = entry["data_offsets"]
+            if begin > position:  # padding between tensors: read past it, so the digest covers every byte
+                gap = handle.read(begin - position)
+                if hasher is not None:
+                    hasher.update(gap)
+            elif begin < position:
+                handle.seek(start + begin)
+            buffer = torch.empty(end - begin, dtype=torch.uint8)
+            if end > begin and handle.readinto(memoryview(buffer.numpy())) != end - begin:
+                raise InputError(f"safetensors file is truncated while reading {name!r} ({path})",
+                                 hint="download or copy the file again")
+            if hasher is not None:
+                hasher.update(memoryview(buffer.numpy()))
+            position = end
+            dtype = getattr(torch, SAFETENSORS_DTYPES[entry["dtype"]])
+            yield name, buffer.view(dtype).reshape(entry["shape"])
+        if hasher is not None:
+            for block in iter(lambda: handle.read(2**24), b""):
+                hasher.update(block)
+
+
+def iter_bin(path: Path, hasher=None) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) of a pickled state dict, memory-mapped and loaded with weights_only=True."""
+    import torch
+
+    read_bin_specs(path)  # refuses pickles that are not plain tensors, with a clear message
+    if hasher is not None:
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(2**24), b""):
+                hasher.update(block)
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    for name in list(state):
+        tensor = state.pop(name)
+        if isinstance(tensor, torch.Tensor):
+            yield name, tensor
+
+
+def iter_tensors(files: WeightFiles, hasher=None) -> Iterator[tuple[str, Any]]:
+    """Every tensor of a checkpoint, one at a time; `hasher` sees every byte of every file, in order."""
+    for file in files.files:
+        yield from (iter_safetensors if files.format == "safetensors" else iter_bin)(file, hasher)
+
+
+def tensor_order(files: WeightFiles, specs: dict[str, TensorSpec]) -> list[str]:
+    """The order in which iter_tensors yields tensors (from headers alone)."""
+    if files.format != "safetensors":
+        return list(specs)
+    order = []
+    for file in files.files:
+        _, header, _ = _safetensors_layout(file)
+        order += sorted(header, key=lambda name: header[name]["data_offsets"][0])
+    return order
+
+
+def read_tensor(files: WeightFiles, specs: dict[str, TensorSpec], name: str):
+    """One tensor by name, without reading the others."""
+    import torch
+
+    path = next(f for f in files.files if f.name == specs[name].file)
+    if files.format == "safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.get_tensor(name).clone()
+    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    return state[name].clone()
+
+
+def fingerprint(files: WeightFiles) -> str:
+    """sha256 over the bytes of every weight file, in order (what iter_tensors' hasher computes)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in files.files:
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(2**24), b""):
+                digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+class SafetensorsStreamWriter:
+    """Write a safetensors file tensor by tensor: the header is laid out first from the known specs."""
+
+    def __init__(self, path: Path, specs: list[tuple[str, str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        import torch
+
+        self._expected = []
+        header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        for name, dtype, shape in specs:
+            size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+            for d in shape:
+                size *= d
+            header[name] = {"dtype": TORCH_TO_SAFETENSORS[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            self._expected.append((name, dtype, tuple(shape), size))
+            offset += size
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * ((-len(raw)) % 8)
+        self.path = path
+        self.nbytes = 8 + len(raw) + offset
+        self._handle = path.open("wb")
+        self._handle.write(struct.pack("<Q", len(raw)) + raw)
+        self._next = 0
+
+    def write(self, name: str, tensor) -> None:
+        import torch
+
+        expected_name, dtype, shape, size = self._expected[self._next]
+        if name != expected_name or str(tensor.dtype) != f"torch.{dtype}" or tuple(tensor.shape) != shape:
+            raise RuntimeError(f"safetensors stream: got {name} {tensor.dtype} {tuple(tensor.shape)}, "
+                               f"expected {expected_name} {dtype} {shape}")
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._handle.write(memoryview(data.numpy()))
+        self._next += 1
+
+    def close(self) -> None:
+        self._handle.close()
+        if self._next != len(self._expected):
+            raise RuntimeError(f"safetensors stream {self.path}: {len(self._expected) - self._next} tensors unwritten")

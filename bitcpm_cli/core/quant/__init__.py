@@ -9,11 +9,11 @@ from bitcpm_cli.core.quant.functional import (
     ternary_codes_from_fused,
 )
 from bitcpm_cli.core.quant.packing import pack_ternary, unpack_ternary
-from bitcpm_cli.core.quant.qat import QATLinear, fuse, plan, prepare, qat_layers
+from bitcpm_cli.core.quant.qat import QATLinear, fuse, plan, plan_state_dict, prepare, qat_layers
 from bitcpm_cli.core.quant.scheme import LayerQuant, QuantScheme, load_scheme_file
 
 __all__ = [
     "LayerQuant", "QATLinear", "QuantScheme", "Quantized", "fake_quantize", "fake_quantize_ste", "fuse",
-    "fused_scales", "load_scheme_file", "pack_ternary", "plan", "prepare", "qat_layers", "quantize",
+    "fused_scales", "load_scheme_file", "pack_ternary", "plan", "plan_state_dict", "prepare", "qat_layers", "quantize",
     "ternary_codes_from_fused", "unpack_ternary",
 ]

@@ -58,6 +58,34 @@ def plan(model: nn.Module, scheme: QuantScheme) -> dict[str, LayerQuant]:
     return targets
 
 
+EMBEDDING_NAMES = ("embed", "wte", "wpe", "embeddings")
+
+
+def plan_state_dict(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str],
+                    scheme: QuantScheme) -> dict[str, LayerQuant]:
+    """`plan` for a state dict without a model: the 2-D floating `*.weight` tensors of non-skipped, non-embedding
+    modules (for Llama/MiniCPM-style models, exactly the linears `prepare` swaps). Keys are tensor names."""
+    targets: dict[str, LayerQuant] = {}
+    problems: list[str] = []
+    for name, shape in shapes.items():
+        module = name.removesuffix(".weight")
+        if (module == name or len(shape) != 2 or not dtypes[name].startswith(("float", "bfloat"))
+                or any(e in module.rsplit(".", 1)[-1] for e in EMBEDDING_NAMES)):
+            continue
+        spec = scheme.for_module(module)
+        if not spec.enabled:
+            continue
+        try:
+            check_groupable(shape, spec.group_size, module)
+        except QuantError as exc:
+            problems.append(f"{exc.message}; {exc.hint}")
+            continue
+        targets[name] = spec
+    collect(problems, QuantError, "the quantization scheme does not fit this checkpoint",
+            "change group_size, add per-layer overrides, or skip the layers named above")
+    return targets
+
+
 def prepare(model: nn.Module, scheme: QuantScheme) -> nn.Module:
     """Make every targeted linear a QATLinear in place, and record the scheme in `model.config`."""
     targets = plan(model, scheme)

@@ -1,0 +1,98 @@
+"""`bitcpm convert`: fuse the quantizer into pseudo-quantized weights, or pack them to 2 bits a weight."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from bitcpm_cli.cli.output import LEVEL_STYLE, err, out, print_json
+
+SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def parse_size(text: str) -> int:
+    from bitcpm_cli.core.errors import InputError
+
+    match = SIZE_RE.match(text)
+    unit = match.group(2).upper() if match else None
+    if not match or unit not in UNITS:
+        raise InputError(f"--max-shard-size {text!r} is not a size", hint="e.g. 5GB, 500MB or 2GiB")
+    return int(float(match.group(1)) * UNITS[unit])
+
+
+def convert(
+    input_path: Path = typer.Option(..., "--input", "--input-bin", "--input_bin", "-i",
+                                    help="QAT / float / fused / packed model folder, or a .safetensors / .bin file."),
+    output: Path = typer.Option(..., "--output", "-o",
+                                help="Output folder, or a single file ending in .safetensors or .bin."),
+    quant_type: Optional[str] = typer.Option(None, "--quant-type", "--quant_type",
+                                             help="ternary, binary, int2, int4, int8 (default: the checkpoint's)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", "--group_size",
+                                             help="-1 per row, 0 per tensor, N input channels (default: the checkpoint's)."),
+    scheme: Optional[Path] = typer.Option(None, "--scheme", help="Scheme file: a bitcpm_quant block or a CANN strategy."),
+    fmt: str = typer.Option("fused", "--format", help="fused (bf16 weights stock transformers/vLLM load) or packed (2-bit)."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="Output dtype: bfloat16, float16 or float32."),
+    verify: bool = typer.Option(False, "--verify", help="Reload the output and check it against the input."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (only once the new one is complete)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard of a folder output."),
+    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+) -> None:
+    """Fuse a ternary QAT checkpoint into pseudo-quantized weights (exactly the QAT forward), or pack it.
+
+    Replaces `qat-convert.py --input_bin ckpt.bin --output fused.bin --quant_type ternary --group_size -1`.
+    """
+    from bitcpm_cli.core.convert import convert_checkpoint
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                  console=err, transient=True, disable=json_output or not err.is_terminal) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(stage: str, advance: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.advance(tasks[stage], advance)
+
+        result = convert_checkpoint(
+            input_path, output, quant_type=quant_type, group_size=group_size, scheme_file=scheme, fmt=fmt,
+            dtype=dtype, verify=verify, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
+            progress=progress,
+        )
+    for warning in result.warnings:
+        err.print(f"[bold yellow]WARNING:[/] {escape(warning)}", soft_wrap=True)
+    if json_output:
+        print_json(result.to_dict())
+        return
+    _render(result)
+
+
+def _render(result) -> None:
+    table = Table(title=f"converted {escape(result.input)} -> {escape(result.output)}", show_header=False)
+    table.add_row("input", f"{result.input_kind} checkpoint, {result.tensors_in} tensors, {result.bytes_in / 2**20:,.1f} MiB")
+    table.add_row("output", f"{result.format}, {result.dtype}, {result.shards} file(s), {result.bytes_out / 2**20:,.1f} MiB")
+    if result.scheme:
+        table.add_row("scheme", f"{result.scheme['quant_type']}, group_size {result.scheme['group_size']}")
+    size = f"{result.quantized_bytes_out / 2**20:,.1f} MiB"
+    if result.format == "packed":
+        size += f", {result.linear_ratio_vs_bf16:.2f}x smaller than bf16"
+    table.add_row("quantized linears", f"{result.tensors_quantized} ({size})")
+    table.add_row("input fingerprint", result.fingerprint)
+    table.add_row("time", f"{result.seconds:.2f} s")
+    out.print(table)
+    for note in result.notes:
+        out.print(f"note: {escape(note)}", soft_wrap=True)
+    if result.verify is not None:
+        layers = Table(title=f"verified: {result.verify.tensors_checked} tensors equal the reference")
+        layers.add_column("layer")
+        layers.add_column("zero fraction", justify="right")
+        for layer, fraction in result.verify.per_layer().items():
+            layers.add_row(layer, f"{fraction:.3f}")
+        out.print(layers)
+    out.print(f"[{LEVEL_STYLE['ok']}]wrote[/] {escape(result.output)}")

@@ -1,0 +1,555 @@
+"""`convert`: fuse the quantizer into a checkpoint, pack it to 2 bits a weight, or unpack it, streaming.
+
+One tensor is in memory at a time (safetensors in and out): the output header is laid out from the input headers
+before any data is read, then every tensor is read, transformed and written in turn. Everything is written into a
+temporary path beside the output and renamed into place at the end, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from bitcpm_cli import __version__
+from bitcpm_cli.core.checkpoint import (
+    SafetensorsStreamWriter,
+    TensorSpec,
+    WeightFiles,
+    atomic_write,
+    iter_tensors,
+    read_config,
+    read_tensor,
+    read_tensor_specs,
+    safetensors_metadata,
+    tensor_order,
+)
+from bitcpm_cli.core.config_check import require_consistent_config
+from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError, QuantError
+from bitcpm_cli.core.quant import (
+    LayerQuant,
+    QuantScheme,
+    Quantized,
+    fake_quantize,
+    fused_scales,
+    load_scheme_file,
+    pack_ternary,
+    plan_state_dict,
+    quantize,
+    ternary_codes_from_fused,
+    unpack_ternary,
+)
+from bitcpm_cli.core.quant.scheme import CONFIG_KEY
+
+FORMATS = ("fused", "packed")
+DTYPES = ("bfloat16", "float16", "float32")
+PACKED_SUFFIX, SCALE_SUFFIX = ".weight_packed", ".weight_scale"
+PACKED_SHAPES_KEY = "bitcpm.packed_shapes"
+PROVENANCE_FILE = "bitcpm_convert.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+# Files of an input directory that are not copied: weights, indexes, its config (rewritten), old provenance.
+NOT_COPIED = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt)$|.*\.index\.json$|config\.json(\.bak.*)?$|"
+                        + re.escape(PROVENANCE_FILE) + "$")
+FUSED_GROUP_CANDIDATES = (0, -1, 256, 128, 64, 32)
+ProgressFn = Callable[[str, int, int], None]  # (stage, bytes just done, total bytes of the stage)
+
+
+@dataclass
+class VerifyReport:
+    tensors_checked: int = 0
+    mismatches: list[str] = field(default_factory=list)
+    not_ternary: list[str] = field(default_factory=list)
+    zero_fraction: dict[str, float] = field(default_factory=dict)  # per quantized tensor
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches and not self.not_ternary
+
+    def per_layer(self) -> dict[str, float]:
+        """Zero fraction of the quantized weights of each decoder layer (numel-weighted)."""
+        layers: dict[str, list[float]] = {}
+        for name, fraction in self.zero_fraction.items():
+            match = re.search(r"layers\.(\d+)\.", name)
+            layers.setdefault(match.group(1) if match else name, []).append(fraction)
+        return {k: sum(v) / len(v) for k, v in sorted(layers.items(), key=lambda kv: (not kv[0].isdigit(),
+                                                                                       int(kv[0]) if kv[0].isdigit() else 0, kv[0]))}
+
+
+@dataclass
+class ConvertResult:
+    input: str
+    output: str
+    format: str
+    dtype: str
+    input_kind: str  # "qat" | "float" | "fused" | "packed"
+    scheme: dict[str, Any] | None
+    tensors_in: int
+    tensors_quantized: int
+    bytes_in: int
+    bytes_out: int
+    quantized_bytes_out: int  # the quantized linears as written (packed codes + scales, or fused tensors)
+    quantized_numel: int
+    fingerprint: str
+    seconds: float
+    shards: int
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    verify: VerifyReport | None = None
+
+    @property
+    def linear_ratio_vs_bf16(self) -> float:
+        """How many times smaller the quantized linears are than the same weights in bf16."""
+        return (2 * self.quantized_numel) / self.quantized_bytes_out if self.quantized_bytes_out else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "verify"}
+        out["linear_ratio_vs_bf16"] = round(self.linear_ratio_vs_bf16, 3)
+        if self.verify is not None:
+            out["verify"] = {"ok": self.verify.ok, "tensors_checked": self.verify.tensors_checked,
+                             "mismatches": self.verify.mismatches, "not_ternary": self.verify.not_ternary,
+                             "zero_fraction_per_layer": self.verify.per_layer()}
+        return out
+
+
+# ---- options and paths ----------------------------------------------------------------------------
+def _check_paths(source: Path, output: Path, overwrite: bool) -> None:
+    src, dst = source.resolve(), output.resolve()
+    if src == dst:
+        raise InputError(f"--output is the input ({output})", hint="write the converted model to a new path")
+    if src in dst.parents:
+        raise InputError(f"--output is inside the input ({output})", hint="write the output outside the input folder")
+    if dst in src.parents:
+        raise InputError(f"the input is inside --output ({output})", hint="choose an output path that does not "
+                                                                          "contain the input")
+    if not dst.parent.is_dir():
+        raise InputError(f"the folder of --output does not exist ({output.parent})", hint="create it first")
+    if output.exists() and not overwrite:
+        raise InputError(f"--output already exists ({output})", hint="choose a new path, or pass --overwrite")
+
+
+def _resolve_scheme(recorded: QuantScheme | None, quant_type: str | None, group_size: int | None,
+                    scheme_file: str | Path | None) -> tuple[QuantScheme | None, list[str]]:
+    warnings = []
+    base = load_scheme_file(scheme_file) if scheme_file else recorded
+    if scheme_file and recorded and base != recorded:
+        warnings.append(f"--scheme {scheme_file} differs from the bitcpm_quant recorded in the checkpoint: the "
+                        "fused model will not match the QAT model's training forward pass")
+    if base is None and quant_type is None and group_size is None:
+        return None, warnings
+    base = base or QuantScheme(quant_type=quant_type or "ternary", group_size=-1 if group_size is None else group_size)
+    if recorded is not None:
+        if group_size is not None and group_size != recorded.group_size:
+            warnings.append(f"--group-size {group_size} overrides the group size the checkpoint was trained with "
+                            f"({recorded.group_size}): the fused model will NOT match its training forward pass")
+        if quant_type is not None and quant_type != recorded.quant_type:
+            warnings.append(f"--quant-type {quant_type} overrides the checkpoint's {recorded.quant_type}: the fused "
+                            "model will NOT match its training forward pass")
+    return base.replace(quant_type=quant_type, group_size=group_size), warnings
+
+
+def _group_shape(shape: tuple[int, ...], group_size: int) -> tuple[int, int]:
+    out_features, in_features = shape
+    if group_size == 0:
+        return 1, 1
+    return out_features, 1 if group_size == -1 else in_features // group_size
+
+
+# ---- the per-tensor transform -------------------------------------------------------------------
+class _Transform:
+    """Maps input tensors to output tensors; `plan` does the same on specs so the output header is known first."""
+
+    def __init__(self, mode: str, fmt: str, dtype: str, targets: dict[str, LayerQuant],
+                 packed_shapes: dict[str, list[int]]):
+        self.mode, self.fmt, self.dtype = mode, fmt, getattr(torch, dtype)
+        self.dtype_name = dtype
+        self.targets, self.packed_shapes = targets, packed_shapes
+        self._pending: dict[str, dict[str, Any]] = {}
+
+    def _cast_name(self, dtype: str) -> str:
+        return self.dtype_name if dtype.startswith(("float", "bfloat")) else dtype
+
+    def plan(self, name: str, spec: TensorSpec) -> list[tuple[str, str, tuple[int, ...]]]:
+        if self.mode == "unpack":
+            base = _packed_base(name)
+            if base is None:
+                return [(name, self._cast_name(spec.dtype), spec.shape)]
+            pending = self._pending.setdefault(base, {})
+            pending[name] = spec
+            if len(pending) < 2:
+                return []
+            del self._pending[base]
+            return [(base + ".weight", self.dtype_name, tuple(self.packed_shapes[base]))]
+        if name not in self.targets:
+            return [(name, self._cast_name(spec.dtype), spec.shape)]
+        if self.fmt == "fused":
+            return [(name, self.dtype_name, spec.shape)]
+        base = name.removesuffix(".weight")
+        out_features, in_features = spec.shape
+        return [(base + PACKED_SUFFIX, "uint8", (out_features, math.ceil(in_features / 4))),
+                (base + SCALE_SUFFIX, self.dtype_name, _group_shape(spec.shape, self.targets[name].group_size))]
+
+    def apply(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if self.mode == "unpack":
+            base = _packed_base(name)
+            if base is None:
+                return [(name, self._cast(tensor))]
+            pending = self._pending.setdefault(base, {})
+            pending[name] = tensor
+            if len(pending) < 2:
+                return []
+            del self._pending[base]
+            return [(base + ".weight", unpack_weight(pending[base + PACKED_SUFFIX], pending[base + SCALE_SUFFIX],
+                                                     self.packed_shapes[base], self.dtype))]
+        if name not in self.targets:
+            return [(name, self._cast(tensor))]
+        spec = self.targets[name]
+        module = name.removesuffix(".weight")
+        if self.mode == "passthrough":
+            # Packing needs the planned group size; a fused copy only needs the weight to be fused at all.
+            groups = [spec.group_size] if self.fmt == "packed" else FUSED_GROUP_CANDIDATES
+            if not any(fused_scales(tensor, g) is not None for g in groups):
+                raise InputError(f"{name} is not fused (its groups hold more than {{-a, 0, +a}}) while the first "
+                                 "linear was: the input mixes fused and latent weights",
+                                 hint="convert from the QAT checkpoint instead")
+            if self.fmt == "fused":
+                return [(name, tensor.to(self.dtype))]
+            quantized = ternary_codes_from_fused(tensor, spec.group_size)
+        else:
+            if spec.quant_type == "ternary" and fused_scales(tensor, spec.group_size) is not None:
+                raise InputError(f"{name} is already fused while the first linear was not: the input mixes fused "
+                                 "and latent weights", hint="convert from the QAT checkpoint instead")
+            if self.fmt == "fused":
+                return [(name, fake_quantize(tensor, spec, dtype=self.dtype, name=module))]
+            quantized = quantize(tensor, spec, name=module)
+        return [(module + PACKED_SUFFIX, pack_ternary(quantized.codes)),
+                (module + SCALE_SUFFIX, quantized.scales.to(self.dtype))]
+
+    def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+
+def _packed_base(name: str) -> str | None:
+    for suffix in (PACKED_SUFFIX, SCALE_SUFFIX):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def unpack_weight(packed: torch.Tensor, scales: torch.Tensor, shape: list[int] | tuple[int, int],
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The fused weight of a packed linear: codes * scale per group, in float32, cast once."""
+    codes = unpack_ternary(packed, shape[1])
+    return Quantized(codes, scales.to(torch.float32), group_size=0).dequantize(dtype)
+
+
+# ---- output writing ------------------------------------------------------------------------------
+def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size() * math.prod(shape)
+
+
+def _shard(specs: list[tuple[str, str, tuple[int, ...]]], max_bytes: int) -> list[list[tuple[str, str, tuple]]]:
+    shards: list[list] = [[]]
+    size = 0
+    for spec in specs:
+        nbytes = _nbytes(spec[1], spec[2])
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += nbytes
+    return shards
+
+
+class _ShardedWriter:
+    def __init__(self, folder: Path, specs, max_bytes: int, packed_shapes: dict[str, list[int]], single: str | None):
+        self.shards = [specs] if single else _shard(specs, max_bytes)
+        n = len(self.shards)
+        self.names = [single] if single else (["model.safetensors"] if n == 1 else
+                                              [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
+        self.folder, self.packed_shapes = folder, packed_shapes
+        self._index = 0
+        self._remaining = 0
+        self._writer: SafetensorsStreamWriter | None = None
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def _open_next(self) -> None:
+        shard = self.shards[self._index]
+        shapes = {b: self.packed_shapes[b] for b in (_packed_base(s[0]) for s in shard) if b in self.packed_shapes}
+        metadata = {"format": "pt"}
+        if shapes:
+            metadata[PACKED_SHAPES_KEY] = json.dumps(shapes, separators=(",", ":"))
+        self._writer = SafetensorsStreamWriter(self.folder / self.names[self._index], shard, metadata)
+        self.total_size += self._writer.nbytes
+        self._remaining = len(shard)
+        for spec in shard:
+            self.weight_map[spec[0]] = self.names[self._index]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._writer is None:
+            self._open_next()
+        self._writer.write(name, tensor)
+        self._remaining -= 1
+        if self._remaining == 0:
+            self._writer.close()
+            self._writer = None
+            self._index += 1
+
+    def write_index(self) -> None:
+        if len(self.names) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ---- the command ---------------------------------------------------------------------------------
+def convert_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    *,
+    quant_type: str | None = None,
+    group_size: int | None = None,
+    scheme_file: str | Path | None = None,
+    fmt: str = "fused",
+    dtype: str = "bfloat16",
+    verify: bool = False,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: ProgressFn | None = None,
+) -> ConvertResult:
+    started = time.perf_counter()
+    source, output = Path(source), Path(output)
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}",
+                         hint="GGUF export is not built yet; use fused or packed")
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}", hint="bfloat16 is what users deploy")
+    if quant_type is not None or group_size is not None:
+        QuantScheme(quant_type=quant_type or "ternary", group_size=-1 if group_size is None else group_size)
+    single = output.name if output.suffix in (".safetensors", ".bin") else None
+    files, specs = read_tensor_specs(source)
+    config = read_config(source) if source.is_dir() else None
+    _check_paths(source, output, overwrite)
+    if single and single.endswith(".bin") and fmt == "packed":
+        raise InputError("the packed format is written as safetensors", hint="name the output *.safetensors or a folder")
+    if config is not None:
+        require_consistent_config(source)
+
+    notes: list[str] = []
+    recorded = QuantScheme.from_config(config) if config else None
+    packed_input = any(name.endswith(PACKED_SUFFIX) for name in specs)
+    scheme, warnings = _resolve_scheme(None if packed_input else recorded, quant_type, group_size, scheme_file)
+    packed_shapes: dict[str, list[int]] = {}
+    targets: dict[str, LayerQuant] = {}
+    if packed_input:
+        if fmt == "packed":
+            raise InputError("the input is already packed", hint="use --format fused to unpack it")
+        mode, input_kind = "unpack", "packed"
+        for file in files.files:
+            packed_shapes.update(json.loads(safetensors_metadata(file).get(PACKED_SHAPES_KEY, "{}")))
+        missing = [n for n in specs if n.endswith(PACKED_SUFFIX) and _packed_base(n) not in packed_shapes]
+        if missing:
+            raise InputError(f"packed tensor {missing[0]} has no recorded shape ({PACKED_SHAPES_KEY} metadata)",
+                             hint="the packed checkpoint was not written by bitcpm or is damaged")
+        notes.append(f"input is packed: {len(packed_shapes)} linears unpacked to {dtype}")
+    else:
+        mode, input_kind, targets = _plan_dense(files, specs, scheme, recorded, notes)
+        if not targets:
+            raise QuantError("no linear weights to quantize in the input",
+                             hint="check modules_to_not_convert and the per-layer overrides")
+        if fmt == "packed":
+            bad = sorted({t.quant_type for t in targets.values()} - {"ternary"})
+            if bad:
+                raise QuantError(f"the packed format holds ternary codes only, not {', '.join(bad)}",
+                                 hint="use --format fused for other quant types")
+            packed_shapes = {name.removesuffix(".weight"): list(specs[name].shape) for name in targets}
+
+    transform = _Transform(mode, fmt, dtype, targets, packed_shapes)
+    out_specs = [s for name in tensor_order(files, specs) for s in transform.plan(name, specs[name])]
+    transform = _Transform(mode, fmt, dtype, targets, packed_shapes)  # fresh pairing state for the data pass
+
+    staging = output.parent / f".bitcpm-tmp-{os.getpid()}-{output.name}"  # keeps the suffix: .bin stays .bin
+    hasher = hashlib.sha256()
+    try:
+        folder = staging.parent if single else staging
+        if not single:
+            staging.mkdir()
+        bytes_in = sum(f.stat().st_size for f in files.files)
+        if single and single.endswith(".bin"):
+            state: dict[str, torch.Tensor] = {}
+            for name, tensor in iter_tensors(files, hasher):
+                state.update(transform.apply(name, tensor))
+                _tick(progress, "convert", tensor, bytes_in)
+            torch.save(state, staging)
+            del state
+            shards, written = 1, [staging]
+        else:
+            writer = _ShardedWriter(folder, out_specs, max_shard_bytes, packed_shapes,
+                                    staging.name if single else None)
+            for name, tensor in iter_tensors(files, hasher):
+                for out_name, out_tensor in transform.apply(name, tensor):
+                    writer.write(out_name, out_tensor)
+                _tick(progress, "convert", tensor, bytes_in)
+            writer.write_index()
+            shards = len(writer.names)
+            written = [folder / n for n in writer.names]
+        quantized_shapes = list(packed_shapes.values()) or [specs[n].shape for n in targets]
+        quantized_bytes = sum(_nbytes(dt, shape) for name, dt, shape in out_specs
+                              if name in targets or _packed_base(name) is not None
+                              or name.removesuffix(".weight") in packed_shapes)
+        result = ConvertResult(
+            input=str(source), output=str(output), format=fmt, dtype=dtype, input_kind=input_kind,
+            scheme=scheme.to_dict() if scheme and mode != "unpack" else None,
+            tensors_in=len(specs), tensors_quantized=len(targets) or len(packed_shapes), bytes_in=bytes_in,
+            bytes_out=sum(p.stat().st_size for p in written), quantized_bytes_out=quantized_bytes,
+            quantized_numel=sum(math.prod(shape) for shape in quantized_shapes), fingerprint=f"sha256:{hasher.hexdigest()}", seconds=0.0,
+            shards=shards, notes=notes, warnings=warnings,
+        )
+        if not single:
+            _write_folder_files(source, staging, config, result, fmt, scheme, targets, mode)
+        if verify:
+            result.verify = _verify(files, specs, staging, single, result, targets, mode, packed_shapes, progress)
+            if not result.verify.ok:
+                bad = result.verify.mismatches + result.verify.not_ternary
+                raise CheckFailed(f"verification failed: {len(bad)} tensor(s) differ from the reference "
+                                  f"(first: {bad[0]})", hint="report this as a bug; nothing was written",
+                                  problems=bad[:20] if len(bad) > 1 else ())
+        _move_into_place(staging, output)
+    except BaseException:
+        if staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+        else:
+            staging.unlink(missing_ok=True)
+        raise
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _tick(progress: ProgressFn | None, stage: str, tensor: torch.Tensor, total: int) -> None:
+    if progress is not None:
+        progress(stage, tensor.numel() * tensor.element_size(), total)
+
+
+def _plan_dense(files: WeightFiles, specs: dict[str, TensorSpec], scheme: QuantScheme | None,
+                recorded: QuantScheme | None, notes: list[str]) -> tuple[str, str, dict[str, LayerQuant]]:
+    """Targets and mode for a latent or fused input: the first linear tells whether the input is already fused."""
+    shapes = {n: s.shape for n, s in specs.items()}
+    dtypes = {n: s.dtype for n, s in specs.items()}
+    probe_targets = plan_state_dict(shapes, dtypes, scheme or QuantScheme(group_size=-1))
+    if not probe_targets:
+        return "quantize", "float", {}
+    first = next(n for n in tensor_order(files, specs) if n in probe_targets)
+    sample = read_tensor(files, specs, first)
+    candidates = ([scheme.group_size] if scheme else []) + [g for g in FUSED_GROUP_CANDIDATES]
+    fused_at = next((g for g in candidates if fused_scales(sample, g) is not None), None)
+    if fused_at is not None:
+        # Layers the scheme keeps in full precision stay so; every other linear must be fused too.
+        keep_float = {p: o for p, o in (scheme.layers.items() if scheme else ()) if o.get("quant_type") == "none"}
+        skip = scheme.modules_to_not_convert if scheme else QuantScheme().modules_to_not_convert
+        targets = plan_state_dict(shapes, dtypes, QuantScheme("ternary", fused_at, skip, keep_float))
+        notes.append(f"input is already fused (every group of {_describe_group(fused_at)} holds at most "
+                     "{-a, 0, +a}): weights are copied through, never re-quantized")
+        return "passthrough", "fused", targets
+    if scheme is None:
+        raise ConfigError(
+            "the input records no quantization scheme (no bitcpm_quant in config.json) and none was given",
+            hint="pass --quant-type ternary --group-size N with the group size the model was trained with "
+                 "(the BitCPM qat-convert.py example uses -1), or --scheme FILE",
+        )
+    return "quantize", "qat" if recorded else "float", plan_state_dict(shapes, dtypes, scheme)
+
+
+def _describe_group(group_size: int) -> str:
+    return {0: "the whole tensor", -1: "a row"}.get(group_size, f"{group_size} input channels")
+
+
+def _write_folder_files(source: Path, staging: Path, config: dict | None, result: ConvertResult, fmt: str,
+                        scheme: QuantScheme | None, targets: dict[str, LayerQuant], mode: str) -> None:
+    if config is not None:
+        out_config = {k: v for k, v in config.items() if k != CONFIG_KEY}
+        out_config["dtype" if "dtype" in config else "torch_dtype"] = result.dtype
+        if fmt == "packed":
+            group_sizes = {t.group_size for t in targets.values()}
+            packed_scheme = (scheme or QuantScheme()).replace(group_size=next(iter(group_sizes)))
+            out_config[CONFIG_KEY] = {**packed_scheme.to_dict(), "packed": True}
+        (staging / "config.json").write_text(json.dumps(out_config, indent=2, ensure_ascii=False) + "\n")
+    else:
+        result.notes.append("the input has no config.json: the output folder holds weights only")
+    if source.is_dir():
+        for path in sorted(source.iterdir()):
+            if path.is_file() and not NOT_COPIED.fullmatch(path.name):
+                shutil.copy2(path, staging / path.name)
+    provenance = {
+        "tool": f"bitcpm {__version__}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "input": {"path": str(source.resolve()), "fingerprint": result.fingerprint, "kind": result.input_kind},
+        "format": fmt, "dtype": result.dtype, "scheme": result.scheme,
+        "tensors": {"total": result.tensors_in, "quantized": result.tensors_quantized}, "notes": result.notes,
+        "warnings": result.warnings,
+    }
+    (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    if not output.exists():
+        os.rename(staging, output)
+        return
+    # --overwrite: the old output is removed only once the new one is complete.
+    trash = output.parent / f".{output.name}.bitcpm-old-{os.getpid()}"
+    os.rename(output, trash)
+    os.rename(staging, output)
+    shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
+
+
+def _reference(name: str, tensor: torch.Tensor, targets: dict[str, LayerQuant], mode: str,
+               dtype: torch.dtype) -> torch.Tensor:
+    if name in targets and mode == "quantize":
+        return fake_quantize(tensor, targets[name], dtype=dtype, name=name)
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def _verify(files: WeightFiles, specs: dict[str, TensorSpec], staging: Path, single: str | None,
+            result: ConvertResult, targets: dict[str, LayerQuant], mode: str, packed_shapes: dict[str, list[int]],
+            progress: ProgressFn | None) -> VerifyReport:
+    """Reload the written output and compare every tensor with a reference recomputed from the input."""
+    out_files, out_specs = read_tensor_specs(staging)
+    dtype = getattr(torch, result.dtype)
+    report = VerifyReport()
+    pending: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in iter_tensors(files):
+        _tick(progress, "verify", tensor, result.bytes_in)
+        if mode == "unpack":
+            base = _packed_base(name)
+            if base is not None:
+                pending.setdefault(base, {})[name] = tensor
+                if len(pending[base]) < 2:
+                    continue
+                pair = pending.pop(base)
+                name = base + ".weight"
+                tensor = unpack_weight(pair[base + PACKED_SUFFIX], pair[base + SCALE_SUFFIX], packed_shapes[base], dtype)
+        reference = _reference(name, tensor, targets, mode, dtype)
+        base = name.removesuffix(".weight")
+        if result.format == "packed" and name in targets:
+            written = unpack_weight(read_tensor(out_files, out_specs, base + PACKED_SUFFIX),
+                                    read_tensor(out_files, out_specs, base + SCALE_SUFFIX),
+                                    specs[name].shape, dtype)
+        else:
+            written = read_tensor(out_files, out_specs, name)
+        report.tensors_checked += 1
+        if not torch.equal(written, reference):
+            report.mismatches.append(name)
+        if name in targets or base in packed_shapes:
+            report.zero_fraction[name] = float((written == 0).float().mean())
+            spec = targets.get(name, LayerQuant("ternary", -1))
+            groups = [spec.group_size] if mode == "quantize" else FUSED_GROUP_CANDIDATES
+            if spec.quant_type == "ternary" and not any(fused_scales(written, g) is not None for g in groups):
+                report.not_ternary.append(name)
+    return report

@@ -1,0 +1,290 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bitcpm_cli.core import convert as convert_module
+from bitcpm_cli.core.convert import convert_checkpoint
+from bitcpm_cli.core.errors import ConfigError, InputError, QuantError
+from bitcpm_cli.core.quant import LayerQuant, QuantScheme, fake_quantize, plan, plan_state_dict, prepare
+
+from tests.conftest import tiny_llama_config
+
+IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_qat(path, group_size=128, quant_type="ternary", dtype=torch.float32, seed=0):
+    """A QAT checkpoint folder (latent weights + bitcpm_quant) with in_features that 128 divides."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(hidden_size=128, intermediate_size=256, head_dim=32)).to(dtype)
+    prepare(model, QuantScheme(quant_type=quant_type, group_size=group_size))
+    model.save_pretrained(path)
+    (path / "tokenizer_config.json").write_text('{"model_max_length": 128}')
+    return model
+
+
+def reference_fused(w: torch.Tensor, quant_type: str, group_size: int):
+    """Independent reference: a plain loop over groups in float64. Returns (codes, scales, w / scale)."""
+    w64 = w.to(torch.float64)
+    rows = [w64.reshape(-1)] if group_size == 0 else list(w64)
+    codes, scales, ratios = [], [], []
+    for row in rows:
+        size = row.numel() if group_size in (0, -1) else group_size
+        for start in range(0, row.numel(), size):
+            g = row[start:start + size]
+            if quant_type == "ternary":
+                s = max(float(g.abs().mean()), 1e-5)
+                q = [max(-1.0, min(1.0, round(float(x) / s))) for x in g]
+            elif quant_type == "binary":
+                s = float(g.abs().mean())
+                q = [1.0 if float(x) >= 0 else -1.0 for x in g]
+            else:
+                s = float(g.abs().max()) / 7
+                q = [max(-8.0, min(7.0, round(float(x) / s))) for x in g]
+            codes.append(torch.tensor(q, dtype=torch.float64))
+            scales.append(torch.full((len(q),), s, dtype=torch.float64))
+            ratios.append(g / s)
+    shape = w.shape
+    return torch.cat(codes).reshape(shape), torch.cat(scales).reshape(shape), torch.cat(ratios).reshape(shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("group_size", [-1, 0, 128])
+@pytest.mark.parametrize("quant_type", ["ternary", "binary", "int4"])
+def test_fusion_matches_independent_reference(tmp_path, quant_type, group_size, dtype):
+    make_qat(tmp_path / "qat", group_size, quant_type, dtype)
+    latent = load_file(tmp_path / "qat" / "model.safetensors")
+    out_dtype = "float32" if dtype == torch.float32 else "bfloat16"
+    result = convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype=out_dtype)
+    assert result.tensors_quantized == 2 * len(LINEARS)
+    fused = load_file(tmp_path / "fused" / "model.safetensors")
+    for name, w in latent.items():
+        if any(f"{linear}.weight" in name for linear in LINEARS):
+            codes, scales, ratios = reference_fused(w, quant_type, group_size)
+            got = fused[name].to(torch.float64)
+            got_codes = torch.round(got / scales)
+            # Codes agree except where w / s sits on a rounding tie that float32 and float64 resolve differently.
+            differ = got_codes != codes
+            assert torch.all((ratios[differ].abs().frac() - 0.5).abs() < 1e-3), name
+            # Scales agree up to float32 rounding of the mean (and one bf16 rounding of the product).
+            same = ~differ & (codes != 0)
+            relative = got[same] / (codes[same] * scales[same])
+            tolerance = 1e-6 if dtype == torch.float32 else 2 ** -8
+            assert torch.allclose(relative, torch.ones_like(relative), rtol=tolerance, atol=0), name
+            # and bit-exact against the one definition every command shares
+            assert torch.equal(fused[name], fake_quantize(w, LayerQuant(quant_type, group_size), dtype=fused[name].dtype))
+        else:
+            assert torch.equal(fused[name], w.to(fused[name].dtype)), name
+
+
+def test_stock_transformers_loads_fused_output_with_qat_logits(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    qat = make_qat(tmp_path / "qat").eval()
+    with torch.no_grad():
+        expected = qat(IDS).logits
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32")
+    config = json.loads((tmp_path / "fused" / "config.json").read_text())
+    assert "bitcpm_quant" not in config and config.get("torch_dtype", config.get("dtype")) == "float32"
+    assert (tmp_path / "fused" / "tokenizer_config.json").is_file()
+    provenance = json.loads((tmp_path / "fused" / "bitcpm_convert.json").read_text())
+    assert provenance["input"]["fingerprint"].startswith("sha256:") and provenance["scheme"]["group_size"] == 128
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "fused").eval()
+    assert type(stock.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    with torch.no_grad():
+        assert torch.equal(stock(IDS).logits, expected)
+
+
+def test_fingerprint_is_the_sha256_of_the_weights(tmp_path):
+    import hashlib
+
+    make_qat(tmp_path / "qat")
+    result = convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
+    digest = hashlib.sha256((tmp_path / "qat" / "model.safetensors").read_bytes()).hexdigest()
+    assert result.fingerprint == f"sha256:{digest}"
+
+
+def test_bin_to_bin_like_the_seed_script(tmp_path):
+    model = make_qat(tmp_path / "qat", group_size=-1)
+    torch.save(model.state_dict(), tmp_path / "ckpt.bin")
+    result = convert_checkpoint(tmp_path / "ckpt.bin", tmp_path / "fused.bin", quant_type="ternary", group_size=-1)
+    assert result.input_kind == "float" and result.dtype == "bfloat16"
+    fused = torch.load(tmp_path / "fused.bin", weights_only=True)
+    w = model.state_dict()["model.layers.1.mlp.down_proj.weight"]
+    assert torch.equal(fused["model.layers.1.mlp.down_proj.weight"],
+                       fake_quantize(w, LayerQuant("ternary", -1), dtype=torch.bfloat16))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.bin", "fused.bin", "qat"]
+
+
+def test_fused_input_is_copied_not_rescaled(tmp_path):
+    make_qat(tmp_path / "qat")
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
+    # Flags asking for absmean fusion again must not rescale the already fused groups.
+    again = convert_checkpoint(tmp_path / "fused", tmp_path / "fused2", quant_type="ternary", group_size=-1)
+    assert again.input_kind == "fused" and "already fused" in again.notes[0]
+    first, second = load_file(tmp_path / "fused" / "model.safetensors"), load_file(tmp_path / "fused2" / "model.safetensors")
+    assert all(torch.equal(first[n], second[n]) for n in first)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(fake_quantize(first[name], LayerQuant("ternary", -1)), first[name])  # what was avoided
+
+
+def test_packed_round_trip_is_exact_and_small(tmp_path):
+    for group_size in (-1, 128):
+        root = tmp_path / f"g{group_size}"
+        root.mkdir()
+        make_qat(root / "qat", group_size=group_size)
+        convert_checkpoint(root / "qat", root / "fused")
+        packed = convert_checkpoint(root / "qat", root / "packed", fmt="packed", verify=True)
+        assert packed.verify.ok
+        assert packed.linear_ratio_vs_bf16 >= 7.0
+        config = json.loads((root / "packed" / "config.json").read_text())
+        assert config["bitcpm_quant"]["packed"] is True and config["bitcpm_quant"]["group_size"] == group_size
+        tensors = load_file(root / "packed" / "model.safetensors")
+        assert tensors["model.layers.0.mlp.down_proj.weight_packed"].dtype == torch.uint8
+        assert tensors["model.layers.0.mlp.down_proj.weight_scale"].dtype == torch.bfloat16
+        unpacked = convert_checkpoint(root / "packed", root / "unpacked", verify=True)
+        assert unpacked.input_kind == "packed"
+        a, b = load_file(root / "fused" / "model.safetensors"), load_file(root / "unpacked" / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_fused_input_packs_exactly(tmp_path):
+    make_qat(tmp_path / "qat")
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
+    convert_checkpoint(tmp_path / "fused", tmp_path / "packed", fmt="packed", group_size=128)
+    convert_checkpoint(tmp_path / "packed", tmp_path / "unpacked")
+    a, b = load_file(tmp_path / "fused" / "model.safetensors"), load_file(tmp_path / "unpacked" / "model.safetensors")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_verify_reports_zero_fraction_per_layer(tmp_path):
+    make_qat(tmp_path / "qat")
+    result = convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True)
+    assert result.verify.ok and result.verify.tensors_checked == 21
+    per_layer = result.verify.per_layer()
+    assert list(per_layer) == ["0", "1"]
+    assert all(0.2 < f < 0.45 for f in per_layer.values())  # absmean ternary of Gaussian weights: ~31 % zeros
+
+
+def test_sharded_output_and_input(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make_qat(tmp_path / "qat")
+    result = convert_checkpoint(tmp_path / "qat", tmp_path / "fused", max_shard_bytes=100_000, dtype="float32")
+    assert result.shards > 2
+    index = json.loads((tmp_path / "fused" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == result.shards
+    AutoModelForCausalLM.from_pretrained(tmp_path / "fused")
+    again = convert_checkpoint(tmp_path / "fused", tmp_path / "single.safetensors")  # sharded fused input
+    assert again.input_kind == "fused" and (tmp_path / "single.safetensors").is_file()
+
+
+def test_group_size_override_is_a_loud_warning(tmp_path):
+    make_qat(tmp_path / "qat", group_size=128)
+    result = convert_checkpoint(tmp_path / "qat", tmp_path / "fused", group_size=-1)
+    assert any("trained with (128)" in w and "NOT match" in w for w in result.warnings)
+    assert result.scheme["group_size"] == -1
+
+
+def test_float_model_needs_a_scheme(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(tmp_path / "float")
+    with pytest.raises(ConfigError, match="no quantization scheme"):
+        convert_checkpoint(tmp_path / "float", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert convert_checkpoint(tmp_path / "float", tmp_path / "out", quant_type="ternary").scheme["group_size"] == -1
+
+
+def test_mixed_fused_and_latent_input_is_refused(tmp_path):
+    make_qat(tmp_path / "qat")
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32")
+    tensors = load_file(tmp_path / "fused" / "model.safetensors")
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.randn(256, 128)
+    save_file(tensors, tmp_path / "fused" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match="mixes fused and latent"):
+        convert_checkpoint(tmp_path / "fused", tmp_path / "out")
+    assert [p.name for p in tmp_path.iterdir() if p.name != "qat" and p.name != "fused"] == []
+
+
+def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
+    make_qat(tmp_path / "qat")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(convert_module, "fake_quantize", boom)
+    with pytest.raises(RuntimeError):
+        convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qat"]
+
+
+def test_malicious_pickle_is_refused_and_not_executed(tmp_path, monkeypatch):
+    class Exploit:
+        def __reduce__(self):
+            import os
+
+            return (os.system, ("touch pwned",))
+
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model.layers.0.mlp.up_proj.weight": torch.zeros(4, 4), "x": Exploit()}, tmp_path / "evil.bin")
+    with pytest.raises(InputError, match="refusing to load"):
+        convert_checkpoint(tmp_path / "evil.bin", tmp_path / "out.bin", quant_type="ternary")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out.bin").exists()
+
+
+def test_truncated_input(tmp_path):
+    make_qat(tmp_path / "qat")
+    weights = tmp_path / "qat" / "model.safetensors"
+    with weights.open("r+b") as handle:
+        handle.truncate(weights.stat().st_size // 2)
+    with pytest.raises(InputError, match="truncated"):
+        convert_checkpoint(tmp_path / "qat", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_equal_to_or_inside_input_refused(tmp_path):
+    make_qat(tmp_path / "qat")
+    for output, message in ((tmp_path / "qat", "is the input"), (tmp_path / "qat" / "sub", "inside the input"),
+                            (tmp_path, "input is inside")):
+        with pytest.raises(InputError, match=message):
+            convert_checkpoint(tmp_path / "qat", output)
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    make_qat(tmp_path / "qat")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    with pytest.raises(InputError, match="already exists"):
+        convert_checkpoint(tmp_path / "qat", tmp_path / "out")
+    convert_checkpoint(tmp_path / "qat", tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_config_mismatch_stops_with_fix_config_hint(tmp_path):
+    make_qat(tmp_path / "qat")
+    config = json.loads((tmp_path / "qat" / "config.json").read_text())
+    config["intermediate_size"] = 512
+    (tmp_path / "qat" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError) as info:
+        convert_checkpoint(tmp_path / "qat", tmp_path / "out")
+    assert "intermediate_size" in info.value.message and "bitcpm fix-config" in info.value.hint
+
+
+def test_packed_needs_ternary(tmp_path):
+    make_qat(tmp_path / "qat", quant_type="int4")
+    with pytest.raises(QuantError, match="ternary codes only"):
+        convert_checkpoint(tmp_path / "qat", tmp_path / "out", fmt="packed")
+
+
+def test_state_dict_plan_matches_model_plan(tiny_llama):
+    scheme = QuantScheme(group_size=32, layers={r"v_proj": {"quant_type": "none"}})
+    state = tiny_llama.state_dict()
+    by_name = plan_state_dict({n: tuple(t.shape) for n, t in state.items()},
+                              {n: str(t.dtype).removeprefix("torch.") for n, t in state.items()}, scheme)
+    by_module = plan(tiny_llama, scheme)
+    assert by_name == {f"{name}.weight": spec for name, spec in by_module.items()}
