@@ -224,7 +224,9 @@ class _Transform:
                 return [(name, tensor.to(self.dtype))]
             quantized = ternary_codes_from_fused(tensor, spec.group_size)
         else:
-            if spec.quant_type == "ternary" and fused_scales(tensor, spec.group_size) is not None:
+            # A latent row never holds just {-a, 0, +a}; checking one row keeps this cheap.
+            first_row = -1 if spec.group_size == 0 else spec.group_size
+            if spec.quant_type == "ternary" and fused_scales(tensor[:1], first_row) is not None:
                 raise InputError(f"{name} is already fused while the first linear was not: the input mixes fused "
                                  "and latent weights", hint="convert from the QAT checkpoint instead")
             if self.fmt == "fused":
