@@ -90,3 +90,42 @@ def write_model_dir(path: Path, config: dict, shapes: dict[str, tuple[int, ...]]
         index = {"metadata": {}, "weight_map": {n: f for group, f in zip(groups, files) for n in group}}
         (path / f"{stem}.{ext}.index.json").write_text(json.dumps(index))
     return path
+
+
+CHARS = [c for c in "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?;:'\"-+*/=()\n"]
+
+
+def build_char_tokenizer(folder: Path):
+    """A character-level tokenizer (vocab < 96) built locally with `tokenizers`, saved as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {token: i for i, token in enumerate(specials + CHARS)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>")
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_tiny_model(folder: Path, kind: str = "fused", group_size: int = 32, seed: int = 0, tied: bool = False):
+    """A tiny Llama + tokenizer folder: kind 'float' (plain), 'qat' (latent + bitcpm_quant) or 'fused'."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bitcpm_cli.core.quant import QuantScheme, fuse, prepare
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                         tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model = LlamaForCausalLM(config)
+    if kind in ("qat", "fused"):
+        prepare(model, QuantScheme(group_size=group_size))
+    if kind == "fused":
+        fuse(model)
+    model.save_pretrained(folder)
+    build_char_tokenizer(folder)
+    return folder

@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from bitcpm_cli import __version__
-from bitcpm_cli.cli import convert, env, fix_config
+from bitcpm_cli.cli import compare, convert, env, fix_config, infer
 from bitcpm_cli.cli.output import print_error
 from bitcpm_cli.core.errors import BitcpmError, CheckFailed
 
@@ -62,6 +62,8 @@ def main_options(
 app.command("env")(env.env)
 app.command("fix-config")(fix_config.fix_config)
 app.command("convert")(convert.convert)
+app.command("infer")(infer.infer)
+app.command("compare")(compare.compare)
 
 
 def main() -> None:

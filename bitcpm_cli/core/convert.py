@@ -246,6 +246,28 @@ def _packed_base(name: str) -> str | None:
     return None
 
 
+def read_packed_shapes(files: WeightFiles, specs: dict[str, TensorSpec]) -> dict[str, list[int]]:
+    """The [out, in] shape of every packed linear, from the safetensors metadata bitcpm writes."""
+    shapes: dict[str, list[int]] = {}
+    for file in files.files:
+        if files.format == "safetensors":
+            shapes.update(json.loads(safetensors_metadata(file).get(PACKED_SHAPES_KEY, "{}")))
+    missing = [n for n in specs if n.endswith(PACKED_SUFFIX) and _packed_base(n) not in shapes]
+    if missing:
+        raise InputError(f"packed tensor {missing[0]} has no recorded shape ({PACKED_SHAPES_KEY} metadata)",
+                         hint="the packed checkpoint was not written by bitcpm or is damaged")
+    return shapes
+
+
+def unpacked_state_dict(files: WeightFiles, specs: dict[str, TensorSpec], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A packed checkpoint as a fused state dict in `dtype` (exactly what `convert --format fused` writes)."""
+    transform = _Transform("unpack", "fused", str(dtype).removeprefix("torch."), {}, read_packed_shapes(files, specs))
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in iter_tensors(files):
+        state.update(transform.apply(name, tensor))
+    return state
+
+
 def unpack_weight(packed: torch.Tensor, scales: torch.Tensor, shape: list[int] | tuple[int, int],
                   dtype: torch.dtype) -> torch.Tensor:
     """The fused weight of a packed linear: codes * scale per group, in float32, cast once."""
@@ -355,12 +377,7 @@ def convert_checkpoint(
         if fmt == "packed":
             raise InputError("the input is already packed", hint="use --format fused to unpack it")
         mode, input_kind = "unpack", "packed"
-        for file in files.files:
-            packed_shapes.update(json.loads(safetensors_metadata(file).get(PACKED_SHAPES_KEY, "{}")))
-        missing = [n for n in specs if n.endswith(PACKED_SUFFIX) and _packed_base(n) not in packed_shapes]
-        if missing:
-            raise InputError(f"packed tensor {missing[0]} has no recorded shape ({PACKED_SHAPES_KEY} metadata)",
-                             hint="the packed checkpoint was not written by bitcpm or is damaged")
+        packed_shapes = read_packed_shapes(files, specs)
         notes.append(f"input is packed: {len(packed_shapes)} linears unpacked to {dtype}")
     else:
         mode, input_kind, targets = _plan_dense(files, specs, scheme, recorded, notes)

@@ -117,7 +117,7 @@ def probe_npu() -> NpuProbe:
         probe.diagnoses.append(Diagnosis("warning", "torch_npu is installed but reports no NPU available",
                                          "check the driver with `npu-smi info` and " + CANN_ENV_HINT))
     torch_mm = _major_minor(getattr(torch, "__version__", ""))
-    npu_version = _package_version("torch_npu") or getattr(getattr(torch_npu, "version", None), "__version__", None)
+    npu_version = package_version("torch_npu") or getattr(getattr(torch_npu, "version", None), "__version__", None)
     if npu_version and torch_mm and _major_minor(npu_version) != torch_mm:
         probe.diagnoses.append(Diagnosis(
             "warning", f"torch_npu {npu_version} does not match torch {torch.__version__}",
@@ -130,7 +130,7 @@ def _major_minor(version: str) -> str | None:
     return f"{match.group(1)}.{match.group(2)}" if match else None
 
 
-def _package_version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
     for candidate in {name, name.replace("_", "-")}:
         try:
             return importlib.metadata.version(candidate)
@@ -272,7 +272,7 @@ def collect_environment(requested: str = "auto") -> dict[str, Any]:
         "bitcpm": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "packages": {name: _package_version(name) for name in PACKAGES},
+        "packages": {name: package_version(name) for name in PACKAGES},
         "cann": cann_version(),
         "variables": {v: os.environ[v] for v in VARIABLES if v in os.environ},
         "devices": [],

@@ -1,0 +1,82 @@
+"""`bitcpm infer`: deterministic generation on NPU / GPU / CPU, written to a results JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from bitcpm_cli.cli.output import LEVEL_STYLE, err, out
+
+
+def infer(
+    model: Path = typer.Option(..., "--model", "-m", help="Fused, QAT or packed model folder."),
+    prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable)."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts", help=".txt (one a line) or .jsonl/.json "
+                                                "(`prompt`, or `messages` with --chat)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Results JSON to write (schema bitcpm.results/1)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda[:N], npu[:N] or mps; a missing one is an error."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help="bfloat16, float16 or float32."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (deterministic)."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(42, "--seed"),
+    chat: bool = typer.Option(False, "--chat", help="Render prompts with the tokenizer's chat template (ChatML if none)."),
+    logprobs: int = typer.Option(0, "--logprobs", help="Store the top-K logprobs of every generated token."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Prompts per generate() call (left padding)."),
+    engine: str = typer.Option("hf", "--engine", help="hf (transformers)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model folder's own Python code."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream the generated text."),
+) -> None:
+    """Generate for each prompt (greedy by default) and write token ids, text, timing and the runtime to JSON."""
+    from bitcpm_cli.core.errors import InputError
+    from bitcpm_cli.core.generate import (
+        check_output_path,
+        load_for_inference,
+        read_prompts,
+        run_generation,
+        write_json,
+    )
+
+    if engine != "hf":
+        raise InputError(f"--engine {engine!r} is not available", hint="use --engine hf (the llama.cpp engine for GGUF "
+                                                                      "files is not built yet)")
+    prompts = read_prompts(prompt, prompts_file)
+    check_output_path(output)
+    loaded = load_for_inference(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    err.print(f"model {escape(str(model))} ({loaded.info['format']}, {dtype}) on {loaded.device}", highlight=False)
+    current = {"id": None}
+
+    def show(prompt_id: int, text: str) -> None:
+        if current["id"] != prompt_id:
+            out.print(f"\n[bold]\\[{prompt_id}][/] ", end="")
+            current["id"] = prompt_id
+        out.print(text, end="", markup=False, highlight=False, soft_wrap=True)
+
+    document = run_generation(loaded, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              seed=seed, chat=chat, logprobs=logprobs, batch_size=batch_size,
+                              on_text=None if quiet else show)
+    if not quiet:
+        out.print()
+    write_json(document, output)
+    _summary(document, output)
+
+
+def _summary(document: dict, output: Path) -> None:
+    table = Table(title="generation summary")
+    for column in ("id", "tokens", "latency s", "tokens/s"):
+        table.add_column(column, justify="right")
+    for r in document["results"]:
+        table.add_row(str(r["id"]), str(r["num_tokens"]), f"{r['latency_s']:.3f}", f"{r['tokens_per_s'] or 0:.1f}")
+    s = document["summary"]
+    table.add_row("all", str(s["total_tokens"]), f"{s['total_time_s']:.3f}", f"{s['tokens_per_s'] or 0:.1f}",
+                  style="bold")
+    out.print(table)
+    out.print(f"{s['ms_per_token'] or 0:.2f} ms/token on {document['runtime']['device']} "
+              f"({escape(document['runtime']['device_name'])})")
+    for note in document["notes"]:
+        out.print(f"note: {escape(note)}", soft_wrap=True)
+    out.print(f"[{LEVEL_STYLE['ok']}]wrote[/] {escape(str(output))}")
