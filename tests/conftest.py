@@ -55,10 +55,14 @@ def tiny_llama():
     return LlamaForCausalLM(tiny_llama_config()).eval()
 
 
-class FakeNpuApi:
+class FakeNpuApi(types.ModuleType):
     """Stand-in for torch.npu with the behaviour the Ascend pitfalls show."""
 
-    def __init__(self, available: bool = True, count: int = 2):
+    def __init__(self):
+        super().__init__("torch.npu")
+        self.configure(available=False, count=0)
+
+    def configure(self, available: bool, count: int) -> None:
         self._available, self._count = available, count
 
     def is_available(self) -> bool:
@@ -73,22 +77,43 @@ class FakeNpuApi:
     def get_device_properties(self, index: int):
         return types.SimpleNamespace(name="Ascend910B2", total_memory=64 * 2**30)
 
+    # torch.manual_seed seeds every registered backend through these
+    def _is_in_bad_fork(self) -> bool:
+        return False
+
+    def manual_seed_all(self, seed: int) -> None:
+        pass
+
+
+_NPU_API: FakeNpuApi | None = None
+
+
+def _npu_api() -> FakeNpuApi:
+    """Registered once per process: renaming torch's PrivateUse1 backend to 'npu' cannot be undone, and torch then
+    expects a torch.npu module to exist (optimizers query it)."""
+    global _NPU_API
+    if _NPU_API is None:
+        torch.utils.rename_privateuse1_backend("npu")
+        _NPU_API = FakeNpuApi()
+        torch._register_device_module("npu", _NPU_API)
+    return _NPU_API
+
 
 @pytest.fixture
 def fake_npu(monkeypatch):
     """Install a stand-in torch_npu; returns a function to configure it."""
 
     def install(available: bool = True, count: int = 2, version: str | None = None):
-        if torch._C._get_privateuse1_backend_name() != "npu":
-            torch.utils.rename_privateuse1_backend("npu")
-        api = FakeNpuApi(available, count)
+        api = _npu_api()
+        api.configure(available, count)
         module = types.ModuleType("torch_npu")
         module.__spec__ = importlib.machinery.ModuleSpec("torch_npu", None)
         module.npu = api
         module.version = types.SimpleNamespace(__version__=version or torch.__version__.split("+")[0])
         monkeypatch.setitem(sys.modules, "torch_npu", module)
-        monkeypatch.setattr(torch, "npu", api, raising=False)
         return api
 
     monkeypatch.delenv("ASCEND_RT_VISIBLE_DEVICES", raising=False)
-    return install
+    yield install
+    if _NPU_API is not None:
+        _NPU_API.configure(False, 0)

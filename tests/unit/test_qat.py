@@ -107,3 +107,21 @@ def test_per_layer_override_and_none(tiny_llama):
     layers = qat_layers(tiny_llama)
     assert layers["model.layers.0.mlp.down_proj"].quant.group_size == -1
     assert "model.layers.0.self_attn.v_proj" not in layers
+
+
+def test_fused_weight_is_computed_once_per_optimizer_step(tiny_llama, monkeypatch):
+    from bitcpm_cli.core.quant import qat
+
+    prepare(tiny_llama, QuantScheme(group_size=16)).train()
+    calls = []
+    real = qat.fake_quantize
+    monkeypatch.setattr(qat, "fake_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    optimizer = torch.optim.AdamW(tiny_llama.parameters(), lr=1e-2)
+    for _ in range(3):  # three micro-batches of gradient accumulation
+        tiny_llama(IDS, labels=IDS).loss.backward()
+    assert len(calls) == 14  # once per quantized linear, not once per micro-batch
+    optimizer.step()
+    tiny_llama(IDS, labels=IDS).loss.backward()
+    assert len(calls) == 28  # the step changed every latent weight: recomputed
+    layer = tiny_llama.model.layers[0].mlp.up_proj
+    assert torch.equal(layer.fused_weight().detach(), fake_quantize(layer.weight.detach(), layer.quant))

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from bitcpm_cli.core.errors import QuantError
-from bitcpm_cli.core.quant import LayerQuant, fake_quantize, fake_quantize_ste, fused_scales, quantize
+from bitcpm_cli.core.quant import LayerQuant, QATLinear, QuantScheme, fake_quantize, fused_scales, prepare, quantize
 from bitcpm_cli.core.quant.functional import ternary_codes_from_fused
 
 W = torch.tensor([[0.9, -0.1, 0.0, -2.0],
@@ -87,13 +87,18 @@ def test_group_size_not_dividing_names_the_layer():
 
 def test_ste_gradient_is_upstream_gradient_and_forward_is_fused():
     torch.manual_seed(2)
-    w = torch.randn(6, 8, requires_grad=True)
-    spec = LayerQuant("ternary", 4)
-    out = fake_quantize_ste(w, spec)
-    assert torch.equal(out.detach(), fake_quantize(w.detach(), spec))
-    upstream = torch.randn(6, 8)
+    layer = prepare(torch.nn.Sequential(torch.nn.Linear(8, 6)), QuantScheme(group_size=4))[0]
+    assert isinstance(layer, QATLinear)
+    x = torch.randn(3, 8)
+    fused = fake_quantize(layer.weight.detach(), LayerQuant("ternary", 4)).requires_grad_()
+    reference = torch.nn.functional.linear(x, fused, layer.bias.detach())
+    out = layer(x)
+    assert torch.equal(out.detach(), reference.detach())
+    upstream = torch.randn(3, 6)
     out.backward(upstream)
-    assert torch.equal(w.grad, upstream)
+    reference.backward(upstream)
+    # STE: the latent weight receives exactly the gradient of the fused weight
+    assert torch.equal(layer.weight.grad, fused.grad)
 
 
 def test_fused_weight_detected_and_scales_recovered():

@@ -3,7 +3,6 @@
 from bitcpm_cli.core.quant.functional import (
     Quantized,
     fake_quantize,
-    fake_quantize_ste,
     fused_scales,
     quantize,
     ternary_codes_from_fused,
@@ -13,7 +12,7 @@ from bitcpm_cli.core.quant.qat import QATLinear, fuse, plan, plan_state_dict, pr
 from bitcpm_cli.core.quant.scheme import LayerQuant, QuantScheme, load_scheme_file
 
 __all__ = [
-    "LayerQuant", "QATLinear", "QuantScheme", "Quantized", "fake_quantize", "fake_quantize_ste", "fuse",
+    "LayerQuant", "QATLinear", "QuantScheme", "Quantized", "fake_quantize", "fuse",
     "fused_scales", "load_scheme_file", "pack_ternary", "plan", "plan_state_dict", "prepare", "qat_layers", "quantize",
     "ternary_codes_from_fused", "unpack_ternary",
 ]

@@ -108,20 +108,3 @@ def ternary_codes_from_fused(weight: torch.Tensor, group_size: int) -> Quantized
         return None
     codes = torch.sign(_grouped(weight, group_size)).to(torch.int8).reshape(weight.shape)
     return Quantized(codes, scales, group_size)
-
-
-class _FakeQuantSTE(torch.autograd.Function):
-    """Forward: the fused weight, exactly. Backward: the gradient passes to the latent weight unchanged."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, spec: LayerQuant, name: str) -> torch.Tensor:  # type: ignore[override]
-        return fake_quantize(weight, spec, name=name)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        return grad_output, None, None
-
-
-def fake_quantize_ste(weight: torch.Tensor, spec: LayerQuant, name: str = "weight") -> torch.Tensor:
-    """Fake quantizer for training (straight-through estimator)."""
-    return _FakeQuantSTE.apply(weight, spec, name)

@@ -6,21 +6,46 @@ import torch
 from torch import nn
 
 from bitcpm_cli.core.errors import QuantError, collect
-from bitcpm_cli.core.quant.functional import check_groupable, fake_quantize, fake_quantize_ste
+from bitcpm_cli.core.quant.functional import check_groupable, fake_quantize
 from bitcpm_cli.core.quant.scheme import CONFIG_KEY, LayerQuant, QuantScheme
+
+
+class _STEFromFused(torch.autograd.Function):
+    """Forward: a precomputed fused weight. Backward: the gradient goes to the latent weight unchanged."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, fused: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return fused.view_as(fused)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        return grad_output, None
 
 
 class QATLinear(nn.Linear):
     """nn.Linear whose forward sees the fake-quantized weight (STE backward).
 
-    Parameter names are those of nn.Linear, so state dicts stay loadable by stock transformers.
+    Parameter names are those of nn.Linear, so state dicts stay loadable by stock transformers. The fused weight is
+    computed once per change of the latent weight (an optimizer step bumps its version), not once per micro-batch:
+    gradient accumulation and activation recomputation reuse it.
     """
 
     quant: LayerQuant
     quant_name: str
 
+    def fused_weight(self) -> torch.Tensor:
+        weight = self.weight
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if getattr(self, "_fused_key", None) != key:
+            with torch.no_grad():
+                self._fused = fake_quantize(weight, self.quant, name=self.quant_name)
+            self._fused_key = key
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return _STEFromFused.apply(weight, self._fused)
+        return self._fused
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, fake_quantize_ste(self.weight, self.quant, self.quant_name), self.bias)
+        return nn.functional.linear(x, self.fused_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, quant_type={self.quant.quant_type}, group_size={self.quant.group_size}"
@@ -111,7 +136,8 @@ def fuse(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         fused = fake_quantize(module.weight, module.quant, dtype=dtype, name=module.quant_name)
         module.weight = nn.Parameter(fused, requires_grad=module.weight.requires_grad)
         module.__class__ = nn.Linear
-        del module.quant, module.quant_name
+        for attribute in ("quant", "quant_name", "_fused", "_fused_key"):
+            module.__dict__.pop(attribute, None)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
