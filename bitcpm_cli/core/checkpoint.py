@@ -204,6 +204,30 @@ def read_tensor_specs(path: str | Path) -> tuple[WeightFiles, dict[str, TensorSp
     return files, specs
 
 
+def dtype_kwarg() -> str:
+    """transformers renamed from_pretrained's `torch_dtype` to `dtype` in 4.56."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False, padding_side: str = "right"):
+    """The model folder's tokenizer (local files only), with a pad token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise InputError(f"no usable tokenizer in {path} ({str(exc).splitlines()[0][:160]})",
+                         hint="copy the tokenizer files (tokenizer.json / tokenizer.model, tokenizer_config.json) "
+                              "into the model folder") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
 @contextmanager
 def atomic_write(destination: str | Path, mode: str = "w") -> Iterator[Any]:
     """Write to a temporary file beside `destination`, then rename it into place (nothing partial is left)."""

@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from bitcpm_cli.core.checkpoint import atomic_write, fingerprint, read_config, read_tensor_specs
+from bitcpm_cli.core.checkpoint import (
+    atomic_write,
+    dtype_kwarg,
+    fingerprint,
+    load_tokenizer,
+    read_config,
+    read_tensor_specs,
+)
 from bitcpm_cli.core.config_check import require_consistent_config
 from bitcpm_cli.core.device import package_version, cann_version, resolve_device
 from bitcpm_cli.core.errors import InputError
@@ -92,29 +99,6 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | Path | None) -> 
 
 
 # ---- model loading ---------------------------------------------------------------------------------
-def _dtype_kwarg() -> str:
-    """transformers renamed from_pretrained's `torch_dtype` to `dtype` in 4.56."""
-    import transformers
-    from packaging.version import Version
-
-    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-
-
-def _load_tokenizer(path: Path, trust_remote_code: bool):
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as exc:
-        raise InputError(f"no usable tokenizer in {path} ({str(exc).splitlines()[0][:160]})",
-                         hint="copy the tokenizer files (tokenizer.json / tokenizer.model, tokenizer_config.json) "
-                              "into the model folder") from None
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
 def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfloat16",
                        trust_remote_code: bool = False) -> LoadedModel:
     """Load a fused, float, QAT or packed model for generation; QAT checkpoints are fused on load, exactly as
@@ -141,7 +125,7 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfl
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the CLI draws its own output; keep stderr for errors and notes
-    tokenizer = _load_tokenizer(path, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code, padding_side="left")
 
     notes: list[str] = []
     scheme = QuantScheme.from_config(config)
@@ -150,7 +134,7 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfl
         if hasattr(hf_config, "bitcpm_quant"):
             delattr(hf_config, "bitcpm_quant")
         model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code,
-                                                 **{_dtype_kwarg(): torch_dtype})
+                                                 **{dtype_kwarg(): torch_dtype})
         missing, unexpected = model.load_state_dict(unpacked_state_dict(files, specs, torch_dtype), strict=False)
         tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
         if set(missing) - tied or unexpected:
@@ -162,7 +146,7 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfl
     else:
         load_dtype = "auto" if scheme else torch_dtype
         model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                     **{_dtype_kwarg(): load_dtype})
+                                                     **{dtype_kwarg(): load_dtype})
         if scheme is not None:
             prepare(model, scheme)
             fuse(model, dtype=torch_dtype)

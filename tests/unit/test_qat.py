@@ -109,14 +109,16 @@ def test_per_layer_override_and_none(tiny_llama):
     assert "model.layers.0.self_attn.v_proj" not in layers
 
 
-def test_fused_weight_is_computed_once_per_optimizer_step(tiny_llama, monkeypatch):
+@pytest.mark.parametrize("fused_optimizer", [False, True])
+def test_fused_weight_is_computed_once_per_optimizer_step(tiny_llama, monkeypatch, fused_optimizer):
     from bitcpm_cli.core.quant import qat
 
     prepare(tiny_llama, QuantScheme(group_size=16)).train()
     calls = []
     real = qat.fake_quantize
     monkeypatch.setattr(qat, "fake_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
-    optimizer = torch.optim.AdamW(tiny_llama.parameters(), lr=1e-2)
+    # fused AdamW (the Trainer's default) updates weights without bumping their version counters
+    optimizer = torch.optim.AdamW(tiny_llama.parameters(), lr=1e-2, fused=fused_optimizer)
     for _ in range(3):  # three micro-batches of gradient accumulation
         tiny_llama(IDS, labels=IDS).loss.backward()
     assert len(calls) == 14  # once per quantized linear, not once per micro-batch

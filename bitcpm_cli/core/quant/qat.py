@@ -10,6 +10,25 @@ from bitcpm_cli.core.quant.functional import check_groupable, fake_quantize
 from bitcpm_cli.core.quant.scheme import CONFIG_KEY, LayerQuant, QuantScheme
 
 
+_optimizer_steps = 0
+_step_hook = None
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def _watch_optimizer_steps() -> None:
+    """Fused optimizers (Trainer's default adamw_torch_fused) update weights without bumping their version
+    counter, so every optimizer step, of any optimizer, also invalidates the cached fused weights."""
+    global _step_hook
+    if _step_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 class _STEFromFused(torch.autograd.Function):
     """Forward: a precomputed fused weight. Backward: the gradient goes to the latent weight unchanged."""
 
@@ -26,8 +45,8 @@ class QATLinear(nn.Linear):
     """nn.Linear whose forward sees the fake-quantized weight (STE backward).
 
     Parameter names are those of nn.Linear, so state dicts stay loadable by stock transformers. The fused weight is
-    computed once per change of the latent weight (an optimizer step bumps its version), not once per micro-batch:
-    gradient accumulation and activation recomputation reuse it.
+    computed once per change of the latent weight (an optimizer step, an in-place write, new storage), not once per
+    micro-batch: gradient accumulation and activation recomputation reuse it.
     """
 
     quant: LayerQuant
@@ -35,7 +54,7 @@ class QATLinear(nn.Linear):
 
     def fused_weight(self) -> torch.Tensor:
         weight = self.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        key = (weight.data_ptr(), weight._version, _optimizer_steps, weight.dtype, weight.device)
         if getattr(self, "_fused_key", None) != key:
             with torch.no_grad():
                 self._fused = fake_quantize(weight, self.quant, name=self.quant_name)
@@ -114,6 +133,7 @@ def plan_state_dict(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str],
 def prepare(model: nn.Module, scheme: QuantScheme) -> nn.Module:
     """Make every targeted linear a QATLinear in place, and record the scheme in `model.config`."""
     targets = plan(model, scheme)
+    _watch_optimizer_steps()
     for name, module in model.named_modules():
         if name in targets:
             module.__class__ = QATLinear

@@ -1,0 +1,93 @@
+"""Options and rendering shared by the training commands (`train`, and `sft` built on the same stack)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from bitcpm_cli.cli.output import LEVEL_STYLE, err, out
+
+# Flags default to None so that only the ones given override the recipe (defaults < YAML < flags < key=value).
+CONFIG = typer.Option(None, "--config", "-c", help="YAML recipe (see configs/).")
+OVERRIDES = typer.Argument(None, help="key=value settings, applied last (e.g. lr=3e-4 max_steps=500).")
+MODEL = typer.Option(None, "--model", "-m", help="Model folder: a QAT checkpoint or a float model.")
+DATA = typer.Option(None, "--data", "-d", help="Data file (repeatable).")
+OUTPUT_DIR = typer.Option(None, "--output-dir", "-o", help="Where checkpoints, metrics and final/ go.")
+MAX_STEPS = typer.Option(None, "--max-steps", help="Optimizer steps.")
+QUANT_TYPE = typer.Option(None, "--quant-type", help="ternary (default), binary, int2/4/8, or none (full precision).")
+GROUP_SIZE = typer.Option(None, "--group-size", help="-1 per row, 0 per tensor, N input channels.")
+SCHEME = typer.Option(None, "--scheme", help="Scheme file: a bitcpm_quant block or a CANN strategy.")
+LR = typer.Option(None, "--lr", help="Peak learning rate.")
+BATCH_SIZE = typer.Option(None, "--batch-size", help="Sequences per device per micro-batch.")
+GRAD_ACCUM = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step.")
+SAVE_STEPS = typer.Option(None, "--save-steps", help="Checkpoint every N steps.")
+LOGGING_STEPS = typer.Option(None, "--logging-steps", help="Log every N steps.")
+SEED = typer.Option(None, "--seed")
+DEVICE = typer.Option(None, "--device", help="auto, cpu, cuda[:N], npu[:N]; a missing one is an error.")
+BF16 = typer.Option(None, "--bf16/--no-bf16", help="bf16 mixed precision (fp32 latent weights).")
+DEEPSPEED = typer.Option(None, "--deepspeed", help="DeepSpeed JSON (e.g. configs/deepspeed/zero2.json).")
+RESUME = typer.Option(None, "--resume", help="Continue from the latest complete checkpoint in --output-dir.")
+TEACHER = typer.Option(None, "--teacher", help="Full-precision teacher folder for knowledge distillation.")
+TRUST_REMOTE_CODE = typer.Option(None, "--trust-remote-code", help="Allow the model folder's own Python code.")
+
+
+def flags(**values: Any) -> dict[str, Any]:
+    """The flags that were given, with Paths as strings and lists as lists."""
+    out_values = {}
+    for key, value in values.items():
+        if value is None or value == []:
+            continue
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, (list, tuple)):
+            value = [str(v) for v in value]
+        out_values[key] = value
+    return out_values
+
+
+def run_with_progress(run: Callable[[Callable[[dict], None]], Any], show: bool) -> Any:
+    """Run a training job with a live line: step, loss, lr, tokens/s, ETA (main process only)."""
+    with Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[status]}"),
+                  TimeRemainingColumn(), console=err, disable=not show) as bar:
+        task = bar.add_task("train", total=None, status="starting")
+
+        def on_event(event: dict) -> None:
+            status = f"loss {event['loss']:.4f}  lr {event['lr'] or 0:.2e}"
+            if event.get("tokens_per_s"):
+                status += f"  {event['tokens_per_s']:,.0f} tok/s"
+            if "zero_fraction" in event:
+                status += f"  zeros {event['zero_fraction']:.3f}"
+            bar.update(task, completed=event["step"], total=event["max_steps"], status=status)
+            if not err.is_terminal:
+                err.print(f"step {event['step']}/{event['max_steps']}  {status}", highlight=False)
+
+        return run(on_event)
+
+
+def render_result(result: Any, title: str) -> None:
+    table = Table(title=title, show_header=False)
+    table.add_row("steps", str(result.steps))
+    if result.first_loss is not None:
+        table.add_row("loss", f"{result.first_loss:.4f} -> {result.last_loss:.4f}")
+    table.add_row("scheme", "full precision" if result.scheme is None else
+                  f"{result.scheme['quant_type']}, group_size {result.scheme['group_size']}")
+    table.add_row("final checkpoint", escape(result.final_dir))
+    table.add_row("metrics", escape(str(Path(result.output_dir) / "metrics.jsonl")))
+    out.print(table)
+    for note in result.notes:
+        out.print(f"note: {escape(note)}", soft_wrap=True)
+    out.print(f"[{LEVEL_STYLE['ok']}]done[/]: convert with `bitcpm convert --input {escape(result.final_dir)} "
+              "--output FUSED`", soft_wrap=True)
+
+
+def is_main_process() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+

@@ -1,0 +1,338 @@
+"""Ternary QAT training on transformers' Trainer (accelerate underneath: DeepSpeed, FSDP, torchrun work as usual).
+
+The model goes through `prepare(model, scheme)` so every forward pass sees the fake-quantized weights; the latent
+weights are what the optimizer updates and what `final/` holds, with the scheme in config.json (`bitcpm_quant`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from bitcpm_cli.core.checkpoint import dtype_kwarg, load_tokenizer
+from bitcpm_cli.core.config_check import require_consistent_config
+from bitcpm_cli.core.data import PackedBlocks, check_data_files, first_block
+from bitcpm_cli.core.device import distributed_backend, resolve_device
+from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError
+from bitcpm_cli.core.quant import QuantScheme, load_scheme_file, prepare, qat_layers
+from bitcpm_cli.core.recipe import TrainConfig, save_config
+
+COMPLETE_MARKER = "bitcpm_complete"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "bitcpm_train_config.yaml"
+PLOT_FILE = "loss.png"
+EventFn = Callable[[dict[str, Any]], None]
+
+
+class TrainingDiverged(CheckFailed):
+    """The loss became NaN or infinite; the run stopped and the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: str
+    final_dir: str
+    steps: int
+    first_loss: float | None
+    last_loss: float | None
+    resumed_from: str | None
+    scheme: dict[str, Any] | None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataPlan:
+    """What a training command feeds the Trainer: the dataset, its collator, and a summary to report."""
+
+    dataset: Any
+    collator: Callable | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    tokens_per_sample: int | None = None  # for tokens/s; None: counted from attention masks
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def latest_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint that was written to the end (our marker is written after the Trainer's save)."""
+    complete = [p for p in checkpoints(output_dir) if (p / COMPLETE_MARKER).is_file()]
+    return complete[-1] if complete else None
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def resolve_scheme(config: TrainConfig, recorded: QuantScheme | None, notes: list[str]) -> QuantScheme | None:
+    """The scheme to train with: the checkpoint's, a scheme file, or the flags; None trains in full precision."""
+    if config.quant_type == "none":
+        if recorded is not None:
+            notes.append("quant_type none: training a QAT checkpoint WITHOUT its fake quantizer (full precision)")
+        return None
+    base = load_scheme_file(config.scheme) if config.scheme else recorded or QuantScheme()
+    if recorded is not None and config.group_size is not None and config.group_size != recorded.group_size:
+        notes.append(f"group_size {config.group_size} replaces the checkpoint's {recorded.group_size}")
+    return base.replace(quant_type=config.quant_type, group_size=config.group_size)
+
+
+def _check_output_dir(config: TrainConfig) -> Path | None:
+    output = Path(config.output_dir)
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output-dir is a file ({output})", hint="choose a folder")
+    resume_from = latest_complete_checkpoint(output) if output.is_dir() else None
+    if config.resume:
+        if resume_from is None:
+            raise InputError(f"--resume: no complete checkpoint in {output}",
+                             hint="start a new run without --resume, or point --output-dir at an earlier run")
+    elif output.is_dir() and (checkpoints(output) or (output / METRICS_FILE).exists() or (output / "final").exists()):
+        raise InputError(f"{output} already holds a training run",
+                         hint="pass --resume to continue it, or choose a new --output-dir")
+    return resume_from
+
+
+def pretraining_data(config: TrainConfig, tokenizer: Any) -> DataPlan:
+    dataset = PackedBlocks(check_data_files(config.data), tokenizer, config.block_size)
+    first_block(dataset)
+    return DataPlan(dataset, None, {"files": config.data, "block_size": config.block_size},
+                    tokens_per_sample=config.block_size)
+
+
+def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] = pretraining_data,
+          on_event: EventFn | None = None, callbacks: list[Any] = (), extra_files: Callable[[Path], None] | None = None
+          ) -> TrainResult:
+    """Run (or resume) a training job; the data hook lets `sft` reuse all of this with chat data."""
+    from transformers import PrinterCallback
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # bitcpm reports progress and problems itself
+    output = Path(config.output_dir)
+    resume_from = _check_output_dir(config)
+    model_dir = Path(config.model)
+    if not model_dir.is_dir():
+        raise InputError(f"model folder not found ({model_dir})", hint="pass a Hugging Face model folder")
+    require_consistent_config(model_dir)
+    device = resolve_device(config.device)
+    tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
+    plan = data(config, tokenizer)
+    notes: list[str] = []
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code,
+                                                 **{dtype_kwarg(): torch.float32})
+    scheme = resolve_scheme(config, QuantScheme.from_config(model.config), notes)
+    if scheme is not None:
+        prepare(model, scheme)
+    teacher = _load_teacher(config, model, device) if config.teacher else None
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args = TrainingArguments(
+        output_dir=str(output), max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum, learning_rate=config.lr,
+        lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+        adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon,
+        max_grad_norm=config.max_grad_norm, logging_steps=config.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
+        seed=config.seed, data_seed=config.seed, bf16=config.bf16, deepspeed=config.deepspeed, report_to=[],
+        disable_tqdm=True, logging_nan_inf_filter=False, use_cpu=device.type == "cpu",
+        ddp_backend=distributed_backend(device) if world > 1 else None, dataloader_num_workers=0,
+        remove_unused_columns=False, **_checkpointing_kwarg(config.gradient_checkpointing),
+    )
+    metrics = MetricsLogger(output / METRICS_FILE, model, plan, config, world, on_event)
+    trainer = QATTrainer(teacher=teacher, kd_temperature=config.kd_temperature, kd_weight=config.kd_weight,
+                         model=model, args=args, train_dataset=plan.dataset, data_collator=plan.collator,
+                         callbacks=[MetricsCallback(metrics), CompletionMarker()] + list(callbacks))
+    trainer.remove_callback(PrinterCallback)
+    if _is_main_process():
+        output.mkdir(parents=True, exist_ok=True)
+        save_config(config, output / CONFIG_FILE)
+        if plan.summary:
+            (output / "data_summary.json").write_text(json.dumps(plan.summary, indent=2) + "\n")
+        if resume_from is not None:
+            _prepare_resume(output, resume_from, notes)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    except TrainingDiverged as exc:
+        kept = latest_complete_checkpoint(output)
+        exc.message += f"; the last good checkpoint is kept: {kept}" if kept else "; no checkpoint was saved before"
+        raise
+    final = output / "final"
+    if _is_main_process():
+        staging = output / f".final.tmp-{os.getpid()}"
+        trainer.save_model(str(staging))
+        tokenizer.save_pretrained(staging)
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the settings are in the YAML beside
+        if extra_files is not None:
+            extra_files(staging)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        plot_losses(output / METRICS_FILE, output / PLOT_FILE)
+    return TrainResult(str(output), str(final), trainer.state.global_step, metrics.first_loss, metrics.last_loss,
+                       str(resume_from) if resume_from else None, scheme.to_dict() if scheme else None, notes)
+
+
+def _checkpointing_kwarg(enabled: bool) -> dict[str, bool]:
+    """transformers 5 renamed gradient_checkpointing to activation_checkpointing."""
+    if not enabled:
+        return {}
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": True}
+
+
+def _load_teacher(config: TrainConfig, student: Any, device) -> Any:
+    path = Path(config.teacher)
+    if not path.is_dir():
+        raise InputError(f"teacher model folder not found ({path})", hint="pass the full-precision model folder")
+    teacher = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=config.trust_remote_code,
+                                                   **{dtype_kwarg(): torch.bfloat16 if config.bf16 else torch.float32})
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise ConfigError(f"the teacher's vocab_size {teacher.config.vocab_size} differs from the student's "
+                          f"{student.config.vocab_size}", hint="distil from a teacher with the same tokenizer")
+    teacher.requires_grad_(False)
+    return teacher.to(device).eval()
+
+
+def _prepare_resume(output: Path, resume_from: Path, notes: list[str]) -> None:
+    """Drop what the interrupted run wrote after its last complete checkpoint."""
+    step = int(resume_from.name.split("-")[-1])
+    for partial in checkpoints(output):
+        if not (partial / COMPLETE_MARKER).is_file():
+            shutil.rmtree(partial)
+            notes.append(f"removed the half-written {partial.name}")
+    metrics = output / METRICS_FILE
+    if metrics.exists():
+        kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        metrics.write_text("".join(line + "\n" for line in kept))
+    notes.append(f"resumed from {resume_from.name} (step {step})")
+
+
+class QATTrainer(Trainer):
+    """Trainer with a finite-loss check on every micro-batch and optional knowledge distillation."""
+
+    def __init__(self, *args: Any, teacher: Any = None, kd_temperature: float = 2.0, kd_weight: float = 0.5,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.teacher, self.kd_temperature, self.kd_weight = teacher, kd_temperature, kd_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self.teacher is not None:
+            kd = distillation_loss(outputs.logits, self.teacher, inputs, self.kd_temperature)
+            loss = (1 - self.kd_weight) * loss + self.kd_weight * kd
+        if not torch.isfinite(loss.detach()).all():
+            raise TrainingDiverged(f"the loss became {loss.detach().float().item()} at step {self.state.global_step + 1}",
+                                   hint="lower --lr, check the data near this step, then continue with --resume")
+        return (loss, outputs) if return_outputs else loss
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher: Any, inputs: dict[str, Any],
+                      temperature: float) -> torch.Tensor:
+    """KL(teacher || student) on temperature-softened logits, times T^2, averaged over the real tokens."""
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+    student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    target = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_token = torch.nn.functional.kl_div(student, target, log_target=True, reduction="none").sum(-1)
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(per_token) if mask is None else mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp_min(1) * temperature**2
+
+
+class CompletionMarker(TrainerCallback):
+    """Written after the Trainer's save returns: a checkpoint without it is half-written."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / COMPLETE_MARKER).write_text(json.dumps({"step": state.global_step}) + "\n")
+
+
+class MetricsLogger:
+    """metrics.jsonl (one object per logged step) and live events for the CLI."""
+
+    def __init__(self, path: Path, model: Any, plan: DataPlan, config: TrainConfig, world: int,
+                 on_event: EventFn | None):
+        self.path, self.model, self.on_event, self.config = path, model, on_event, config
+        self.tokens_per_step = (plan.tokens_per_sample or config.block_size) * config.batch_size * config.grad_accum * world
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        self._last_step, self._last_time = 0, time.perf_counter()
+
+    def health(self) -> dict[str, float]:
+        """Fraction of zero codes and mean |scale| over the quantized linears (from the cached fused weights)."""
+        zeros = total = 0
+        scale_sum, nonzero = 0.0, 0
+        for layer in qat_layers(self.model).values():
+            fused = getattr(layer, "_fused", None)
+            if fused is None:
+                continue
+            is_zero = fused == 0
+            zeros += int(is_zero.sum())
+            total += fused.numel()
+            scale_sum += float(fused.abs().sum())
+            nonzero += fused.numel() - int(is_zero.sum())
+        if not total:
+            return {}
+        return {"zero_fraction": round(zeros / total, 6), "mean_scale": scale_sum / max(nonzero, 1)}
+
+    def log(self, state: Any, logs: dict[str, Any]) -> None:
+        now = time.perf_counter()
+        steps = state.global_step - self._last_step
+        record = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
+                  "grad_norm": logs.get("grad_norm"),
+                  "tokens_per_s": round(steps * self.tokens_per_step / (now - self._last_time), 2) if steps else None,
+                  **self.health()}
+        self._last_step, self._last_time = state.global_step, now
+        if self.first_loss is None:
+            self.first_loss = record["loss"]
+        self.last_loss = record["loss"]
+        if state.is_world_process_zero:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            if self.on_event is not None:
+                self.on_event({**record, "max_steps": state.max_steps})
+
+
+class MetricsCallback(TrainerCallback):
+    def __init__(self, logger: MetricsLogger):
+        self.logger = logger
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.logger._last_step, self.logger._last_time = state.global_step, time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.logger.log(state, logs)
+
+
+def plot_losses(metrics: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
+    records = [r for r in records if r.get("loss") is not None and math.isfinite(r["loss"])]
+    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
+    axis.plot([r["step"] for r in records], [r["loss"] for r in records], marker=".")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_title("training loss")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(png)
+    plt.close(figure)
