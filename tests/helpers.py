@@ -100,12 +100,12 @@ def build_char_tokenizer(folder: Path):
     from tokenizers import Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
     vocab = {token: i for i, token in enumerate(specials + CHARS)}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                        pad_token="<pad>")
+                                        pad_token="<pad>", additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     tokenizer.save_pretrained(folder)
     return tokenizer
 

@@ -7,6 +7,7 @@ import pytest
 
 from bitcpm_cli.core.quant import QuantScheme, load_scheme_file
 from bitcpm_cli.core.recipe import TrainConfig, resolve_config
+from bitcpm_cli.core.sft import SftConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL_FILES = sorted(p for p in CONFIGS.rglob("*") if p.suffix in (".yaml", ".yml", ".json"))
@@ -36,6 +37,21 @@ def test_pretrain_recipes_validate(path):
         assert (CONFIGS.parent / config.deepspeed).is_file(), f"{path.name} names a missing DeepSpeed file"
 
 
+@pytest.mark.parametrize("path", in_folder("sft"), ids=lambda p: p.name)
+def test_sft_recipes_validate(path):
+    config = resolve_config(SftConfig, path, REQUIRED)
+    assert config.max_length >= 2
+    if config.deepspeed:
+        assert (CONFIGS.parent / config.deepspeed).is_file(), f"{path.name} names a missing DeepSpeed file"
+
+
+def test_baichuan2_hyper_parameters():
+    config = resolve_config(SftConfig, CONFIGS / "sft" / "bitcpm-1b-npu-baichuan2.yaml", REQUIRED)
+    assert (config.lr, config.lr_scheduler, config.adam_beta1, config.adam_beta2, config.adam_epsilon,
+            config.weight_decay, config.max_grad_norm, config.bf16, config.gradient_checkpointing,
+            config.max_length) == (2e-5, "constant", 0.9, 0.98, 1e-8, 1e-4, 1.0, True, True, 512)
+
+
 @pytest.mark.parametrize("path", in_folder("deepspeed"), ids=lambda p: p.name)
 def test_deepspeed_configs_parse(path):
     config = json.loads(path.read_text())
@@ -45,5 +61,5 @@ def test_deepspeed_configs_parse(path):
 
 
 def test_every_config_is_covered():
-    covered = set(in_folder("quant") + in_folder("pretrain") + in_folder("deepspeed"))
+    covered = set(in_folder("quant") + in_folder("pretrain") + in_folder("sft") + in_folder("deepspeed"))
     assert covered == set(ALL_FILES), f"add a loader test for {sorted(set(ALL_FILES) - covered)}"

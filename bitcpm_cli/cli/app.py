@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from bitcpm_cli import __version__
-from bitcpm_cli.cli import compare, convert, env, fix_config, infer, train
+from bitcpm_cli.cli import compare, convert, env, fix_config, infer, sft, train
 from bitcpm_cli.cli.output import print_error
 from bitcpm_cli.core.errors import BitcpmError, CheckFailed
 
@@ -65,6 +65,7 @@ app.command("convert")(convert.convert)
 app.command("infer")(infer.infer)
 app.command("compare")(compare.compare)
 app.command("train")(train.train)
+app.command("sft")(sft.sft)
 
 
 def main() -> None:

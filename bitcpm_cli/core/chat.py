@@ -19,3 +19,30 @@ def ensure_chat_template(tokenizer: Any) -> bool:
         return False
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     return True
+
+
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """Ids of the end-of-turn tokens this tokenizer knows: generation of a chat reply stops at them."""
+    vocab = tokenizer.get_vocab()
+    return [vocab[token] for token in END_OF_TURN_TOKENS if token in vocab]
+
+
+def load_template(template: str | None) -> str | None:
+    """--template: None/'auto' keeps the tokenizer's own (ChatML if none), 'chatml' forces ChatML, else a .jinja file."""
+    from pathlib import Path
+
+    from bitcpm_cli.core.errors import InputError
+
+    if template in (None, "auto"):
+        return None
+    if template == "chatml":
+        return DEFAULT_CHAT_TEMPLATE
+    path = Path(template)
+    if not path.is_file():
+        raise InputError(f"--template {template!r} is neither auto, chatml nor a file",
+                         hint="pass auto, chatml, or the path of a Jinja chat template")
+    return path.read_text(encoding="utf-8")

@@ -230,7 +230,7 @@ def run_generation(loaded: LoadedModel, prompts: list[Prompt], *, max_new_tokens
     import torch
     from transformers import GenerationConfig, set_seed
 
-    from bitcpm_cli.core.chat import ensure_chat_template
+    from bitcpm_cli.core.chat import end_of_turn_ids, ensure_chat_template
 
     if max_new_tokens < 1 or batch_size < 1 or logprobs < 0 or temperature < 0 or not 0 < top_p <= 1:
         raise InputError("invalid sampling settings: need --max-new-tokens >= 1, --batch-size >= 1, --logprobs >= 0, "
@@ -243,6 +243,8 @@ def run_generation(loaded: LoadedModel, prompts: list[Prompt], *, max_new_tokens
     if eos is None:
         eos = tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    if chat:
+        eos_ids |= set(end_of_turn_ids(tokenizer))  # a chat reply ends at the template's end-of-turn token
     sampling = temperature > 0
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=sampling, temperature=temperature if sampling else None,
@@ -279,9 +281,15 @@ def run_generation(loaded: LoadedModel, prompts: list[Prompt], *, max_new_tokens
                      "tokens_per_s": round(len(new) / elapsed, 3) if elapsed else None}
             if logprobs:
                 steps = []
-                for step in out.logits[:len(new)]:
-                    values, indices = torch.log_softmax(step[row].float(), dim=-1).topk(logprobs)
-                    steps.append([[int(i), round(float(v), 6)] for i, v in zip(indices, values)])
+                for position, step in enumerate(out.logits[:len(new)]):
+                    logp = torch.log_softmax(step[row].float(), dim=-1)
+                    values, indices = logp.topk(logprobs)
+                    top = [[int(i), round(float(v), 6)] for i, v in zip(indices, values)]
+                    chosen = new[position]
+                    if not sampling and top[0][0] != chosen and float(logp[chosen]) == float(values[0]):
+                        # an exact tie (common in bf16): list the token greedy decoding picked first
+                        top = [[chosen, top[0][1]]] + [t for t in top if t[0] != chosen][:logprobs - 1]
+                    steps.append(top)
                 entry["top_logprobs"] = steps
             if streamer is None and on_text is not None:
                 on_text(prompts[index].id, entry["text"])

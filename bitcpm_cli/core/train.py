@@ -47,6 +47,7 @@ class TrainResult:
     resumed_from: str | None
     scheme: dict[str, Any] | None
     notes: list[str] = field(default_factory=list)
+    data_summary: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -109,8 +110,8 @@ def pretraining_data(config: TrainConfig, tokenizer: Any) -> DataPlan:
 
 
 def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] = pretraining_data,
-          on_event: EventFn | None = None, callbacks: list[Any] = (), extra_files: Callable[[Path], None] | None = None
-          ) -> TrainResult:
+          on_event: EventFn | None = None, callbacks: list[Any] = (),
+          extra_files: Callable[[Path, Any], None] | None = None) -> TrainResult:
     """Run (or resume) a training job; the data hook lets `sft` reuse all of this with chat data."""
     from transformers import PrinterCallback
     from transformers.utils import logging as hf_logging
@@ -130,6 +131,10 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code,
                                                  **{dtype_kwarg(): torch.float32})
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # e.g. chat tokens added for SFT
+        notes.append(f"embeddings resized from {model.get_input_embeddings().num_embeddings} to {len(tokenizer)} "
+                     "tokens to fit the tokenizer")
+        model.resize_token_embeddings(len(tokenizer))
     scheme = resolve_scheme(config, QuantScheme.from_config(model.config), notes)
     if scheme is not None:
         prepare(model, scheme)
@@ -173,13 +178,14 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
         tokenizer.save_pretrained(staging)
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the settings are in the YAML beside
         if extra_files is not None:
-            extra_files(staging)
+            extra_files(staging, tokenizer)
         if final.exists():
             shutil.rmtree(final)
         os.rename(staging, final)
         plot_losses(output / METRICS_FILE, output / PLOT_FILE)
     return TrainResult(str(output), str(final), trainer.state.global_step, metrics.first_loss, metrics.last_loss,
-                       str(resume_from) if resume_from else None, scheme.to_dict() if scheme else None, notes)
+                       str(resume_from) if resume_from else None, scheme.to_dict() if scheme else None, notes,
+                       plan.summary)
 
 
 def _checkpointing_kwarg(enabled: bool) -> dict[str, bool]:

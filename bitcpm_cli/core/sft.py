@@ -1,0 +1,316 @@
+"""Supervised fine-tuning data: chat formats, rendering through the chat template, loss only on assistant turns.
+
+Each conversation is rendered once with the tokenizer's chat template; the character span of every assistant turn
+(its content and its end-of-turn token) is found by rendering the conversation's prefixes, and tokens whose
+characters fall in a span are supervised. System and user tokens get label -100.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bitcpm_cli.core.chat import CHATML_TOKENS, DEFAULT_CHAT_TEMPLATE, end_of_turn_ids, load_template
+from bitcpm_cli.core.errors import InputError
+from bitcpm_cli.core.recipe import TrainConfig
+
+FORMATS = ("auto", "messages", "sharegpt", "alpaca")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+IGNORE = -100
+
+
+@dataclass
+class SftConfig(TrainConfig):
+    """`bitcpm sft`: the training settings plus the chat-data ones."""
+
+    max_length: int = 512
+    packing: bool = False
+    template: str | None = None  # auto (the tokenizer's, ChatML if none), chatml, or a .jinja file
+    format: str = "auto"  # auto-detected per file, or messages / sharegpt / alpaca
+    lr: float = 2e-5
+    lr_scheduler: str = "constant"
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        if self.max_length < 2:
+            problems.append(f"max_length: must be at least 2, got {self.max_length}")
+        if self.format not in FORMATS:
+            problems.append(f"format: {self.format!r} is not one of {', '.join(FORMATS)}")
+        return problems
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def supervised(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+@dataclass
+class SftData:
+    examples: list[Example]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- reading the formats ---------------------------------------------------------------------------
+def _detect(record: dict[str, Any]) -> str | None:
+    if isinstance(record.get("messages"), list):
+        return "messages"
+    if isinstance(record.get("conversations"), list):
+        return "sharegpt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    return None
+
+
+def _normalise(record: Any, fmt: str, where: str) -> list[dict[str, str]]:
+    """A record as [{role, content}], roles system / user / assistant."""
+    if not isinstance(record, dict):
+        raise InputError(f"{where}: expected a JSON object", hint="one conversation per line (or list item)")
+    fmt = _detect(record) if fmt == "auto" else fmt
+    if fmt == "messages":
+        turns = record.get("messages")
+        if not isinstance(turns, list) or not all(
+                isinstance(t, dict) and t.get("role") in ("system", "user", "assistant")
+                and isinstance(t.get("content"), str) for t in turns):
+            raise InputError(f"{where}: 'messages' must be a list of {{role: system|user|assistant, content}}",
+                             hint='e.g. {"messages": [{"role": "user", "content": "Hi"}, ...]}')
+        return [{"role": t["role"], "content": t["content"]} for t in turns]
+    if fmt == "sharegpt":
+        turns = record.get("conversations")
+        if not isinstance(turns, list) or not all(
+                isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES and isinstance(t.get("value"), str)
+                for t in turns):
+            raise InputError(f"{where}: 'conversations' must be a list of {{from: human|gpt|system, value}}",
+                             hint='e.g. {"conversations": [{"from": "human", "value": "Hi"}, ...]}')
+        return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
+    if fmt == "alpaca":
+        if not isinstance(record.get("instruction"), str) or not isinstance(record.get("output"), str):
+            raise InputError(f"{where}: alpaca records need 'instruction' and 'output' strings",
+                             hint='e.g. {"instruction": "...", "input": "", "output": "..."}')
+        prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+        turns = [{"role": "system", "content": record["system"]}] if record.get("system") else []
+        return turns + [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    raise InputError(f"{where}: not a chat record (no 'messages', 'conversations' or 'instruction'/'output')",
+                     hint="use OpenAI messages, ShareGPT conversations or Alpaca records, or force --format")
+
+
+def read_conversations(paths: list[str], fmt: str = "auto") -> tuple[list[list[dict[str, str]]], dict[str, str]]:
+    """Every conversation of every file, and the format found in each file."""
+    conversations, formats = [], {}
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise InputError(f"data file not found ({path})", hint="pass .json or .jsonl chat data")
+        if path.suffix not in (".json", ".jsonl"):
+            raise InputError(f"data file {path} is not .json or .jsonl", hint="chat data comes as JSON lines or a list")
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            try:
+                records = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})", hint="fix the syntax") from None
+            if not isinstance(records, list):
+                raise InputError(f"{path}: expected a JSON list of conversations", hint="or use .jsonl")
+            located = [(f"{path}[{i}]", r) for i, r in enumerate(records)]
+        else:
+            located = []
+            for number, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    located.append((f"{path}:{number}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})",
+                                     hint="each line must be one JSON object") from None
+        file_format = fmt
+        if fmt == "auto" and located:
+            first = located[0][1]
+            file_format = _detect(first) if isinstance(first, dict) else None
+            if file_format is None:
+                raise InputError(f"{located[0][0]}: cannot tell the chat format",
+                                 hint="records need 'messages', 'conversations' or 'instruction'/'output'")
+        formats[str(path)] = file_format
+        conversations += [_normalise(record, file_format, where) for where, record in located]
+    return conversations, formats
+
+
+# ---- rendering and masking ---------------------------------------------------------------------------
+def setup_chat_tokenizer(tokenizer: Any, template: str | None) -> list[str]:
+    """Apply --template (ChatML when the tokenizer has none); add ChatML's special tokens when they are missing."""
+    notes = []
+    chosen = load_template(template)
+    if chosen is not None:
+        tokenizer.chat_template = chosen
+    elif not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        notes.append("the tokenizer has no chat template: using ChatML (<|im_start|>role ... <|im_end|>)")
+    if tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE:
+        missing = [t for t in CHATML_TOKENS if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing})
+            notes.append(f"added {', '.join(missing)} to the tokenizer (the embeddings grow to match)")
+    if not tokenizer.is_fast:
+        raise InputError("SFT masking needs a fast tokenizer (tokenizer.json)",
+                         hint="convert the tokenizer with transformers' AutoTokenizer(use_fast=True) and save it")
+    return notes
+
+
+def encode_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> Example | None:
+    """Token ids and labels (assistant spans only); None when the conversation has no assistant turn."""
+    render = lambda turns, prompt: tokenizer.apply_chat_template(  # noqa: E731
+        turns, tokenize=False, add_generation_prompt=prompt)
+    text = render(messages, False)
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(messages[:k], True), render(messages[:k + 1], False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise InputError("the chat template does not render conversations as growing prefixes, so assistant "
+                             "turns cannot be located", hint="use --template chatml or a prefix-consistent template")
+        spans.append((len(before), len(through.rstrip())))
+    if not spans:
+        return None
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [token if any(start < end_ and end > start_ for start_, end_ in spans) else IGNORE
+              for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    return Example(encoded["input_ids"], labels)
+
+
+def build_examples(config: SftConfig, tokenizer: Any) -> SftData:
+    conversations, formats = read_conversations(config.data, config.format)
+    examples, no_assistant, truncated_away, truncated = [], 0, 0, 0
+    for messages in conversations:
+        example = encode_conversation(tokenizer, messages)
+        if example is None:
+            no_assistant += 1
+            continue
+        if len(example.input_ids) > config.max_length:
+            truncated += 1
+            example = Example(example.input_ids[:config.max_length], example.labels[:config.max_length])
+            if not example.supervised:
+                truncated_away += 1
+                continue
+        examples.append(example)
+    if config.packing:
+        examples = pack(examples, config.max_length)
+    summary = {
+        "files": formats, "conversations": len(conversations), "examples_used": len(conversations) - no_assistant
+        - truncated_away, "skipped_no_assistant_turn": no_assistant, "dropped_by_truncation": truncated_away,
+        "truncated": truncated, "sequences": len(examples), "packing": config.packing,
+        "tokens": sum(len(e.input_ids) for e in examples), "supervised_tokens": sum(e.supervised for e in examples),
+        "max_length": config.max_length,
+    }
+    if not examples:
+        raise InputError("no usable training examples: " + ", ".join(
+            f"{k.replace('_', ' ')} {v}" for k, v in summary.items() if k in ("conversations",
+                                                                              "skipped_no_assistant_turn",
+                                                                              "dropped_by_truncation")),
+            hint="every example needs an assistant turn that survives --max-length truncation")
+    return SftData(examples, summary)
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Concatenate whole examples, in order, into sequences of at most max_length tokens."""
+    packed: list[Example] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for example in examples:
+        if ids and len(ids) + len(example.input_ids) > max_length:
+            packed.append(Example(ids, labels))
+            ids, labels = [], []
+        ids, labels = ids + example.input_ids, labels + example.labels
+    if ids:
+        packed.append(Example(ids, labels))
+    return packed
+
+
+class ExampleDataset(torch.utils.data.Dataset):
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        example = self.examples[index]
+        return {"input_ids": example.input_ids, "labels": example.labels}
+
+
+def collate(pad_id: int):
+    def collator(batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(item["input_ids"]) for item in batch)
+        ids = [item["input_ids"] + [pad_id] * (width - len(item["input_ids"])) for item in batch]
+        labels = [item["labels"] + [IGNORE] * (width - len(item["labels"])) for item in batch]
+        mask = [[1] * len(item["input_ids"]) + [0] * (width - len(item["input_ids"])) for item in batch]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+
+    return collator
+
+
+def sft_data(config: SftConfig, tokenizer: Any):
+    """The `data` hook of core.train.train for chat data."""
+    from bitcpm_cli.core.train import DataPlan
+
+    notes = setup_chat_tokenizer(tokenizer, config.template)
+    data = build_examples(config, tokenizer)
+    data.summary["notes"] = notes
+    average = data.summary["tokens"] // max(len(data.examples), 1)
+    return DataPlan(ExampleDataset(data.examples), collate(tokenizer.pad_token_id), data.summary,
+                    tokens_per_sample=average)
+
+
+def write_chat_generation_config(folder: Path, tokenizer: Any) -> None:
+    """Generation of a chat reply stops at the template's end-of-turn token too (train's `extra_files` hook)."""
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    eos = config.get("eos_token_id", tokenizer.eos_token_id)
+    eos = eos if isinstance(eos, list) else [eos]
+    config["eos_token_id"] = sorted({e for e in eos + end_of_turn_ids(tokenizer) if e is not None})
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def fine_tune(config: SftConfig, on_event=None, callbacks: list[Any] = ()):
+    """`bitcpm sft`: the training stack of `bitcpm train` with chat data and assistant-only loss."""
+    from bitcpm_cli.core.train import train
+
+    return train(config, data=sft_data, on_event=on_event, callbacks=callbacks,
+                 extra_files=write_chat_generation_config)
+
+
+@dataclass
+class PreviewExample:
+    segments: list[tuple[str, bool]]  # (text, supervised)
+    tokens: int
+    supervised_tokens: int
+
+
+def preview(config: SftConfig, tokenizer: Any, count: int) -> tuple[list[PreviewExample], dict[str, Any], list[str]]:
+    """The first `count` training sequences as text runs marked supervised or not, without loading the model."""
+    notes = setup_chat_tokenizer(tokenizer, config.template)
+    data = build_examples(config, tokenizer)
+    shown = []
+    for example in data.examples[:count]:
+        segments: list[tuple[str, bool]] = []
+        run: list[int] = []
+        flag = None
+        for token, label in zip(example.input_ids, example.labels):
+            supervised = label != IGNORE
+            if flag is not None and supervised != flag:
+                segments.append((tokenizer.decode(run), flag))
+                run = []
+            run.append(token)
+            flag = supervised
+        if run:
+            segments.append((tokenizer.decode(run), bool(flag)))
+        shown.append(PreviewExample(segments, len(example.input_ids), example.supervised))
+    return shown, data.summary, notes

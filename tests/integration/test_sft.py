@@ -1,0 +1,68 @@
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import build_tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "configs" / "sft" / "tiny-cpu.yaml"
+REPLY = "OK, done."
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sft")
+    build_tiny_model(root / "float", kind="float")
+    rng = random.Random(0)
+    with (root / "chat.jsonl").open("w") as handle:
+        for _ in range(200):
+            digits = "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(3, 8)))
+            handle.write(json.dumps({"messages": [{"role": "user", "content": digits},
+                                                  {"role": "assistant", "content": REPLY}]}) + "\n")
+    return root
+
+
+def test_fine_tune_reaches_near_zero_loss_and_answers_through_infer_chat(setup, tmp_path, invoke):
+    result = invoke("sft", "--config", RECIPE, "--model", setup / "float", "--data", setup / "chat.jsonl",
+                    "--output-dir", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    assert "supervised tokens" in result.output and "2,000" in result.output
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.05
+    summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
+    assert summary["examples_used"] == 200 and summary["supervised_tokens"] == 200 * (len(REPLY) + 1)
+    final = tmp_path / "run" / "final"
+    assert "im_start" in json.loads((final / "tokenizer_config.json").read_text()).get("chat_template", "") or \
+        (final / "chat_template.jinja").is_file()
+    answered = invoke("infer", "-m", final, "--chat", "-p", "48213", "-p", "907", "-o", tmp_path / "r.json",
+                      "--max-new-tokens", "20", "--device", "cpu", "-q")
+    assert answered.exit_code == 0, answered.output
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [r["text"] for r in results] == [REPLY, REPLY]
+
+
+def test_preview_shows_supervised_spans_and_trains_nothing(setup, tmp_path, invoke):
+    result = invoke("sft", "--config", RECIPE, "--model", setup / "float", "--data", setup / "chat.jsonl",
+                    "--output-dir", tmp_path / "run", "--preview", "2")
+    assert result.exit_code == 0, result.output
+    assert "example 0:" in result.output and "example 1:" in result.output and "10 supervised" in result.output
+    assert "OK, done.<|im_end|>" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_exit_2(setup, tmp_path, invoke):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    result = invoke("sft", "--config", RECIPE, "--model", setup / "float", "--data", bad, "--output-dir",
+                    tmp_path / "run")
+    assert result.exit_code == 2 and "no usable training examples" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_help(invoke):
+    result = invoke("sft", "--help")
+    assert result.exit_code == 0
+    for flag in ("--max-length", "--packing", "--template", "--format", "--preview", "--model", "--resume"):
+        assert flag in result.output
