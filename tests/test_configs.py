@@ -60,6 +60,40 @@ def test_deepspeed_configs_parse(path):
     assert config["train_micro_batch_size_per_gpu"] == "auto" and config["gradient_accumulation_steps"] == "auto"
 
 
+def test_quickstart_assets():
+    import yaml
+    from transformers import AutoTokenizer, LlamaConfig
+
+    folder = CONFIGS / "quickstart"
+    values = yaml.safe_load((folder / "model.yaml").read_text())
+    config = LlamaConfig(**{k: v for k, v in values.items() if k != "model_type"})
+    # every linear's input is a multiple of 256, so ternary GGUF blocks fit exactly
+    assert config.hidden_size % 256 == 0 and config.intermediate_size % 256 == 0
+    assert (config.num_attention_heads * config.head_dim) % 256 == 0
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    assert len(tokenizer) <= config.vocab_size
+    assert all(len(tokenizer.tokenize(str(n))) == 1 for n in range(200))  # one token a number
+    assert tokenizer.chat_template and "<|im_end|>" in tokenizer.get_vocab()
+    assert resolve_config(TrainConfig, folder / "train.yaml", REQUIRED).quant_type == "ternary"
+    assert resolve_config(SftConfig, folder / "sft.yaml", REQUIRED).max_length >= 16
+
+
+def test_quickstart_corpus_is_what_the_script_generates():
+    import importlib.util
+    import random
+
+    spec = importlib.util.spec_from_file_location("assets", CONFIGS.parent / "scripts" / "build_quickstart_assets.py")
+    assets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(assets)
+    rng = random.Random(1234)
+    assert (CONFIGS / "quickstart" / "corpus.txt").read_text().splitlines() == assets.corpus_lines(rng)
+    held_out = {f"continue: {n} {n + 1} {n + 2}" for n in assets.HELD_OUT_NEXT}
+    chats = [json.loads(line)["messages"][0]["content"]
+             for line in (CONFIGS / "quickstart" / "chat.jsonl").read_text().splitlines()]
+    assert not held_out & set(chats)
+
+
 def test_every_config_is_covered():
-    covered = set(in_folder("quant") + in_folder("pretrain") + in_folder("sft") + in_folder("deepspeed"))
+    quickstart = [p for p in ALL_FILES if "quickstart" in p.parts]
+    covered = set(in_folder("quant") + in_folder("pretrain") + in_folder("sft") + in_folder("deepspeed") + quickstart)
     assert covered == set(ALL_FILES), f"add a loader test for {sorted(set(ALL_FILES) - covered)}"

@@ -325,20 +325,27 @@ class MetricsCallback(TrainerCallback):
             self.logger.log(state, logs)
 
 
-def plot_losses(metrics: Path, png: Path) -> None:
+def read_losses(metrics: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
+    return [(r["step"], r["loss"]) for r in records if r.get("loss") is not None and math.isfinite(r["loss"])]
+
+
+def plot_losses(metrics: Path, png: Path, series: dict[str, Path] | None = None) -> None:
+    """A loss-curve PNG of one metrics.jsonl, or of several (`series`: label -> metrics.jsonl) side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line] if metrics.exists() else []
-    records = [r for r in records if r.get("loss") is not None and math.isfinite(r["loss"])]
-    figure, axis = plt.subplots(figsize=(6, 3.5), dpi=100)
-    axis.plot([r["step"] for r in records], [r["loss"] for r in records], marker=".")
-    axis.set_xlabel("step")
-    axis.set_ylabel("loss")
-    axis.set_title("training loss")
-    axis.grid(alpha=0.3)
+    series = series or {"training loss": metrics}
+    figure, axes = plt.subplots(1, len(series), figsize=(6 * len(series), 3.5), dpi=100, squeeze=False)
+    for axis, (label, path) in zip(axes[0], series.items()):
+        points = read_losses(path)
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss")
+        axis.set_title(label)
+        axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(png)
     plt.close(figure)

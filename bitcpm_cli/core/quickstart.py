@@ -1,0 +1,184 @@
+"""`quickstart`: the whole toolchain on a tiny BitCPM-shaped model, on the CPU, in a few minutes.
+
+build the tiny model -> train (ternary QAT) -> sft -> convert (fused, packed) -> infer on the QAT checkpoint and on
+the fused model -> compare -> loss plot and SUMMARY.md. It calls the same core functions as the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from bitcpm_cli.core.errors import CheckFailed, InputError
+
+ASSETS = Path(__file__).resolve().parents[2] / "configs" / "quickstart"
+# Held-out prompts (absent from the shipped corpus and chats) and the answers a working model gives.
+COUNTING = [("23 24 25 26", "27 28 29 30"), ("141 142 143 144", "145 146 147 148")]
+CHATS = [("continue: 47 48 49", "50 51 52"), ("continue: 116 117 118", "119 120 121"),
+         ("continue: 170 171 172", "173 174 175")]
+StageFn = Callable[[str, str], None]  # (stage, "start" | detail when done)
+
+
+@dataclass
+class QuickstartResult:
+    output_dir: str
+    stages: list[tuple[str, float, str]] = field(default_factory=list)  # (stage, seconds, detail)
+    generations: list[dict[str, Any]] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)
+    losses: dict[str, tuple[float, float]] = field(default_factory=dict)
+    identical: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def correct(self) -> bool:
+        return bool(self.generations) and all(g["correct"] for g in self.generations)
+
+
+def _weights_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def run_quickstart(output_dir: str | Path, on_stage: StageFn | None = None) -> QuickstartResult:
+    output = Path(output_dir)
+    if not (ASSETS / "model.yaml").is_file():
+        raise InputError(f"the quickstart assets are missing ({ASSETS})",
+                         hint="run from a clone of the bitcpm repository installed with `pip install -e .`")
+    if output.exists() and any(output.iterdir()):
+        raise InputError(f"{output} is not empty", hint="remove it or pass another --output-dir")
+    output.mkdir(parents=True, exist_ok=True)
+    result = QuickstartResult(str(output))
+    try:
+        _pipeline(output, result, on_stage or (lambda stage, detail: None))
+    except CheckFailed:
+        raise
+    except BaseException:
+        shutil.rmtree(output, ignore_errors=True)  # a failed run leaves nothing behind
+        raise
+    return result
+
+
+def _stage(result: QuickstartResult, on_stage: StageFn, name: str, work: Callable[[], str]) -> None:
+    on_stage(name, "start")
+    began = time.perf_counter()
+    detail = work()
+    result.stages.append((name, time.perf_counter() - began, detail))
+    on_stage(name, detail)
+
+
+def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn) -> None:
+    import torch
+    import yaml
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from bitcpm_cli.core.compare import compare_results
+    from bitcpm_cli.core.convert import convert_checkpoint
+    from bitcpm_cli.core.generate import Prompt, load_for_inference, run_generation, write_json
+    from bitcpm_cli.core.recipe import TrainConfig, resolve_config
+    from bitcpm_cli.core.sft import SftConfig, fine_tune
+    from bitcpm_cli.core.train import METRICS_FILE, plot_losses, train
+
+    hf_logging.disable_progress_bar()
+    base, pretrain, sft, fused, packed = (output / n for n in ("base", "pretrain", "sft", "fused", "packed"))
+
+    def build() -> str:
+        values = yaml.safe_load((ASSETS / "model.yaml").read_text())
+        values.pop("model_type", None)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**values))
+        model.save_pretrained(base)
+        AutoTokenizer.from_pretrained(ASSETS / "tokenizer").save_pretrained(base)
+        return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {values['num_hidden_layers']} layers"
+
+    def pretraining() -> str:
+        config = resolve_config(TrainConfig, ASSETS / "train.yaml", {
+            "model": str(base), "data": [str(ASSETS / "corpus.txt")], "output_dir": str(pretrain)})
+        run = train(config)
+        result.losses["pretrain"] = (run.first_loss, run.last_loss)
+        return f"{run.steps} steps, loss {run.first_loss:.3f} -> {run.last_loss:.3f}"
+
+    def fine_tuning() -> str:
+        config = resolve_config(SftConfig, ASSETS / "sft.yaml", {
+            "model": str(pretrain / "final"), "data": [str(ASSETS / "chat.jsonl")], "output_dir": str(sft)})
+        run = fine_tune(config)
+        result.losses["sft"] = (run.first_loss, run.last_loss)
+        return f"{run.steps} steps, loss {run.first_loss:.3f} -> {run.last_loss:.3f}"
+
+    def conversions() -> str:
+        fused_run = convert_checkpoint(sft / "final", fused, verify=True)
+        packed_run = convert_checkpoint(sft / "final", packed, fmt="packed", verify=True)
+        result.sizes = {"QAT checkpoint (fp32 latent)": _weights_size(sft / "final"),
+                        "fused (bf16)": _weights_size(fused), "packed (2-bit codes + scales)": _weights_size(packed)}
+        result.notes.append(f"packed linears are {packed_run.linear_ratio_vs_bf16:.2f}x smaller than bf16; "
+                            f"{fused_run.verify.tensors_checked} tensors verified")
+        result.notes.append("GGUF export is not built yet (it needs the `gguf` extra and issue #8)")
+        return f"fused {result.sizes['fused (bf16)'] / 2**20:.1f} MiB, packed {result.sizes['packed (2-bit codes + scales)'] / 2**20:.1f} MiB"
+
+    def inference() -> str:
+        for name, folder in (("qat", sft / "final"), ("fused", fused)):
+            loaded = load_for_inference(folder, device="cpu", dtype="bfloat16")
+            documents = []
+            for chat, pairs in ((False, COUNTING), (True, CHATS)):
+                prompts = [Prompt(i, text=p) for i, (p, _) in enumerate(pairs)]
+                documents.append(run_generation(loaded, prompts, max_new_tokens=4 if not chat else 8, chat=chat))
+            merged = documents[0]
+            merged["results"] += [{**r, "id": r["id"] + len(COUNTING)} for r in documents[1]["results"]]
+            write_json(merged, output / f"results-{name}.json")
+            if name == "qat":
+                for (prompt, expected), generated in zip(COUNTING + CHATS, merged["results"]):
+                    text = generated["text"].strip()
+                    result.generations.append({"prompt": prompt, "expected": expected, "generated": text,
+                                               "correct": text.startswith(expected)})
+        right = sum(g["correct"] for g in result.generations)
+        return f"{right}/{len(result.generations)} held-out prompts answered correctly"
+
+    def comparison() -> str:
+        report = compare_results(output / "results-qat.json", output / "results-fused.json")
+        write_json(report.to_dict(), output / "compare.json")
+        result.identical = report.ok
+        same = sum(p.status == "match" for p in report.prompts)
+        return f"QAT checkpoint vs fused model: {same}/{len(report.prompts)} prompts token-identical"
+
+    _stage(result, on_stage, "build tiny model", build)
+    _stage(result, on_stage, "train (ternary QAT)", pretraining)
+    _stage(result, on_stage, "sft (chat)", fine_tuning)
+    _stage(result, on_stage, "convert (fused, packed)", conversions)
+    _stage(result, on_stage, "infer (QAT and fused)", inference)
+    _stage(result, on_stage, "compare", comparison)
+    plot_losses(pretrain / METRICS_FILE, output / "loss.png",
+                {"pre-training (ternary QAT)": pretrain / METRICS_FILE, "SFT": sft / METRICS_FILE})
+    (output / "SUMMARY.md").write_text(summary_markdown(result))
+    if not result.correct or not result.identical:
+        raise CheckFailed("the quickstart ran, but " + ("some held-out prompts were answered wrongly"
+                                                        if not result.correct else
+                                                        "the QAT checkpoint and the fused model disagree"),
+                          hint=f"see {output / 'SUMMARY.md'}")
+
+
+def summary_markdown(result: QuickstartResult) -> str:
+    lines = ["# bitcpm quickstart", "", "The whole toolchain on a tiny BitCPM-shaped model, on the CPU.", "",
+             "| stage | time | result |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {seconds:.1f} s | {detail} |" for name, seconds, detail in result.stages]
+    lines += ["", "## Losses", "", "| run | first | last |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {first:.3f} | {last:.3f} |" for name, (first, last) in result.losses.items()]
+    lines += ["", "![loss curves](loss.png)", "", "## Held-out prompts (QAT checkpoint, greedy)", "",
+              "| prompt | expected | generated | correct |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{g['prompt']}` | `{g['expected']}` | `{g['generated']}` | {'yes' if g['correct'] else 'NO'} |"
+              for g in result.generations]
+    lines += ["", f"QAT checkpoint vs its fused conversion: {'token-identical' if result.identical else 'DIFFERENT'} "
+              "(`compare.json`).", "", "## Sizes of the weights", "", "| format | bytes |", "| --- | --- |"]
+    lines += [f"| {name} | {size:,} |" for name, size in result.sizes.items()]
+    lines += ["", "## What was produced", "",
+              "- `base/`: the tiny model, random weights, with the quickstart tokenizer",
+              "- `pretrain/`: `bitcpm train` run (metrics.jsonl, checkpoints, final/ QAT checkpoint, loss.png)",
+              "- `sft/`: `bitcpm sft` run on chat data (final/ with the chat template)",
+              "- `fused/`: `bitcpm convert` output (bf16, loads in stock transformers)",
+              "- `packed/`: `bitcpm convert --format packed` output (2-bit codes + scales)",
+              "- `results-qat.json`, `results-fused.json`: `bitcpm infer` results; `compare.json`: `bitcpm compare`",
+              "- `loss.png`: the loss curves", ""]
+    lines += [f"- note: {note}" for note in result.notes]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,32 @@
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(invoke, tmp_path):
+    result = invoke("quickstart", "--output-dir", tmp_path / "qs")
+    assert result.exit_code == 0, result.output
+    assert "quickstart passed" in result.output
+    summary = (tmp_path / "qs" / "SUMMARY.md").read_text()
+    assert "| NO |" not in summary and "token-identical" in summary
+    for produced in ("pretrain/final/config.json", "sft/final/tokenizer.json", "fused/model.safetensors",
+                     "packed/model.safetensors", "results-qat.json", "results-fused.json", "compare.json", "loss.png"):
+        assert (tmp_path / "qs" / produced).exists(), produced
+    assert json.loads((tmp_path / "qs" / "compare.json").read_text())["ok"] is True
+    for line in summary.splitlines():
+        if line.startswith("| `"):
+            assert line.endswith("| yes |"), line
+
+
+def test_quickstart_refuses_a_non_empty_folder(invoke, tmp_path):
+    (tmp_path / "qs").mkdir()
+    (tmp_path / "qs" / "keep.txt").write_text("mine")
+    result = invoke("quickstart", "--output-dir", tmp_path / "qs")
+    assert result.exit_code == 2 and "is not empty" in result.stderr
+    assert [p.name for p in (tmp_path / "qs").iterdir()] == ["keep.txt"]
+
+
+def test_help(invoke):
+    result = invoke("quickstart", "--help")
+    assert result.exit_code == 0 and "--output-dir" in result.output
