@@ -31,6 +31,31 @@ def check_data_files(paths: list[str]) -> list[Path]:
     return files
 
 
+def json_records(path: Path, what: str = "records") -> list[tuple[str, Any]]:
+    """(where, record) of a .jsonl file (one a line) or a .json list; `where` is `file:line` or `file[index]`."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})", hint="fix the syntax") from None
+        if not isinstance(data, list):
+            raise InputError(f"{path}: expected a JSON list of {what}", hint="or use .jsonl, one a line")
+        return [(f"{path}[{i}]", record) for i, record in enumerate(data)]
+    located = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            located.append((f"{path}:{number}", _json_line(line, f"{path}:{number}")))
+    return located
+
+
+def _json_line(line: str, where: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: not valid JSON ({exc.msg})", hint="each line must be one JSON object") from None
+
+
 def iter_texts(files: list[Path], field: str = "text") -> Iterator[str]:
     """Every document's text; a malformed line is an InputError naming the file and line."""
     for path in files:
@@ -44,11 +69,7 @@ def iter_texts(files: list[Path], field: str = "text") -> Iterator[str]:
                 if path.suffix == ".txt":
                     yield line.rstrip("\n")
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})",
-                                     hint="each line must be one JSON object") from None
+                record = _json_line(line, f"{path}:{number}")
                 if not isinstance(record, dict) or not isinstance(record.get(field), str):
                     raise InputError(f"{path}:{number}: no {field!r} string in this record",
                                      hint=f'each line needs {{"{field}": "..."}}')

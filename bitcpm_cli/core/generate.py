@@ -68,31 +68,16 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | Path | None) -> 
         raise InputError("give either --prompt (one or more) or --prompts FILE", hint="e.g. --prompt 'Hello'")
     if prompts:
         return [Prompt(i, text=p) for i, p in enumerate(prompts)]
+    from bitcpm_cli.core.data import json_records
+
     path = Path(prompts_file)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"cannot read the prompts file ({path}): {exc.strerror or exc}", hint="check the path") from None
-    result: list[Prompt] = []
-    if path.suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})", hint="one JSON object a line") from None
-            result.append(_prompt_from_json(obj, len(result), f"{path}:{number}"))
-    elif path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})", hint="fix the syntax") from None
-        if not isinstance(data, list):
-            raise InputError(f"{path}: expected a JSON list of prompts", hint='e.g. [{"prompt": "Hi"}]')
-        result = [_prompt_from_json(obj, i, f"{path}[{i}]") for i, obj in enumerate(data)]
+    if not path.is_file():
+        raise InputError(f"prompts file not found ({path})", hint="check the path")
+    if path.suffix in (".jsonl", ".json"):
+        result = [_prompt_from_json(obj, i, where) for i, (where, obj) in enumerate(json_records(path, "prompts"))]
     else:
-        result = [Prompt(i, text=line) for i, line in enumerate(l for l in text.splitlines() if l.strip())]
+        lines = path.read_text(encoding="utf-8").splitlines()
+        result = [Prompt(i, text=line) for i, line in enumerate(line for line in lines if line.strip())]
     if not result:
         raise InputError(f"the prompts file holds no prompts ({path})", hint="add one prompt a line")
     return result

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from bitcpm_cli.core.chat import CHATML_TOKENS, DEFAULT_CHAT_TEMPLATE, end_of_turn_ids, load_template
+from bitcpm_cli.core.data import json_records
 from bitcpm_cli.core.errors import InputError
 from bitcpm_cli.core.recipe import TrainConfig
 
@@ -112,25 +113,7 @@ def read_conversations(paths: list[str], fmt: str = "auto") -> tuple[list[list[d
             raise InputError(f"data file not found ({path})", hint="pass .json or .jsonl chat data")
         if path.suffix not in (".json", ".jsonl"):
             raise InputError(f"data file {path} is not .json or .jsonl", hint="chat data comes as JSON lines or a list")
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            try:
-                records = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})", hint="fix the syntax") from None
-            if not isinstance(records, list):
-                raise InputError(f"{path}: expected a JSON list of conversations", hint="or use .jsonl")
-            located = [(f"{path}[{i}]", r) for i, r in enumerate(records)]
-        else:
-            located = []
-            for number, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    located.append((f"{path}:{number}", json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})",
-                                     hint="each line must be one JSON object") from None
+        located = json_records(path, "conversations")
         file_format = fmt
         if fmt == "auto" and located:
             first = located[0][1]

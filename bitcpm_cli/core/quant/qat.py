@@ -76,30 +76,43 @@ def _input_embedding_weight(model: nn.Module) -> torch.Tensor | None:
     return getattr(embedding, "weight", None)
 
 
+def _targets(candidates, scheme: QuantScheme, what: str) -> dict[str, LayerQuant]:
+    """From (key, module name, shape, problem or None) candidates: the quantized ones, or one error listing every
+    candidate that cannot be quantized."""
+    targets: dict[str, LayerQuant] = {}
+    problems: list[str] = []
+    for key, module, shape, problem in candidates:
+        spec = scheme.for_module(module)
+        if not spec.enabled:
+            continue
+        if problem is None:
+            try:
+                check_groupable(shape, spec.group_size, module)
+            except QuantError as exc:
+                problem = f"{exc.message}; {exc.hint}"
+        if problem is None:
+            targets[key] = spec
+        else:
+            problems.append(problem)
+    collect(problems, QuantError, f"the quantization scheme does not fit this {what}",
+            "change group_size, add per-layer overrides, or skip the layers named above")
+    return targets
+
+
 def plan(model: nn.Module, scheme: QuantScheme) -> dict[str, LayerQuant]:
     """Which linears `prepare` would quantize, and how; raises one error listing every layer that cannot be."""
     tied = _input_embedding_weight(model)
-    targets: dict[str, LayerQuant] = {}
-    problems: list[str] = []
-    for name, module in model.named_modules():
-        if type(module) is not nn.Linear and not isinstance(module, QATLinear):
-            continue
-        spec = scheme.for_module(name)
-        if not spec.enabled:
-            continue
-        if tied is not None and module.weight is tied:
-            problems.append(f"{name}: its weight is tied to the input embeddings, which stay in full precision; "
-                            f"keep {name} in modules_to_not_convert or untie the embeddings")
-            continue
-        try:
-            check_groupable(module.weight.shape, spec.group_size, name)
-        except QuantError as exc:
-            problems.append(f"{exc.message}; {exc.hint}")
-            continue
-        targets[name] = spec
-    collect(problems, QuantError, "the quantization scheme does not fit this model",
-            "change group_size, add per-layer overrides, or skip the layers named above")
-    return targets
+
+    def candidates():
+        for name, module in model.named_modules():
+            if type(module) is nn.Linear or isinstance(module, QATLinear):
+                problem = None
+                if tied is not None and module.weight is tied:
+                    problem = (f"{name}: its weight is tied to the input embeddings, which stay in full precision; "
+                               f"keep {name} in modules_to_not_convert or untie the embeddings")
+                yield name, name, tuple(module.weight.shape), problem
+
+    return _targets(candidates(), scheme, "model")
 
 
 EMBEDDING_NAMES = ("embed", "wte", "wpe", "embeddings")
@@ -109,25 +122,12 @@ def plan_state_dict(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str],
                     scheme: QuantScheme) -> dict[str, LayerQuant]:
     """`plan` for a state dict without a model: the 2-D floating `*.weight` tensors of non-skipped, non-embedding
     modules (for Llama/MiniCPM-style models, exactly the linears `prepare` swaps). Keys are tensor names."""
-    targets: dict[str, LayerQuant] = {}
-    problems: list[str] = []
-    for name, shape in shapes.items():
-        module = name.removesuffix(".weight")
-        if (module == name or len(shape) != 2 or not dtypes[name].startswith(("float", "bfloat"))
-                or any(e in module.rsplit(".", 1)[-1] for e in EMBEDDING_NAMES)):
-            continue
-        spec = scheme.for_module(module)
-        if not spec.enabled:
-            continue
-        try:
-            check_groupable(shape, spec.group_size, module)
-        except QuantError as exc:
-            problems.append(f"{exc.message}; {exc.hint}")
-            continue
-        targets[name] = spec
-    collect(problems, QuantError, "the quantization scheme does not fit this checkpoint",
-            "change group_size, add per-layer overrides, or skip the layers named above")
-    return targets
+    candidates = (
+        (name, name.removesuffix(".weight"), shape, None) for name, shape in shapes.items()
+        if name.endswith(".weight") and len(shape) == 2 and dtypes[name].startswith(("float", "bfloat"))
+        and not any(e in name.removesuffix(".weight").rsplit(".", 1)[-1] for e in EMBEDDING_NAMES)
+    )
+    return _targets(candidates, scheme, "checkpoint")
 
 
 def prepare(model: nn.Module, scheme: QuantScheme) -> nn.Module:
