@@ -22,13 +22,13 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
 # Held out from both corpora: the quickstart's generation check asks about these.
 HELD_OUT_STARTS = (23, 88, 141)
 HELD_OUT_NEXT = (47, 116, 170)
-# A compact chat template (the tokenizer's own): one token between the question and the answer, EOS ends a reply.
+# A compact chat template (the tokenizer's own): the reply follows the question directly, EOS ends it. The tiny
+# model then answers with the counting skill pre-training gave it; SFT teaches the format and when to stop.
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
-    "{% if m['role'] == 'assistant' %}{{ '<|im_end|>' + m['content'] + '</s>' }}"
+    "{% if m['role'] == 'assistant' %}{{ ' ' + m['content'] + '</s>' }}"
     "{% else %}{{ '<|im_start|>' + m['content'] }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_end|>' }}{% endif %}"
 )
 
 
@@ -55,15 +55,30 @@ def chat_records(rng: random.Random, count: int = 2000) -> list[dict]:
 
 
 def build_tokenizer(texts: list[str], folder: Path) -> None:
+    """A Llama-style (SentencePiece-derived) BPE: Metaspace word boundaries and byte fallback through <0x00>..<0xFF>,
+    so llama.cpp's SentencePiece tokenizer reads it from a GGUF file and splits text exactly as transformers does."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE(unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Metaspace()
     core.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE - 256, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=list("0123456789abcdefghijklmnopqrstuvwxyz"))
     core.train_from_iterator(texts, trainer)
+    # Insert the 256 byte tokens right after the special tokens, as Llama's tokenizer has them, and fall back to them.
+    spec = json.loads(core.to_str())
+    vocab = spec["model"]["vocab"]
+    ordered = sorted(vocab, key=vocab.get)
+    ordered = ordered[:len(SPECIALS)] + [f"<0x{b:02X}>" for b in range(256)] + ordered[len(SPECIALS):]
+    spec["model"]["vocab"] = {token: i for i, token in enumerate(ordered)}
+    spec["model"]["byte_fallback"] = True
+    spec["decoder"] = {"type": "Sequence", "decoders": [
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+        {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    for added in spec["added_tokens"]:
+        added["id"] = spec["model"]["vocab"][added["content"]]
+    core = Tokenizer.from_str(json.dumps(spec))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                         pad_token="<pad>", additional_special_tokens=SPECIALS[4:])
     tokenizer.chat_template = CHAT_TEMPLATE

@@ -38,7 +38,12 @@ def convert(
     group_size: Optional[int] = typer.Option(None, "--group-size", "--group_size",
                                              help="-1 per row, 0 per tensor, N input channels (default: the checkpoint's)."),
     scheme: Optional[Path] = typer.Option(None, "--scheme", help="Scheme file: a bitcpm_quant block or a CANN strategy."),
-    fmt: str = typer.Option("fused", "--format", help="fused (bf16 weights stock transformers/vLLM load) or packed (2-bit)."),
+    fmt: str = typer.Option("fused", "--format", help="fused (bf16 weights stock transformers/vLLM load), packed (2-bit) "
+                                                      "or gguf (llama.cpp ternary blocks)."),
+    gguf_type: str = typer.Option("tq2_0", "--gguf-type", help="GGUF ternary block type: tq2_0 or tq1_0."),
+    gguf_embeddings: str = typer.Option("f16", "--gguf-embeddings", help="GGUF embeddings / output layer: f16 or q8_0."),
+    allow_lossy: bool = typer.Option(False, "--allow-lossy", help="GGUF: export even where blocks are not exact, and "
+                                                                   "report the error."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Output dtype: bfloat16, float16 or float32."),
     verify: bool = typer.Option(False, "--verify", help="Reload the output and check it against the input."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (only once the new one is complete)."),
@@ -51,6 +56,19 @@ def convert(
     """
     from bitcpm_cli.core.convert import convert_checkpoint
 
+    if fmt == "gguf":
+        from bitcpm_cli.core.gguf_export import export_gguf
+
+        result = export_gguf(input_path, output, gguf_type=gguf_type, embeddings=gguf_embeddings,
+                             allow_lossy=allow_lossy, overwrite=overwrite, quant_type=quant_type,
+                             group_size=group_size, scheme_file=scheme)
+        for warning in result.warnings:
+            err.print(f"[bold yellow]WARNING:[/] {escape(warning)}", soft_wrap=True)
+        if json_output:
+            print_json(result.to_dict())
+        else:
+            _render_gguf(result)
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                   console=err, transient=True, disable=json_output or not err.is_terminal) as bar:
         tasks: dict[str, int] = {}
@@ -71,6 +89,19 @@ def convert(
         print_json(result.to_dict())
         return
     _render(result)
+
+
+def _render_gguf(result) -> None:
+    table = Table(title=f"GGUF {result.gguf_type.upper()}: {escape(result.output)}", show_header=False)
+    table.add_row("tensors", f"{result.tensors} ({result.ternary_tensors} ternary)")
+    table.add_row("size", f"{result.bytes_out / 2**20:,.2f} MiB")
+    table.add_row("read back", "every ternary tensor dequantizes to the fused weights" if result.exact
+                  else f"max abs error {result.max_abs_error:g}")
+    table.add_row("time", f"{result.seconds:.2f} s")
+    out.print(table)
+    for note in result.notes:
+        out.print(f"note: {escape(note)}", soft_wrap=True)
+    out.print(f"[{LEVEL_STYLE['ok']}]wrote[/] {escape(result.output)}")
 
 
 def _render(result) -> None:

@@ -26,11 +26,11 @@ def quickstart(
                 out.print(f"[{LEVEL_STYLE['ok']}]done[/] {stage}: {escape(detail)}", soft_wrap=True)
 
         result = run_quickstart(output_dir, on_stage)
-    table = Table(title="held-out prompts (QAT checkpoint, greedy)")
-    for column in ("prompt", "expected", "generated", "correct"):
+    table = Table(title="held-out prompts (greedy)")
+    for column in ("model", "prompt", "expected", "generated", "correct"):
         table.add_column(column)
     for g in result.generations:
-        table.add_row(escape(g["prompt"]), escape(g["expected"]), escape(g["generated"]),
+        table.add_row(g["model"], escape(g["prompt"]), escape(g["expected"]), escape(g["generated"]),
                       "[green]yes[/]" if g["correct"] else "[red]NO[/]")
     out.print(table)
     sizes = Table(title="weights", show_header=False)

@@ -352,8 +352,8 @@ def convert_checkpoint(
     started = time.perf_counter()
     source, output = Path(source), Path(output)
     if fmt not in FORMATS:
-        raise InputError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}",
-                         hint="GGUF export is not built yet; use fused or packed")
+        raise InputError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}, gguf",
+                         hint="fused for transformers / vLLM, packed for 2 bits a weight, gguf for llama.cpp")
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}", hint="bfloat16 is what users deploy")
     if quant_type is not None or group_size is not None:

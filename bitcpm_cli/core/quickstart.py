@@ -6,7 +6,7 @@ the fused model -> compare -> loss plot and SUMMARY.md. It calls the same core f
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -16,7 +16,8 @@ from typing import Any, Callable
 from bitcpm_cli.core.errors import CheckFailed, InputError
 
 ASSETS = Path(__file__).resolve().parents[2] / "configs" / "quickstart"
-# Held-out prompts (absent from the shipped corpus and chats) and the answers a working model gives.
+# Held-out prompts (absent from the shipped corpus and chats) and the answers a working model gives: counting for
+# the pre-trained checkpoint, chats for the fine-tuned one (which has learned to stop after its reply).
 COUNTING = [("23 24 25 26", "27 28 29 30"), ("141 142 143 144", "145 146 147 148")]
 CHATS = [("continue: 47 48 49", "50 51 52"), ("continue: 116 117 118", "119 120 121"),
          ("continue: 170 171 172", "173 174 175")]
@@ -115,24 +116,34 @@ def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn) -> None
                         "fused (bf16)": _weights_size(fused), "packed (2-bit codes + scales)": _weights_size(packed)}
         result.notes.append(f"packed linears are {packed_run.linear_ratio_vs_bf16:.2f}x smaller than bf16; "
                             f"{fused_run.verify.tensors_checked} tensors verified")
-        result.notes.append("GGUF export is not built yet (it needs the `gguf` extra and issue #8)")
+        if importlib.util.find_spec("gguf") is None:
+            result.notes.append("GGUF export skipped: install the `gguf` extra (pip install -e '.[gguf]')")
+        else:
+            from bitcpm_cli.core.gguf_export import export_gguf
+
+            exported = export_gguf(sft / "final", output / "model-tq2_0.gguf")
+            result.sizes["GGUF TQ2_0 (whole file)"] = exported.bytes_out
+            result.notes.append(f"GGUF TQ2_0: {exported.ternary_tensors} ternary tensors, read back exactly")
         return f"fused {result.sizes['fused (bf16)'] / 2**20:.1f} MiB, packed {result.sizes['packed (2-bit codes + scales)'] / 2**20:.1f} MiB"
 
+    def generate(folder: Path, pairs: list[tuple[str, str]], chat: bool, name: str) -> list[dict[str, Any]]:
+        loaded = load_for_inference(folder, device="cpu", dtype="bfloat16")
+        prompts = [Prompt(i, text=p) for i, (p, _) in enumerate(pairs)]
+        document = run_generation(loaded, prompts, max_new_tokens=8, chat=chat)
+        write_json(document, output / f"results-{name}.json")
+        return document["results"]
+
     def inference() -> str:
-        for name, folder in (("qat", sft / "final"), ("fused", fused)):
-            loaded = load_for_inference(folder, device="cpu", dtype="bfloat16")
-            documents = []
-            for chat, pairs in ((False, COUNTING), (True, CHATS)):
-                prompts = [Prompt(i, text=p) for i, (p, _) in enumerate(pairs)]
-                documents.append(run_generation(loaded, prompts, max_new_tokens=4 if not chat else 8, chat=chat))
-            merged = documents[0]
-            merged["results"] += [{**r, "id": r["id"] + len(COUNTING)} for r in documents[1]["results"]]
-            write_json(merged, output / f"results-{name}.json")
-            if name == "qat":
-                for (prompt, expected), generated in zip(COUNTING + CHATS, merged["results"]):
-                    text = generated["text"].strip()
-                    result.generations.append({"prompt": prompt, "expected": expected, "generated": text,
-                                               "correct": text.startswith(expected)})
+        checks = [(pretrain / "final", COUNTING, False, "pretrain", "pre-trained (QAT)"),
+                  (sft / "final", CHATS, True, "qat", "fine-tuned (QAT)")]
+        for folder, pairs, chat, name, label in checks:
+            for (prompt, expected), generated in zip(pairs, generate(folder, pairs, chat, name)):
+                text = generated["text"].strip()
+                # a chat reply must be exactly the answer (and stop); a continuation must start with it
+                correct = text == expected if chat else text.startswith(expected)
+                result.generations.append({"model": label, "prompt": prompt, "expected": expected,
+                                           "generated": text, "correct": correct})
+        generate(fused, CHATS, True, "fused")
         right = sum(g["correct"] for g in result.generations)
         return f"{right}/{len(result.generations)} held-out prompts answered correctly"
 
@@ -146,7 +157,7 @@ def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn) -> None
     _stage(result, on_stage, "build tiny model", build)
     _stage(result, on_stage, "train (ternary QAT)", pretraining)
     _stage(result, on_stage, "sft (chat)", fine_tuning)
-    _stage(result, on_stage, "convert (fused, packed)", conversions)
+    _stage(result, on_stage, "convert (fused, packed, gguf)", conversions)
     _stage(result, on_stage, "infer (QAT and fused)", inference)
     _stage(result, on_stage, "compare", comparison)
     plot_losses(pretrain / METRICS_FILE, output / "loss.png",
@@ -165,10 +176,10 @@ def summary_markdown(result: QuickstartResult) -> str:
     lines += [f"| {name} | {seconds:.1f} s | {detail} |" for name, seconds, detail in result.stages]
     lines += ["", "## Losses", "", "| run | first | last |", "| --- | --- | --- |"]
     lines += [f"| {name} | {first:.3f} | {last:.3f} |" for name, (first, last) in result.losses.items()]
-    lines += ["", "![loss curves](loss.png)", "", "## Held-out prompts (QAT checkpoint, greedy)", "",
-              "| prompt | expected | generated | correct |", "| --- | --- | --- | --- |"]
-    lines += [f"| `{g['prompt']}` | `{g['expected']}` | `{g['generated']}` | {'yes' if g['correct'] else 'NO'} |"
-              for g in result.generations]
+    lines += ["", "![loss curves](loss.png)", "", "## Held-out prompts (greedy)", "",
+              "| model | prompt | expected | generated | correct |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {g['model']} | `{g['prompt']}` | `{g['expected']}` | `{g['generated']}` | "
+              f"{'yes' if g['correct'] else 'NO'} |" for g in result.generations]
     lines += ["", f"QAT checkpoint vs its fused conversion: {'token-identical' if result.identical else 'DIFFERENT'} "
               "(`compare.json`).", "", "## Sizes of the weights", "", "| format | bytes |", "| --- | --- |"]
     lines += [f"| {name} | {size:,} |" for name, size in result.sizes.items()]
@@ -178,7 +189,9 @@ def summary_markdown(result: QuickstartResult) -> str:
               "- `sft/`: `bitcpm sft` run on chat data (final/ with the chat template)",
               "- `fused/`: `bitcpm convert` output (bf16, loads in stock transformers)",
               "- `packed/`: `bitcpm convert --format packed` output (2-bit codes + scales)",
-              "- `results-qat.json`, `results-fused.json`: `bitcpm infer` results; `compare.json`: `bitcpm compare`",
+              "- `model-tq2_0.gguf`: `bitcpm convert --format gguf` output for llama.cpp (with the `gguf` extra)",
+              "- `results-pretrain.json`, `results-qat.json`, `results-fused.json`: `bitcpm infer` results; "
+              "`compare.json`: `bitcpm compare` of the last two",
               "- `loss.png`: the loss curves", ""]
     lines += [f"- note: {note}" for note in result.notes]
     return "\n".join(lines) + "\n"
