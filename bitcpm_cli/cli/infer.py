@@ -27,7 +27,7 @@ def infer(
     chat: bool = typer.Option(False, "--chat", help="Render prompts with the tokenizer's chat template (ChatML if none)."),
     logprobs: int = typer.Option(0, "--logprobs", help="Store the top-K logprobs of every generated token."),
     batch_size: int = typer.Option(1, "--batch-size", help="Prompts per generate() call (left padding)."),
-    engine: str = typer.Option("hf", "--engine", help="hf (transformers)."),
+    engine: str = typer.Option("hf", "--engine", help="hf (transformers) or llama.cpp (a .gguf file, the gguf extra)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model folder's own Python code."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream the generated text."),
 ) -> None:
@@ -41,13 +41,11 @@ def infer(
         write_json,
     )
 
-    if engine != "hf":
-        raise InputError(f"--engine {engine!r} is not available", hint="use --engine hf (the llama.cpp engine for GGUF "
-                                                                      "files is not built yet)")
+    if engine not in ("hf", "llama.cpp"):
+        raise InputError(f"--engine {engine!r} is not one of hf, llama.cpp", hint="hf for model folders, llama.cpp "
+                                                                                  "for .gguf files")
     prompts = read_prompts(prompt, prompts_file)
     check_output_path(output)
-    loaded = load_for_inference(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    err.print(f"model {escape(str(model))} ({loaded.info['format']}, {dtype}) on {loaded.device}", highlight=False)
     current = {"id": None}
 
     def show(prompt_id: int, text: str) -> None:
@@ -56,9 +54,16 @@ def infer(
             current["id"] = prompt_id
         out.print(text, end="", markup=False, highlight=False, soft_wrap=True)
 
-    document = run_generation(loaded, prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              seed=seed, chat=chat, logprobs=logprobs, batch_size=batch_size,
-                              on_text=None if quiet else show)
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat,
+                    logprobs=logprobs, on_text=None if quiet else show)
+    if engine == "llama.cpp":
+        from bitcpm_cli.core.llamacpp import run_llamacpp
+
+        document = run_llamacpp(model, prompts, device=device, **settings)
+    else:
+        loaded = load_for_inference(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+        err.print(f"model {escape(str(model))} ({loaded.info['format']}, {dtype}) on {loaded.device}", highlight=False)
+        document = run_generation(loaded, prompts, batch_size=batch_size, **settings)
     if not quiet:
         out.print()
     write_json(document, output)

@@ -97,7 +97,12 @@ def _write_tokenizer(writer: Any, source: Path, vocab_size: int, notes: list[str
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    SpecialVocab(source, load_merges=False, n_vocab=len(tokens)).add_to_gguf(writer)
+    special = SpecialVocab(source, load_merges=False, n_vocab=len(tokens))
+    # llama.cpp adds BOS / EOS to a prompt exactly when transformers' tokenizer does
+    probe = vocab.tokenizer("0")["input_ids"]
+    special.add_special_token["bos"] = bool(probe) and probe[0] == vocab.tokenizer.bos_token_id
+    special.add_special_token["eos"] = bool(probe) and probe[-1] == vocab.tokenizer.eos_token_id
+    special.add_to_gguf(writer)
 
 
 def _metadata(writer: Any, config: dict[str, Any], gguf_type: str, notes: list[str]) -> tuple[int, int]:

@@ -152,7 +152,19 @@ def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn) -> None
         write_json(report.to_dict(), output / "compare.json")
         result.identical = report.ok
         same = sum(p.status == "match" for p in report.prompts)
-        return f"QAT checkpoint vs fused model: {same}/{len(report.prompts)} prompts token-identical"
+        detail = f"QAT checkpoint vs fused model: {same}/{len(report.prompts)} prompts token-identical"
+        gguf_file = output / "model-tq2_0.gguf"
+        if gguf_file.exists() and importlib.util.find_spec("llama_cpp") is not None:
+            from bitcpm_cli.core.llamacpp import run_llamacpp
+
+            prompts = [Prompt(i, text=p) for i, (p, _) in enumerate(CHATS)]
+            write_json(run_llamacpp(gguf_file, prompts, max_new_tokens=8, chat=True), output / "results-llamacpp.json")
+            engines = compare_results(output / "results-llamacpp.json", output / "results-fused.json")
+            write_json(engines.to_dict(), output / "compare-engines.json")
+            result.identical = result.identical and engines.ok
+            same = sum(p.status == "match" for p in engines.prompts)
+            detail += f"; llama.cpp (TQ2_0) vs transformers: {same}/{len(engines.prompts)} token-identical"
+        return detail
 
     _stage(result, on_stage, "build tiny model", build)
     _stage(result, on_stage, "train (ternary QAT)", pretraining)
@@ -180,8 +192,10 @@ def summary_markdown(result: QuickstartResult) -> str:
               "| model | prompt | expected | generated | correct |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {g['model']} | `{g['prompt']}` | `{g['expected']}` | `{g['generated']}` | "
               f"{'yes' if g['correct'] else 'NO'} |" for g in result.generations]
-    lines += ["", f"QAT checkpoint vs its fused conversion: {'token-identical' if result.identical else 'DIFFERENT'} "
-              "(`compare.json`).", "", "## Sizes of the weights", "", "| format | bytes |", "| --- | --- |"]
+    lines += ["", f"Cross checks: {'token-identical' if result.identical else 'DIFFERENT'} "
+              "(QAT checkpoint vs its fused conversion: `compare.json`; llama.cpp vs transformers, when the `gguf` "
+              "extra is installed: `compare-engines.json`).", "", "## Sizes of the weights", "",
+              "| format | bytes |", "| --- | --- |"]
     lines += [f"| {name} | {size:,} |" for name, size in result.sizes.items()]
     lines += ["", "## What was produced", "",
               "- `base/`: the tiny model, random weights, with the quickstart tokenizer",

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 
 import pytest
@@ -14,6 +15,10 @@ def test_quickstart_end_to_end(invoke, tmp_path):
                      "packed/model.safetensors", "results-qat.json", "results-fused.json", "compare.json", "loss.png"):
         assert (tmp_path / "qs" / produced).exists(), produced
     assert json.loads((tmp_path / "qs" / "compare.json").read_text())["ok"] is True
+    if importlib.util.find_spec("gguf") is not None:
+        assert (tmp_path / "qs" / "model-tq2_0.gguf").is_file()
+    if importlib.util.find_spec("llama_cpp") is not None:
+        assert json.loads((tmp_path / "qs" / "compare-engines.json").read_text())["ok"] is True
     for line in summary.splitlines():
         if "`" in line and line.startswith("| "):
             assert line.endswith("| yes |"), line

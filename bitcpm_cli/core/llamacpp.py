@@ -1,0 +1,136 @@
+"""The llama.cpp engine (llama-cpp-python, the `gguf` extra): greedy generation from a GGUF file into the same
+results JSON as the transformers engine, so `bitcpm compare` can set one against the other."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bitcpm_cli.core.chat import END_OF_TURN_TOKENS
+from bitcpm_cli.core.device import package_version
+from bitcpm_cli.core.errors import InputError
+from bitcpm_cli.core.generate import RESULTS_SCHEMA, Prompt, TextCallback
+
+
+def _load(path: Path, seed: int):
+    try:
+        import llama_cpp
+    except ImportError:
+        raise InputError("--engine llama.cpp needs llama-cpp-python", hint="pip install -e '.[gguf]' (it builds "
+                                                                           "llama.cpp from source, a few minutes)") from None
+    if not path.is_file() or path.suffix != ".gguf":
+        raise InputError(f"--engine llama.cpp takes a .gguf file ({path})",
+                         hint="make one with `bitcpm convert --format gguf`")
+    try:
+        return llama_cpp, llama_cpp.Llama(model_path=str(path), n_ctx=0, seed=seed, n_gpu_layers=0, verbose=False)
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(f"llama.cpp cannot load {path} ({exc})", hint="re-create it with `bitcpm convert --format "
+                                                                      "gguf`") from None
+
+
+def _render_chat(template: str | None, messages: list[dict[str, str]], special: dict[str, str]) -> str:
+    """The GGUF's chat template, rendered the way transformers renders it."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from bitcpm_cli.core.chat import DEFAULT_CHAT_TEMPLATE
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    return environment.from_string(template or DEFAULT_CHAT_TEMPLATE).render(
+        messages=messages, add_generation_prompt=True, **special)
+
+
+def _top(logits: np.ndarray, k: int, chosen: int) -> list[list[float]]:
+    logp = logits.astype(np.float64) - logits.max()
+    logp -= np.log(np.exp(logp).sum())
+    order = np.argsort(-logp, kind="stable")[:k]
+    top = [[int(i), round(float(logp[i]), 6)] for i in order]
+    if top[0][0] != chosen and logp[chosen] == logp[order[0]]:  # exact tie: the token greedy decoding picked first
+        top = [[chosen, top[0][1]]] + [t for t in top if t[0] != chosen][:k - 1]
+    return top
+
+
+def run_llamacpp(model: str | Path, prompts: list[Prompt], *, max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 42, chat: bool = False, logprobs: int = 0, device: str = "auto",
+                 on_text: TextCallback | None = None) -> dict[str, Any]:
+    from bitcpm_cli.core.gguf_export import file_fingerprint
+
+    path = Path(model)
+    if temperature != 0 or top_p != 1:
+        raise InputError("the llama.cpp engine decodes greedily only", hint="use --temperature 0 --top-p 1")
+    if device not in ("auto", "cpu"):
+        raise InputError(f"the llama.cpp engine runs on the CPU, not {device}", hint="use --device cpu (or auto)")
+    llama_cpp, llm = _load(path, seed)
+    metadata = llm.metadata
+    eos_ids = {llm.token_eos()}
+    if chat:
+        for token in END_OF_TURN_TOKENS:
+            ids = llm.tokenize(token.encode(), add_bos=False, special=True)
+            if len(ids) == 1:
+                eos_ids.add(ids[0])
+    special = {"bos_token": llm.detokenize([llm.token_bos()], special=True).decode(errors="replace"),
+               "eos_token": llm.detokenize([llm.token_eos()], special=True).decode(errors="replace")}
+    n_vocab = llm.n_vocab()
+    results, total_time = [], 0.0
+    for prompt in prompts:
+        if chat:
+            text = _render_chat(metadata.get("tokenizer.chat_template"),
+                                prompt.messages or [{"role": "user", "content": prompt.text}], special)
+            ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+        elif prompt.text is None:
+            raise InputError(f"prompt {prompt.id} has messages but --chat was not given", hint="pass --chat")
+        else:
+            ids = llm.tokenize(prompt.text.encode(), add_bos=True, special=False)
+        began = time.perf_counter()
+        llm.reset()
+        llm.eval(ids)
+        new, steps, shown = [], [], ""
+        for _ in range(max_new_tokens):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).copy()
+            token = int(np.argmax(logits))
+            new.append(token)
+            if logprobs:
+                steps.append(_top(logits, logprobs, token))
+            if on_text is not None:
+                decoded = _decode(llm, new)
+                if len(decoded) > len(shown) and not decoded.endswith("\ufffd"):
+                    on_text(prompt.id, decoded[len(shown):])
+                    shown = decoded
+            if token in eos_ids:
+                break
+            llm.eval([token])
+        elapsed = time.perf_counter() - began
+        total_time += elapsed
+        entry = {"id": prompt.id, "prompt": prompt.label, "prompt_token_ids": ids, "token_ids": new,
+                 "text": _decode(llm, new), "num_tokens": len(new), "latency_s": round(elapsed, 6),
+                 "tokens_per_s": round(len(new) / elapsed, 3) if elapsed else None}
+        if logprobs:
+            entry["top_logprobs"] = steps
+        results.append(entry)
+    total_tokens = sum(r["num_tokens"] for r in results)
+    file_type = metadata.get("general.file_type")
+    return {
+        "schema": RESULTS_SCHEMA,
+        "model": {"path": str(path), "fingerprint": file_fingerprint(path),
+                  "dtype": {"36": "tq1_0", "37": "tq2_0"}.get(str(file_type), f"gguf file type {file_type}"),
+                  "format": "gguf"},
+        "runtime": {"engine": "llama.cpp", "device": "cpu", "device_name": platform.processor() or platform.machine(),
+                    "torch": package_version("torch"), "transformers": package_version("transformers"),
+                    "llama_cpp": llama_cpp.__version__, "torch_npu": None, "cann": None, "host": platform.node()},
+        "sampling": {"temperature": 0.0, "top_p": 1.0, "seed": seed, "max_new_tokens": max_new_tokens,
+                     "chat_template": chat, "batch_size": 1, "logprobs": logprobs},
+        "results": results,
+        "summary": {"prompts": len(results), "total_tokens": total_tokens, "total_time_s": round(total_time, 6),
+                    "tokens_per_s": round(total_tokens / total_time, 3) if total_time else None,
+                    "ms_per_token": round(1000 * total_time / total_tokens, 3) if total_tokens else None},
+        "notes": [],
+    }
+
+
+def _decode(llm: Any, tokens: list[int]) -> str:
+    """Text of generated tokens without special tokens, as transformers' decode(skip_special_tokens=True) gives it."""
+    return llm.detokenize(tokens).decode("utf-8", errors="replace").removeprefix(" ")

@@ -1,0 +1,108 @@
+"""CPU decode speed of one ternary model: transformers (fused, bf16) against llama.cpp (GGUF TQ2_0 and TQ1_0).
+
+Builds a random Llama-shaped QAT model (ternary, per-row scales), fuses it, exports both GGUF types, then greedily
+decodes the same number of tokens with each engine on the CPU (best of a few runs). Prints tokens/s, the ratios and
+the file sizes. Target: llama.cpp >= 5x the transformers bf16 decode speed. Needs the gguf extra.
+
+    python scripts/bench_cpu_decode.py [--hidden 1024] [--layers 8] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build(folder: Path, hidden: int, layers: int) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from bitcpm_cli.core.quant import QuantScheme, prepare
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=hidden * 11 // 4 // 256 * 256,
+                         num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 256,
+                         head_dim=64, max_position_embeddings=1024, tie_word_embeddings=False, bos_token_id=1,
+                         eos_token_id=2, pad_token_id=3)
+    model = LlamaForCausalLM(config)
+    prepare(model, QuantScheme(group_size=-1))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(ROOT / "configs" / "quickstart" / "tokenizer").save_pretrained(folder)
+
+
+def hf_rate(folder: Path, prompt: list[int], tokens: int, repeats: int) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    ids = torch.tensor([prompt])
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=3)
+        best = max(best, (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start))
+    return best
+
+
+def llama_rate(path: Path, prompt: list[int], tokens: int, repeats: int) -> float:
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=1024, n_gpu_layers=0, verbose=False)
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        llm.reset()
+        llm.eval(prompt)
+        for _ in range(tokens):
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+            llm.eval([int(np.argmax(logits))])
+        best = max(best, tokens / (time.perf_counter() - start))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    import torch
+
+    from bitcpm_cli.core.convert import convert_checkpoint
+    from bitcpm_cli.core.gguf_export import export_gguf
+
+    prompt = [1, 424, 401, 412, 413, 300, 301, 302]
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        build(root / "qat", args.hidden, args.layers)
+        convert_checkpoint(root / "qat", root / "fused")
+        sizes = {"fused bf16 (safetensors)": (root / "fused" / "model.safetensors").stat().st_size}
+        rates = {"transformers bf16": hf_rate(root / "fused", prompt, args.tokens, args.repeats)}
+        for kind in ("tq2_0", "tq1_0"):
+            path = root / f"model-{kind}.gguf"
+            export_gguf(root / "qat", path, gguf_type=kind)
+            sizes[f"GGUF {kind.upper()}"] = path.stat().st_size
+            rates[f"llama.cpp {kind.upper()}"] = llama_rate(path, prompt, args.tokens, args.repeats)
+    base = rates["transformers bf16"]
+    print(f"model: Llama {args.layers} x {args.hidden} (ternary, per-row scales), {args.tokens} greedy tokens, CPU, "
+          f"torch threads {torch.get_num_threads()}")
+    for name, rate in rates.items():
+        print(f"{name:20} {rate:8.1f} tokens/s   ratio vs transformers bf16: {rate / base:.2f}x")
+    for name, size in sizes.items():
+        print(f"{name:26} {size / 2**20:8.1f} MiB")
+    print(f"target: llama.cpp >= 5x transformers bf16 -> TQ2_0 {rates['llama.cpp TQ2_0'] / base:.2f}x, "
+          f"TQ1_0 {rates['llama.cpp TQ1_0'] / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

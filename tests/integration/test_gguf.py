@@ -1,0 +1,138 @@
+"""GGUF export (needs gguf-py) and the llama.cpp engine (needs llama-cpp-python): the `gguf` extra."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="GGUF tests need the gguf extra: pip install -e '.[gguf]'")
+
+from bitcpm_cli.core.convert import convert_checkpoint  # noqa: E402
+from bitcpm_cli.core.errors import InputError  # noqa: E402
+from bitcpm_cli.core.gguf_export import export_gguf  # noqa: E402
+
+TOKENIZER = Path(__file__).resolve().parents[2] / "configs" / "quickstart" / "tokenizer"
+
+
+def qat_model(folder: Path, group_size: int) -> Path:
+    """A random QAT model with 256-multiple dims and the quickstart's SentencePiece-style tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from bitcpm_cli.core.quant import QuantScheme, prepare
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # logits with clear winners, so that two engines' rounding cannot flip a greedy choice
+        model.lm_head.weight.mul_(20)
+    prepare(model, QuantScheme(group_size=group_size))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    qat_model(root / "qat", group_size=-1)
+    convert_checkpoint(root / "qat", root / "fused", dtype="bfloat16")
+    return root
+
+
+def permute(w, heads):
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.parametrize("gguf_type", ["tq2_0", "tq1_0"])
+def test_export_dequantizes_exactly(exact, tmp_path, gguf_type):
+    from safetensors.torch import load_file
+
+    result = export_gguf(exact / "qat", tmp_path / f"m-{gguf_type}.gguf", gguf_type=gguf_type)
+    assert result.exact and result.ternary_tensors == 14 and result.max_abs_error == 0
+    fused = {k: v.float().numpy() for k, v in load_file(exact / "fused" / "model.safetensors").items()}
+    reader = gguf.GGUFReader(str(tmp_path / f"m-{gguf_type}.gguf"))
+    tensors = {t.name: t for t in reader.tensors}
+    q = tensors["blk.1.attn_q.weight"]
+    assert q.tensor_type.name == gguf_type.upper()
+    values = gguf.quants.dequantize(np.asarray(q.data), q.tensor_type).reshape(256, 256)
+    assert np.array_equal(values, permute(fused["model.layers.1.self_attn.q_proj.weight"], 4))
+    down = tensors["blk.0.ffn_down.weight"]
+    values = gguf.quants.dequantize(np.asarray(down.data), down.tensor_type).reshape(256, 512)
+    assert np.array_equal(values, fused["model.layers.0.mlp.down_proj.weight"])
+    assert tensors["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.F16
+    assert tensors["output_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    fields = reader.fields
+    assert int(fields["llama.block_count"].parts[-1][0]) == 2 and int(fields["llama.attention.head_count_kv"].parts[-1][0]) == 2
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
+
+
+def test_packed_and_fused_inputs_export_the_same_blocks(exact, tmp_path):
+    convert_checkpoint(exact / "qat", tmp_path / "packed", fmt="packed")
+    export_gguf(exact / "fused", tmp_path / "a.gguf")
+    export_gguf(tmp_path / "packed", tmp_path / "b.gguf")
+    a, b = gguf.GGUFReader(str(tmp_path / "a.gguf")), gguf.GGUFReader(str(tmp_path / "b.gguf"))
+    for x, y in zip(a.tensors, b.tensors):
+        assert x.name == y.name and np.array_equal(np.asarray(x.data), np.asarray(y.data))
+
+
+def test_inexact_group_size_is_refused_with_the_reason(tmp_path, invoke):
+    qat_model(tmp_path / "g128", group_size=128)
+    result = invoke("convert", "-i", tmp_path / "g128", "-o", tmp_path / "m.gguf", "--format", "gguf")
+    assert result.exit_code == 1
+    assert "more than one scale" in result.stderr and "group size -1 or a multiple of 256" in result.stderr
+    assert not (tmp_path / "m.gguf").exists()
+    lossy = export_gguf(tmp_path / "g128", tmp_path / "m.gguf", allow_lossy=True)
+    assert not lossy.exact and lossy.max_abs_error > 0 and "allow-lossy" in lossy.warnings[-1]
+
+
+def test_byte_level_tokenizer_is_refused(tmp_path):
+    from tests.helpers import build_char_tokenizer
+
+    qat_model(tmp_path / "m", group_size=-1)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "m" / name).unlink()
+    build_char_tokenizer(tmp_path / "m")
+    with pytest.raises(InputError, match="cannot export the tokenizer") as info:
+        export_gguf(tmp_path / "m", tmp_path / "m.gguf")
+    assert "SentencePiece-style" in info.value.hint
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_output_must_be_a_gguf_file(exact, tmp_path):
+    with pytest.raises(InputError, match=".gguf file"):
+        export_gguf(exact / "qat", tmp_path / "m.bin")
+
+
+# ---- the llama.cpp engine -----------------------------------------------------------------------------
+def test_llamacpp_agrees_with_transformers(exact, tmp_path, invoke):
+    pytest.importorskip("llama_cpp", reason="llama.cpp tests need llama-cpp-python (the gguf extra)")
+    assert invoke("convert", "-i", exact / "qat", "-o", tmp_path / "m.gguf", "--format", "gguf").exit_code == 0
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("23 24 25 26\ncontinue: 47 48 49\nhéllo Zebra!\n")
+    llama = invoke("infer", "--engine", "llama.cpp", "-m", tmp_path / "m.gguf", "--prompts", prompts, "-o",
+                   tmp_path / "llama.json", "--max-new-tokens", "12", "--logprobs", "3", "-q")
+    assert llama.exit_code == 0, llama.output
+    hf = invoke("infer", "-m", exact / "fused", "--prompts", prompts, "-o", tmp_path / "hf.json", "--max-new-tokens",
+                "12", "--logprobs", "3", "-q", "--dtype", "float32", "--device", "cpu")
+    assert hf.exit_code == 0, hf.output
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("llama.json", "hf.json"))
+    assert a["runtime"]["engine"] == "llama.cpp" and a["model"]["format"] == "gguf" and a["model"]["dtype"] == "tq2_0"
+    assert [r["prompt_token_ids"] for r in a["results"]] == [r["prompt_token_ids"] for r in b["results"]]
+    assert [r["token_ids"] for r in a["results"]] == [r["token_ids"] for r in b["results"]]
+    compared = invoke("compare", tmp_path / "llama.json", tmp_path / "hf.json")
+    assert compared.exit_code == 0 and "3/3 prompts identical" in compared.output
+
+
+def test_llamacpp_engine_input_errors(exact, tmp_path, invoke):
+    pytest.importorskip("llama_cpp", reason="llama.cpp tests need llama-cpp-python (the gguf extra)")
+    result = invoke("infer", "--engine", "llama.cpp", "-m", exact / "fused", "-p", "1", "-o", tmp_path / "r.json")
+    assert result.exit_code == 2 and "takes a .gguf file" in result.stderr
+    shutil.copy(exact / "fused" / "config.json", tmp_path / "fake.gguf")
+    result = invoke("infer", "--engine", "llama.cpp", "-m", tmp_path / "fake.gguf", "-p", "1", "-o", tmp_path / "r.json")
+    assert result.exit_code == 2 and "cannot load" in result.stderr
+    assert not (tmp_path / "r.json").exists()
