@@ -68,15 +68,20 @@ def block_problem(name: str, weight: np.ndarray) -> str | None:
 
 
 def _write_tokenizer(writer: Any, source: Path, vocab_size: int, notes: list[str]) -> None:
+    """SentencePiece-style (BPE with byte fallback: Llama, BitCPM) as llama.cpp's "llama" tokenizer, byte-level
+    BPE (GPT-2 style) as its "gpt2" tokenizer with the merges."""
     import gguf
-    from gguf.vocab import LlamaHfVocab, SpecialVocab
+    from gguf.vocab import BpeVocab, LlamaHfVocab, SpecialVocab
 
     try:
-        vocab = LlamaHfVocab(source)
-    except (FileNotFoundError, TypeError) as exc:
-        raise InputError(f"cannot export the tokenizer of {source} ({exc})",
-                         hint="GGUF export supports SentencePiece-style tokenizers (tokenizer.json: BPE with "
-                              "byte_fallback, like Llama and BitCPM); byte-level BPE export is not built yet") from None
+        vocab, model, pre, merges = LlamaHfVocab(source), "llama", "default", False
+    except (FileNotFoundError, TypeError):
+        try:
+            vocab, model, pre, merges = BpeVocab(source), "gpt2", "gpt-2", True
+        except (FileNotFoundError, ValueError) as exc:
+            raise InputError(f"cannot export the tokenizer of {source} ({exc})",
+                             hint="GGUF export supports tokenizer.json with a SentencePiece-style BPE (byte "
+                                  "fallback, like Llama and BitCPM) or a byte-level BPE (GPT-2 style)") from None
     tokens, scores, types = [], [], []
     for text, score, kind in vocab.all_tokens():
         tokens.append(text)
@@ -92,16 +97,20 @@ def _write_tokenizer(writer: Any, source: Path, vocab_size: int, notes: list[str
         types.append(gguf.TokenType.UNUSED)
     if padded:
         notes.append(f"{padded} unused embedding rows written as [PAD] tokens")
-    writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_model(model)
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
+    if model == "llama":
+        writer.add_token_scores(scores)
     writer.add_token_types(types)
-    special = SpecialVocab(source, load_merges=False, n_vocab=len(tokens))
+    special = SpecialVocab(source, load_merges=merges, n_vocab=len(tokens))
     # llama.cpp adds BOS / EOS to a prompt exactly when transformers' tokenizer does
-    probe = vocab.tokenizer("0")["input_ids"]
-    special.add_special_token["bos"] = bool(probe) and probe[0] == vocab.tokenizer.bos_token_id
-    special.add_special_token["eos"] = bool(probe) and probe[-1] == vocab.tokenizer.eos_token_id
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(source)
+    probe = hf("0")["input_ids"]
+    special.add_special_token["bos"] = bool(probe) and probe[0] == hf.bos_token_id
+    special.add_special_token["eos"] = bool(probe) and probe[-1] == hf.eos_token_id
     special.add_to_gguf(writer)
 
 

@@ -136,3 +136,28 @@ def test_llamacpp_engine_input_errors(exact, tmp_path, invoke):
     result = invoke("infer", "--engine", "llama.cpp", "-m", tmp_path / "fake.gguf", "-p", "1", "-o", tmp_path / "r.json")
     assert result.exit_code == 2 and "cannot load" in result.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_byte_level_bpe_tokenizer_round_trips_through_llamacpp(tmp_path, invoke):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    qat_model(tmp_path / "m", group_size=-1)
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    corpus = (TOKENIZER.parent / "corpus.txt").read_text().splitlines()[:500] + ["héllo Zebra, how are you?"]
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"],
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                         show_progress=False))
+    hf = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "m" / name).unlink()
+    hf.save_pretrained(tmp_path / "m")
+    export_gguf(tmp_path / "m", tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    assert bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() == "gpt2"
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp tests need llama-cpp-python (the gguf extra)")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, verbose=False)
+    for text in ("23 24 25 26", "héllo Zebra, how are you?", "  spaces  and\nlines"):
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == hf(text)["input_ids"], text
