@@ -28,6 +28,3 @@ def print_error(message: str, hint: str | None = None, problems: list[str] | tup
     if hint:
         err.print(f"[bold]hint:[/] {escape(hint)}", soft_wrap=True)
 
-
-def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
