@@ -35,6 +35,7 @@ def infer(
     from bitcpm_cli.core.errors import InputError
     from bitcpm_cli.core.generate import (
         check_output_path,
+        check_sampling,
         load_for_inference,
         read_prompts,
         run_generation,
@@ -46,6 +47,7 @@ def infer(
                                                                                   "for .gguf files")
     prompts = read_prompts(prompt, prompts_file)
     check_output_path(output)
+    check_sampling(max_new_tokens, temperature, top_p, logprobs, batch_size)  # before any model is loaded
     current = {"id": None}
 
     def show(prompt_id: int, text: str) -> None:

@@ -53,7 +53,7 @@ def flags(**values: Any) -> dict[str, Any]:
 def run_with_progress(run: Callable[[Callable[[dict], None]], Any], show: bool) -> Any:
     """Run a training job with a live line: step, loss, lr, tokens/s, ETA (main process only)."""
     with Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[status]}"),
-                  TimeRemainingColumn(), console=err, disable=not show) as bar:
+                  TimeRemainingColumn(), console=err, disable=not show or not err.is_terminal) as bar:
         task = bar.add_task("train", total=None, status="starting")
 
         def on_event(event: dict) -> None:

@@ -208,6 +208,12 @@ def _encode(tokenizer, prompt: Prompt, chat: bool) -> list[int]:
     return tokenizer(prompt.text)["input_ids"]
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, logprobs: int, batch_size: int = 1) -> None:
+    if max_new_tokens < 1 or batch_size < 1 or logprobs < 0 or temperature < 0 or not 0 < top_p <= 1:
+        raise InputError("invalid sampling settings: need --max-new-tokens >= 1, --batch-size >= 1, --logprobs >= 0, "
+                         "--temperature >= 0 and 0 < --top-p <= 1", hint="fix the flag values")
+
+
 def run_generation(loaded: LoadedModel, prompts: list[Prompt], *, max_new_tokens: int = 128,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 42, chat: bool = False,
                    logprobs: int = 0, batch_size: int = 1, on_text: TextCallback | None = None) -> dict[str, Any]:
@@ -217,9 +223,7 @@ def run_generation(loaded: LoadedModel, prompts: list[Prompt], *, max_new_tokens
 
     from bitcpm_cli.core.chat import end_of_turn_ids, ensure_chat_template
 
-    if max_new_tokens < 1 or batch_size < 1 or logprobs < 0 or temperature < 0 or not 0 < top_p <= 1:
-        raise InputError("invalid sampling settings: need --max-new-tokens >= 1, --batch-size >= 1, --logprobs >= 0, "
-                         "--temperature >= 0 and 0 < --top-p <= 1", hint="fix the flag values")
+    check_sampling(max_new_tokens, temperature, top_p, logprobs, batch_size)
     tokenizer, model = loaded.tokenizer, loaded.model
     notes = list(loaded.notes)
     if chat and ensure_chat_template(tokenizer):

@@ -13,7 +13,7 @@ import numpy as np
 from bitcpm_cli.core.chat import END_OF_TURN_TOKENS
 from bitcpm_cli.core.device import package_version
 from bitcpm_cli.core.errors import InputError
-from bitcpm_cli.core.generate import RESULTS_SCHEMA, Prompt, TextCallback
+from bitcpm_cli.core.generate import RESULTS_SCHEMA, Prompt, TextCallback, check_sampling
 
 
 def _load(path: Path, seed: int):
@@ -60,6 +60,7 @@ def run_llamacpp(model: str | Path, prompts: list[Prompt], *, max_new_tokens: in
     from bitcpm_cli.core.gguf_export import file_fingerprint
 
     path = Path(model)
+    check_sampling(max_new_tokens, temperature, top_p, logprobs)
     if temperature != 0 or top_p != 1:
         raise InputError("the llama.cpp engine decodes greedily only", hint="use --temperature 0 --top-p 1")
     if device not in ("auto", "cpu"):

@@ -48,6 +48,8 @@ def run_quickstart(output_dir: str | Path, on_stage: StageFn | None = None) -> Q
     if not (ASSETS / "model.yaml").is_file():
         raise InputError(f"the quickstart assets are missing ({ASSETS})",
                          hint="run from a clone of the bitcpm repository installed with `pip install -e .`")
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output-dir is a file ({output})", hint="pass a new or empty folder")
     if output.exists() and any(output.iterdir()):
         raise InputError(f"{output} is not empty", hint="remove it or pass another --output-dir")
     output.mkdir(parents=True, exist_ok=True)

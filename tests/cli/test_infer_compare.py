@@ -59,6 +59,12 @@ def test_infer_missing_npu_exit_2_no_results(invoke, model, tmp_path, fake_npu, 
     assert not (tmp_path / "r.json").exists()
 
 
+def test_infer_bad_sampling_is_refused_before_loading(invoke, model, tmp_path):
+    result = invoke("infer", "-m", model, "-p", "Hi", "-o", tmp_path / "r.json", "--max-new-tokens", "0")
+    assert result.exit_code == 2 and result.stderr.startswith("error: invalid sampling settings")
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_infer_missing_model_exit_2(invoke, tmp_path):
     result = invoke("infer", "-m", tmp_path / "nope", "-p", "Hi", "-o", tmp_path / "r.json")
     assert result.exit_code == 2 and result.stderr.startswith("error: model folder not found")

@@ -32,6 +32,13 @@ def test_quickstart_refuses_a_non_empty_folder(invoke, tmp_path):
     assert [p.name for p in (tmp_path / "qs").iterdir()] == ["keep.txt"]
 
 
+def test_quickstart_refuses_a_file_as_output(invoke, tmp_path):
+    (tmp_path / "x.json").write_text("{}")
+    result = invoke("quickstart", "--output-dir", tmp_path / "x.json")
+    assert result.exit_code == 2 and "is a file" in result.stderr and "Traceback" not in result.output
+    assert (tmp_path / "x.json").read_text() == "{}"
+
+
 def test_help(invoke):
     result = invoke("quickstart", "--help")
     assert result.exit_code == 0 and "--output-dir" in result.output
