@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bitcpm_cli.cli import training as opt
+from bitcpm_cli.core.device import is_main_process
 from bitcpm_cli.cli.output import out
 
 
@@ -68,8 +69,8 @@ def sft(
         _preview(resolve_config(SftConfig, config, given, overrides), preview)
         return
     settings = resolve_config(SftConfig, config, given, overrides)
-    result = opt.run_with_progress(lambda on_event: fine_tune(settings, on_event=on_event), opt.is_main_process())
-    if opt.is_main_process():
+    result = opt.run_with_progress(lambda on_event: fine_tune(settings, on_event=on_event), is_main_process())
+    if is_main_process():
         _data_summary(result.data_summary)
         opt.render_result(result, "fine-tuning finished")
 

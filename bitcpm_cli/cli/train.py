@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from bitcpm_cli.cli import training as opt
+from bitcpm_cli.core.device import is_main_process
 
 
 def train(
@@ -47,6 +48,6 @@ def train(
         block_size=block_size, save_steps=save_steps, logging_steps=logging_steps, seed=seed, device=device,
         bf16=bf16, deepspeed=deepspeed, resume=resume, teacher=teacher, trust_remote_code=trust_remote_code,
     ), overrides)
-    result = opt.run_with_progress(lambda on_event: run_training(settings, on_event=on_event), opt.is_main_process())
-    if opt.is_main_process():
+    result = opt.run_with_progress(lambda on_event: run_training(settings, on_event=on_event), is_main_process())
+    if is_main_process():
         opt.render_result(result, "training finished")

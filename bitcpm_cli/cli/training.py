@@ -84,10 +84,3 @@ def render_result(result: Any, title: str) -> None:
     out.print(f"[{LEVEL_STYLE['ok']}]done[/]: convert with `bitcpm convert --input {escape(result.final_dir)} "
               "--output FUSED`", soft_wrap=True)
 
-
-def is_main_process() -> bool:
-    import os
-
-    return int(os.environ.get("RANK", "0")) == 0
-
-

@@ -333,20 +333,33 @@ def tensor_order(files: WeightFiles, specs: dict[str, TensorSpec]) -> list[str]:
     return order
 
 
-def read_tensor(files: WeightFiles, specs: dict[str, TensorSpec], name: str):
-    """One tensor by name, without reading the others."""
-    import torch
+class TensorReader:
+    """Tensors by name, without reading the others; each file is opened once (a safetensors handle, or one
+    memory-mapped, weights_only load of a .bin), however many tensors are asked for."""
 
-    path = next(f for f in files.files if f.name == specs[name].file)
-    if files.format == "safetensors":
-        from safetensors import safe_open
+    def __init__(self, files: WeightFiles, specs: dict[str, TensorSpec]):
+        self.files, self.specs = files, specs
+        self._open: dict[str, Any] = {}
 
-        with safe_open(str(path), framework="pt") as handle:
-            return handle.get_tensor(name).clone()
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    if isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    return state[name].clone()
+    def _handle(self, file: str) -> Any:
+        if file not in self._open:
+            path = next(f for f in self.files.files if f.name == file)
+            if self.files.format == "safetensors":
+                from safetensors import safe_open
+
+                self._open[file] = safe_open(str(path), framework="pt")
+            else:
+                import torch
+
+                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+                self._open[file] = state["state_dict"] if isinstance(state.get("state_dict"), dict) else state
+        return self._open[file]
+
+    def __getitem__(self, name: str):
+        handle = self._handle(self.specs[name].file)
+        if self.files.format == "safetensors":
+            return handle.get_tensor(name)  # a copy, not a view of the file
+        return handle[name].clone()  # detach from the memory map
 
 
 def fingerprint(files: WeightFiles) -> str:

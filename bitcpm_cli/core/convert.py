@@ -23,12 +23,12 @@ import torch
 from bitcpm_cli import __version__
 from bitcpm_cli.core.checkpoint import (
     SafetensorsStreamWriter,
+    TensorReader,
     TensorSpec,
     WeightFiles,
     atomic_write,
     iter_tensors,
     read_config,
-    read_tensor,
     read_tensor_specs,
     safetensors_metadata,
     tensor_order,
@@ -435,7 +435,7 @@ def convert_checkpoint(
         if not single:
             _write_folder_files(source, staging, config, result, fmt, scheme, targets, mode)
         if verify:
-            result.verify = _verify(files, specs, staging, single, result, targets, mode, packed_shapes, progress)
+            result.verify = _verify(files, specs, staging, result, targets, mode, packed_shapes, progress)
             if not result.verify.ok:
                 bad = result.verify.mismatches + result.verify.not_ternary
                 raise CheckFailed(f"verification failed: {len(bad)} tensor(s) differ from the reference "
@@ -466,7 +466,7 @@ def _plan_dense(files: WeightFiles, specs: dict[str, TensorSpec], scheme: QuantS
     if not probe_targets:
         return "quantize", "float", {}
     first = next(n for n in tensor_order(files, specs) if n in probe_targets)
-    sample = read_tensor(files, specs, first)
+    sample = TensorReader(files, specs)[first]
     candidates = ([scheme.group_size] if scheme else []) + [g for g in FUSED_GROUP_CANDIDATES]
     fused_at = next((g for g in candidates if fused_scales(sample, g) is not None), None)
     if fused_at is not None:
@@ -535,11 +535,10 @@ def _reference(name: str, tensor: torch.Tensor, targets: dict[str, LayerQuant], 
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def _verify(files: WeightFiles, specs: dict[str, TensorSpec], staging: Path, single: str | None,
-            result: ConvertResult, targets: dict[str, LayerQuant], mode: str, packed_shapes: dict[str, list[int]],
+def _verify(files: WeightFiles, specs: dict[str, TensorSpec], staging: Path, result: ConvertResult, targets: dict[str, LayerQuant], mode: str, packed_shapes: dict[str, list[int]],
             progress: ProgressFn | None) -> VerifyReport:
     """Reload the written output and compare every tensor with a reference recomputed from the input."""
-    out_files, out_specs = read_tensor_specs(staging)
+    written_tensors = TensorReader(*read_tensor_specs(staging))
     dtype = getattr(torch, result.dtype)
     report = VerifyReport()
     pending: dict[str, dict[str, torch.Tensor]] = {}
@@ -557,11 +556,10 @@ def _verify(files: WeightFiles, specs: dict[str, TensorSpec], staging: Path, sin
         reference = _reference(name, tensor, targets, mode, dtype)
         base = name.removesuffix(".weight")
         if result.format == "packed" and name in targets:
-            written = unpack_weight(read_tensor(out_files, out_specs, base + PACKED_SUFFIX),
-                                    read_tensor(out_files, out_specs, base + SCALE_SUFFIX),
+            written = unpack_weight(written_tensors[base + PACKED_SUFFIX], written_tensors[base + SCALE_SUFFIX],
                                     specs[name].shape, dtype)
         else:
-            written = read_tensor(out_files, out_specs, name)
+            written = written_tensors[name]
         report.tensors_checked += 1
         if not torch.equal(written, reference):
             report.mismatches.append(name)

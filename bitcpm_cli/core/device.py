@@ -154,18 +154,23 @@ def _parse_request(requested: str) -> tuple[str, int | None]:
     return kind, int(index) if index else None
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / DeepSpeed job, or a single process: the one that writes reports and final outputs."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0") or 0)
 
 
-def resolve_device(requested: str = "auto"):
+def resolve_device(requested: str = "auto", npu: NpuProbe | None = None):
     """A torch.device for `requested`; auto picks npu > cuda > mps > cpu. Missing explicit devices raise."""
     torch = import_torch()
     kind, index = _parse_request(requested)
     if kind == "cpu":
         return torch.device("cpu")
     if kind in ("auto", "npu"):
-        npu = probe_npu()
+        npu = npu or probe_npu()
         if npu.usable:
             chosen = _local_rank() if index is None else index
             if chosen >= npu.count:
@@ -297,7 +302,7 @@ def collect_environment(requested: str = "auto") -> dict[str, Any]:
                                    "but torch sees no GPU", "check the value against `nvidia-smi -L`"))
     report["devices"] = list_devices(npu)
     try:
-        device = resolve_device(requested)
+        device = resolve_device(requested, npu)
         report["selected"] = str(device)
         report["distributed_backend"] = distributed_backend(device)
     except DeviceError as exc:

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, Trainin
 from bitcpm_cli.core.checkpoint import dtype_kwarg, load_tokenizer
 from bitcpm_cli.core.config_check import require_consistent_config
 from bitcpm_cli.core.data import PackedBlocks, check_data_files, first_block
-from bitcpm_cli.core.device import distributed_backend, resolve_device
+from bitcpm_cli.core.device import distributed_backend, is_main_process, resolve_device
 from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError
 from bitcpm_cli.core.quant import QuantScheme, load_scheme_file, prepare, qat_layers
 from bitcpm_cli.core.recipe import TrainConfig, save_config
@@ -69,10 +69,6 @@ def latest_complete_checkpoint(output_dir: Path) -> Path | None:
     """The newest checkpoint that was written to the end (our marker is written after the Trainer's save)."""
     complete = [p for p in checkpoints(output_dir) if (p / COMPLETE_MARKER).is_file()]
     return complete[-1] if complete else None
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def resolve_scheme(config: TrainConfig, recorded: QuantScheme | None, notes: list[str]) -> QuantScheme | None:
@@ -158,7 +154,7 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
                          model=model, args=args, train_dataset=plan.dataset, data_collator=plan.collator,
                          callbacks=[MetricsCallback(metrics), CompletionMarker()] + list(callbacks))
     trainer.remove_callback(PrinterCallback)
-    if _is_main_process():
+    if is_main_process():
         output.mkdir(parents=True, exist_ok=True)
         save_config(config, output / CONFIG_FILE)
         if plan.summary:
@@ -172,7 +168,7 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
         exc.message += f"; the last good checkpoint is kept: {kept}" if kept else "; no checkpoint was saved before"
         raise
     final = output / "final"
-    if _is_main_process():
+    if is_main_process():
         staging = output / f".final.tmp-{os.getpid()}"
         trainer.save_model(str(staging))
         tokenizer.save_pretrained(staging)
