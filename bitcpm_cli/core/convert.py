@@ -26,7 +26,6 @@ from bitcpm_cli.core.checkpoint import (
     TensorReader,
     TensorSpec,
     WeightFiles,
-    atomic_write,
     iter_tensors,
     read_config,
     read_tensor_specs,

@@ -2,7 +2,7 @@ import subprocess
 import sys
 
 from bitcpm_cli import __version__
-from bitcpm_cli.cli.app import app, exit_code_for
+from bitcpm_cli.cli.app import exit_code_for
 from bitcpm_cli.core.errors import BitcpmError, CheckFailed, ConfigError, DeviceError
 
 

@@ -26,7 +26,7 @@ def check_groupable(shape: tuple[int, ...] | torch.Size, group_size: int, name: 
         divisors = [g for g in (32, 64, 128, 256) if shape[1] % g == 0]
         raise QuantError(
             f"{name}: group_size {group_size} does not divide in_features {shape[1]}",
-            hint=f"use group_size -1 (per row), 0 (per tensor)"
+            hint="use group_size -1 (per row), 0 (per tensor)"
                  + (f" or one of {divisors}" if divisors else "")
                  + ", or a per-layer override for this module",
         )
