@@ -126,7 +126,7 @@ def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn) -> None
             exported = export_gguf(sft / "final", output / "model-tq2_0.gguf")
             result.sizes["GGUF TQ2_0 (whole file)"] = exported.bytes_out
             result.notes.append(f"GGUF TQ2_0: {exported.ternary_tensors} ternary tensors, read back exactly")
-        return f"fused {result.sizes['fused (bf16)'] / 2**20:.1f} MiB, packed {result.sizes['packed (2-bit codes + scales)'] / 2**20:.1f} MiB"
+        return ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in result.sizes.items())
 
     def generate(folder: Path, pairs: list[tuple[str, str]], chat: bool, name: str) -> list[dict[str, Any]]:
         loaded = load_for_inference(folder, device="cpu", dtype="bfloat16")
@@ -171,7 +171,7 @@ def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn) -> None
     _stage(result, on_stage, "build tiny model", build)
     _stage(result, on_stage, "train (ternary QAT)", pretraining)
     _stage(result, on_stage, "sft (chat)", fine_tuning)
-    _stage(result, on_stage, "convert (fused, packed, gguf)", conversions)
+    _stage(result, on_stage, "convert", conversions)
     _stage(result, on_stage, "infer (QAT and fused)", inference)
     _stage(result, on_stage, "compare", comparison)
     plot_losses(pretrain / METRICS_FILE, output / "loss.png",
