@@ -13,8 +13,9 @@ from bitcpm_cli.cli import compare, convert, env, fix_config, infer, quickstart,
 from bitcpm_cli.cli.output import print_error
 from bitcpm_cli.core.errors import BitcpmError, CheckFailed
 
-# DESIGN.md section 2: 0 done / check passed, 1 check found a problem, 2 could not run.
+# 0 done / check passed, 1 check found a problem, 2 could not run (bad input), 3 internal error (a bug).
 EXIT_CODES: dict[type[BaseException], int] = {CheckFailed: 1, BitcpmError: 2}
+INTERNAL_ERROR_EXIT = 3
 DEBUG_KEY = "bitcpm.debug"
 
 
@@ -22,15 +23,32 @@ def exit_code_for(exc: BaseException) -> int:
     return next(code for cls in type(exc).__mro__ if (code := EXIT_CODES.get(cls)) is not None)
 
 
+def _is_cli_flow(exc: BaseException) -> bool:
+    """typer / click control flow (Exit, Abort, usage errors), whichever click the installed typer uses."""
+    return isinstance(exc, (typer.Exit, typer.Abort)) or type(exc).__module__.split(".")[0] in ("click", "typer")
+
+
 class _BitcpmGroup(TyperGroup):
     def invoke(self, ctx: typer.Context):
+        debug = lambda: ctx.meta.get(DEBUG_KEY) or os.environ.get("BITCPM_DEBUG") == "1"  # noqa: E731
         try:
             return super().invoke(ctx)
         except BitcpmError as exc:
-            if ctx.meta.get(DEBUG_KEY) or os.environ.get("BITCPM_DEBUG") == "1":
+            if debug():
                 traceback.print_exc()
             print_error(exc.message, exc.hint, exc.problems)
             raise typer.Exit(exit_code_for(exc)) from None
+        except Exception as exc:  # a bug: one line, exit 3, the traceback only when asked for
+            if _is_cli_flow(exc):
+                raise  # usage errors (exit 2), --help and explicit exits keep typer's handling
+            if debug():
+                traceback.print_exc()
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            print_error(f"internal error: {type(exc).__name__}: {first}" if first else
+                        f"internal error: {type(exc).__name__}",
+                        "this is a bug in bitcpm; rerun with --debug (or BITCPM_DEBUG=1) for the traceback and "
+                        "report it")
+            raise typer.Exit(INTERNAL_ERROR_EXIT) from None
 
 
 app = typer.Typer(

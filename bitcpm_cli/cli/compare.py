@@ -25,37 +25,30 @@ def compare(
                                                                "is a near tie."),
     allow_near_ties: bool = typer.Option(False, "--allow-near-ties", help="Count near-tie flips as matches."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="Model or tokenizer folder to decode tokens."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the tokenizer folder's own "
+                                           "Python code."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing report file."),
 ) -> None:
     """Compare token ids prompt by prompt; exit 0 when all match, 1 otherwise.
 
     Accepts `bitcpm infer` results and bare lists of objects with `token_ids`.
     """
+    from bitcpm_cli.core.checkpoint import load_tokenizer
     from bitcpm_cli.core.compare import compare_results
     from bitcpm_cli.core.generate import check_output_path, write_json
 
+    inputs = [a, b, tokenizer]
     if json_out is not None:
-        check_output_path(json_out)
-    decoder = _tokenizer(tokenizer) if tokenizer is not None else None
+        check_output_path(json_out, inputs, overwrite, what="--json")
+    decoder = load_tokenizer(tokenizer, trust_remote_code) if tokenizer is not None else None
     report = compare_results(a, b, max_tokens=max_tokens, tie_margin=tie_margin, allow_near_ties=allow_near_ties,
                              tokenizer=decoder)
     _render(report)
     if json_out is not None:
-        write_json(report.to_dict(), json_out)
+        write_json(report.to_dict(), json_out, inputs, overwrite, what="--json")
         out.print(f"wrote {escape(str(json_out))}")
     if not report.ok:
         raise typer.Exit(1)
-
-
-def _tokenizer(path: Path):
-    from bitcpm_cli.core.errors import InputError
-
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot load a tokenizer from {path} ({str(exc).splitlines()[0][:120]})",
-                         hint="pass the model folder the results came from") from None
 
 
 def _token(token: int | None, text: str | None) -> str:

@@ -25,6 +25,7 @@ def fix_config(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the fixed config to this file instead."),
     head_dim: Optional[int] = typer.Option(None, "--head-dim", help="Head dimension, when the weights leave it ambiguous."),
     json_output: bool = typer.Option(False, "--json", help="Print a machine-readable report on stdout."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
 ) -> None:
     """Check config.json against the weight shapes (headers only); exit 1 when they disagree.
 
@@ -38,7 +39,7 @@ def fix_config(
         raise InputError("--write and --output both given", hint="--write repairs in place; --output writes elsewhere")
     report = check_config(model, head_dim=head_dim)
     if write or output is not None:
-        write_fixed_config(report, output)
+        write_fixed_config(report, output, overwrite)
     if json_output:
         print_json(report.to_dict())
     else:

@@ -30,6 +30,9 @@ def infer(
     engine: str = typer.Option("hf", "--engine", help="hf (transformers) or llama.cpp (a .gguf file, the gguf extra)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model folder's own Python code."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream the generated text."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
+    truncate_prompt: bool = typer.Option(False, "--truncate-prompt", help="Keep the last tokens of a prompt longer "
+                                         "than the model's context allows (default: refuse it)."),
 ) -> None:
     """Generate for each prompt (greedy by default) and write token ids, text, timing and the runtime to JSON."""
     from bitcpm_cli.core.errors import InputError
@@ -46,8 +49,9 @@ def infer(
         raise InputError(f"--engine {engine!r} is not one of hf, llama.cpp", hint="hf for model folders, llama.cpp "
                                                                                   "for .gguf files")
     prompts = read_prompts(prompt, prompts_file)
-    check_output_path(output)
-    check_sampling(max_new_tokens, temperature, top_p, logprobs, batch_size)  # before any model is loaded
+    inputs = [model, prompts_file]
+    check_output_path(output, inputs, overwrite)
+    check_sampling(max_new_tokens, temperature, top_p, logprobs, batch_size, seed)  # before any model is loaded
     current = {"id": None}
 
     def show(prompt_id: int, text: str) -> None:
@@ -57,7 +61,7 @@ def infer(
         out.print(text, end="", markup=False, highlight=False, soft_wrap=True)
 
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat,
-                    logprobs=logprobs, on_text=None if quiet else show)
+                    logprobs=logprobs, on_text=None if quiet else show, truncate_prompt=truncate_prompt)
     if engine == "llama.cpp":
         from bitcpm_cli.core.llamacpp import run_llamacpp
 
@@ -68,7 +72,7 @@ def infer(
         document = run_generation(loaded, prompts, batch_size=batch_size, **settings)
     if not quiet:
         out.print()
-    write_json(document, output)
+    write_json(document, output, inputs, overwrite)
     _summary(document, output)
 
 

@@ -45,4 +45,6 @@ def load_template(template: str | None) -> str | None:
     if not path.is_file():
         raise InputError(f"--template {template!r} is neither auto, chatml nor a file",
                          hint="pass auto, chatml, or the path of a Jinja chat template")
-    return path.read_text(encoding="utf-8")
+    from bitcpm_cli.core.readers import read_text_file
+
+    return read_text_file(path, "chat template")

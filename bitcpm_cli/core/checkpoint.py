@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bitcpm_cli.core.errors import ConfigError, InputError
+from bitcpm_cli.core.readers import check_safetensors_header, parse_json, read_json_file
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -82,28 +83,40 @@ def _shards_from_index(index: Path) -> tuple[Path, ...]:
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise InputError(f"weight index has no 'weight_map' ({index})", hint="regenerate the index with save_pretrained")
-    shards = sorted(set(weight_map.values()))
-    missing = [s for s in shards if not (index.parent / s).is_file()]
+    folder = index.parent.resolve()
+    shards: dict[str, Path] = {}
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise InputError(f"weight index entry {tensor[:80]!r} is not a file name ({index}): {str(shard)[:80]}",
+                             hint="each weight_map value must name a shard file in the model folder")
+        if shard not in shards:
+            shards[shard] = _confined_shard(folder, tensor, shard, index)
+    missing = [s for s, path in sorted(shards.items()) if not path.is_file()]
     if missing:
         raise InputError(
             f"weight index names {len(missing)} missing shard(s) ({index}): {', '.join(missing)}",
             hint="download or copy the missing shard files next to the index",
         )
-    return tuple(index.parent / s for s in shards)
+    return tuple(index.parent / s for s in sorted(shards))
+
+
+def _confined_shard(folder: Path, tensor: str, shard: str, index: Path) -> Path:
+    """A shard named by an index: a plain file name inside the model folder, also after resolving symlinks."""
+    hint = "each weight_map value must name a shard file inside the model folder (no '..', no absolute path)"
+    pure = Path(shard)
+    if not shard or pure.is_absolute() or ".." in pure.parts or "\\" in shard or "\0" in shard:
+        raise InputError(f"weight index entry {tensor[:80]!r} points outside the model folder: {shard!r} ({index})",
+                         hint=hint)
+    target = (folder / pure).resolve()
+    if folder not in target.parents:
+        raise InputError(f"weight index entry {tensor[:80]!r} leads outside the model folder through a symlink: "
+                         f"{shard!r} -> {target} ({index})", hint=hint)
+    return folder / pure
 
 
 def read_json(path: Path, what: str) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{what} not found ({path})", hint="check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {what} ({path}): {exc}", hint="check the file's permissions") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{what} is not valid JSON ({path}, line {exc.lineno} column {exc.colno}): {exc.msg}",
-                          hint="fix the JSON syntax at that position") from None
+    """A JSON file through the careful reader (size, depth and integer limits; errors name file and line)."""
+    return read_json_file(path, what, 64 * 2**20, error=ConfigError)
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:
@@ -130,31 +143,10 @@ def read_safetensors_header(path: Path) -> dict[str, TensorSpec]:
             raw = handle.read(header_len)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror or exc}", hint="check the file's permissions") from None
-    try:
-        header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError(f"safetensors header is not valid JSON ({path})", hint=hint) from None
-    if not isinstance(header, dict):
-        raise InputError(f"safetensors header is not a JSON object ({path})", hint=hint)
-    specs: dict[str, TensorSpec] = {}
-    data_end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise InputError(f"safetensors header entry {name!r} is malformed ({path})", hint=hint) from None
-        if end < begin:
-            raise InputError(f"safetensors header entry {name!r} has invalid offsets ({path})", hint=hint)
-        data_end = max(data_end, end)
-        specs[name] = TensorSpec(shape, dtype, path.name)
-    if 8 + header_len + data_end > size:
-        raise InputError(f"safetensors file is truncated: the header needs {8 + header_len + data_end} bytes, "
-                         f"the file has {size} ({path})", hint=hint)
-    return specs
+    header = parse_json(raw, str(path), "safetensors header")
+    entries = check_safetensors_header(header, size - 8 - header_len, path)
+    return {name: TensorSpec(tuple(e["shape"]), SAFETENSORS_DTYPES[e["dtype"]], path.name)
+            for name, e in entries.items()}
 
 
 def read_bin_specs(path: Path) -> dict[str, TensorSpec]:
@@ -212,12 +204,49 @@ def dtype_kwarg() -> str:
     return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
+REMOTE_CODE_HINT = ("bitcpm never runs a model folder's own Python code unless asked: read its .py files, and pass "
+                    "--trust-remote-code only if you trust them")
+
+
+def _asks_for_code(path: Path) -> str | None:
+    for name in ("config.json", "tokenizer_config.json"):
+        file = path / name
+        if file.is_file():
+            data = read_json(file, name)
+            if isinstance(data, dict) and data.get("auto_map"):
+                return f"{file} maps classes to the folder's own code (auto_map)"
+    return None
+
+
+def refuse_remote_code(path: str | Path) -> None:
+    """For readers that never run remote code (and libraries that might prompt for it): refuse such a folder."""
+    reason = _asks_for_code(Path(path)) if Path(path).is_dir() else None
+    if reason:
+        raise InputError(f"refusing to load {path}: {reason}", hint=REMOTE_CODE_HINT)
+
+
+@contextmanager
+def hf_loading(path: str | Path) -> Iterator[None]:
+    """Around a transformers load with trust_remote_code=False: a folder that needs its own code is exit 2."""
+    try:
+        yield
+    except ValueError as exc:
+        text = str(exc)
+        if "custom code" in text or "trust_remote_code" in text:
+            reason = _asks_for_code(Path(path)) or "it needs its own Python code"
+            raise InputError(f"refusing to load {path}: {reason}", hint=REMOTE_CODE_HINT) from None
+        raise
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False, padding_side: str = "right"):
     """The model folder's tokenizer (local files only), with a pad token."""
     from transformers import AutoTokenizer
 
+    if not Path(path).is_dir():
+        raise InputError(f"tokenizer folder not found ({path})", hint="pass the model or tokenizer folder")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with hf_loading(path):
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:
         raise InputError(f"no usable tokenizer in {path} ({str(exc).splitlines()[0][:160]})",
                          hint="copy the tokenizer files (tokenizer.json / tokenizer.model, tokenizer_config.json) "
@@ -252,7 +281,7 @@ def _safetensors_layout(path: Path) -> tuple[int, dict[str, Any], dict[str, str]
     """(data start, {name: header entry}, metadata), after read_safetensors_header validated the file."""
     with path.open("rb") as handle:
         (header_len,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_len))
+        header = parse_json(handle.read(header_len), str(path), "safetensors header")
     metadata = header.pop("__metadata__", None) or {}
     return 8 + header_len, header, metadata
 

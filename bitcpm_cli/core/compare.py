@@ -8,12 +8,12 @@ divergent step tells the two apart.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bitcpm_cli.core.errors import InputError
+from bitcpm_cli.core.readers import read_results
 
 REPORT_SCHEMA = "bitcpm.compare/1"
 DEFAULT_TIE_MARGIN = 0.1  # nats between the top-1 and top-2 logprob
@@ -78,30 +78,9 @@ class CompareReport:
 def load_results(path: str | Path) -> ResultsFile:
     """A bitcpm results file, or a bare list of objects with `token_ids` (the adaptation report's format)."""
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"results file not found ({path})", hint="pass the JSON written by `bitcpm infer`") from None
-    except OSError as exc:
-        raise InputError(f"cannot read {path}: {exc.strerror or exc}", hint="check the path") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"not a JSON file ({path}): {exc}", hint="pass the JSON written by `bitcpm infer`") from None
-    if isinstance(data, dict) and isinstance(data.get("results"), list):
-        meta, items = {k: v for k, v in data.items() if k != "results"}, data["results"]
-    elif isinstance(data, list):
-        meta, items = {}, data
-    else:
-        raise InputError(f"{path} holds neither a results document nor a list of results",
-                         hint='expected {"schema": "bitcpm.results/1", "results": [...]} or [{"token_ids": [...]}]')
-    entries = []
-    for index, item in enumerate(items):
-        ids = item.get("token_ids") if isinstance(item, dict) else None
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            raise InputError(f"{path}: result {index} has no token_ids list of integers",
-                             hint="each result needs \"token_ids\": [int, ...]")
-        entries.append(Entry(item.get("id", index), item.get("prompt"), ids, item.get("top_logprobs")))
-    if not entries:
-        raise InputError(f"{path} holds no results", hint="run `bitcpm infer` with at least one prompt")
+    meta, items = read_results(path)
+    entries = [Entry(item.get("id", index), item.get("prompt"), item["token_ids"], item.get("top_logprobs"))
+               for index, item in enumerate(items)]
     return ResultsFile(str(path), meta, entries)
 
 

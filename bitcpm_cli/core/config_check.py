@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bitcpm_cli.core.checkpoint import TensorSpec, atomic_write, read_config, read_tensor_specs
+from bitcpm_cli.core.checkpoint import TensorSpec, read_config, read_tensor_specs
 from bitcpm_cli.core.errors import ConfigError, InputError
+from bitcpm_cli.core.outputs import OutputGuard, write_text_output
 
 REPORT_SCHEMA = "bitcpm.fix-config/1"
 LAYER_RE = re.compile(r"^(?P<prefix>.*?)layers\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -112,9 +113,13 @@ def _factor_lengths(config: dict[str, Any]) -> list[tuple[str, int]]:
     lengths = []
     for key, block in _rope_blocks(config):
         for name in ("long_factor", "short_factor"):
-            if isinstance(block.get(name), list):
+            if isinstance(block.get(name), list) and all(_number(v) for v in block[name]):
                 lengths.append((f"{key}.{name}", len(block[name])))
     return lengths
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _positive_int(value: Any) -> bool:
@@ -272,7 +277,18 @@ def _compare(config: dict[str, Any], derived: dict[str, Any]) -> list[FieldCheck
             checks.append(FieldCheck(dtype_key, None, derived["dtype"], "ok", "not set (loaders default to float32)",
                                      present=False))
 
-    rotary = round(hd * (config.get("partial_rotary_factor") or 1.0))
+    factor = config.get("partial_rotary_factor") or 1.0
+    if not (_number(factor) and 0 < factor <= 1):
+        checks.append(FieldCheck("partial_rotary_factor", factor, "a number within (0, 1]", "unfixable",
+                                 "the fraction of head_dim that is rotated; take it from the model's release"))
+        factor = 1.0
+    rotary = round(hd * factor)
+    for key, block in _rope_blocks(config):
+        for name in ("long_factor", "short_factor"):
+            value = block.get(name)
+            if value is not None and not (isinstance(value, list) and all(_number(v) for v in value)):
+                checks.append(FieldCheck(f"{key}.{name}", value, "a list of numbers", "unfixable",
+                                         "RoPE factors are a list of numbers; take the list from the model's release"))
     for key, length in _factor_lengths(config):
         ok = length == rotary // 2
         checks.append(FieldCheck(
@@ -323,26 +339,31 @@ def _free_backup_path(config_path: Path) -> Path:
     return backup
 
 
-def write_fixed_config(report: ConfigReport, output: str | Path | None = None) -> ConfigReport:
-    """Write the repaired config: in place (keeping a byte-identical backup) or to `output`."""
+def write_fixed_config(report: ConfigReport, output: str | Path | None = None, overwrite: bool = False) -> ConfigReport:
+    """Write the repaired config: in place (keeping a byte-identical backup) or to `output`, through the output
+    guard (never into the model folder or over an existing file without `overwrite`)."""
     config_path = Path(report.config_path)
     if output is not None:
-        output = Path(output)
-        if output.exists() and output.resolve() == config_path.resolve():
+        if Path(output).exists() and Path(output).resolve() == config_path.resolve():
             raise InputError(f"--output is the model's own config.json ({output})",
                              hint="use --write to repair it in place (a backup is kept), or choose another path")
-        if not output.parent.is_dir():
-            raise InputError(f"the folder of --output does not exist ({output.parent})", hint="create it first")
-        with atomic_write(output) as handle:
-            handle.write(_dump(report.fixed_config))
+        write_text_output(_dump(report.fixed_config), output, [report.model], overwrite=overwrite)
         report.written = str(output)
         return report
     if not report.to_fix:
         return report
+    weights = [Path(report.model) / name for name in report.weight_files]
+    guard = OutputGuard(config_path, weights, overwrite=True, kind="file", what="config.json")
+    staging = guard.claim()
     backup = _free_backup_path(config_path)
-    shutil.copy2(config_path, backup)
-    with atomic_write(config_path) as handle:
-        handle.write(_dump(report.fixed_config))
+    try:
+        shutil.copy2(config_path, backup)
+        staging.write_text(_dump(report.fixed_config), encoding="utf-8")
+        guard.commit()
+    except BaseException as exc:
+        backup.unlink(missing_ok=True)
+        guard.abort(exc)
+        raise
     report.written, report.backup = str(config_path), str(backup)
     return report
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -34,6 +33,8 @@ from bitcpm_cli.core.checkpoint import (
 )
 from bitcpm_cli.core.config_check import require_consistent_config
 from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError, QuantError
+from bitcpm_cli.core.outputs import OutputGuard
+from bitcpm_cli.core.readers import parse_json
 from bitcpm_cli.core.quant import (
     LayerQuant,
     QuantScheme,
@@ -120,21 +121,6 @@ class ConvertResult:
 
 
 # ---- options and paths ----------------------------------------------------------------------------
-def _check_paths(source: Path, output: Path, overwrite: bool) -> None:
-    src, dst = source.resolve(), output.resolve()
-    if src == dst:
-        raise InputError(f"--output is the input ({output})", hint="write the converted model to a new path")
-    if src in dst.parents:
-        raise InputError(f"--output is inside the input ({output})", hint="write the output outside the input folder")
-    if dst in src.parents:
-        raise InputError(f"the input is inside --output ({output})", hint="choose an output path that does not "
-                                                                          "contain the input")
-    if not dst.parent.is_dir():
-        raise InputError(f"the folder of --output does not exist ({output.parent})", hint="create it first")
-    if output.exists() and not overwrite:
-        raise InputError(f"--output already exists ({output})", hint="choose a new path, or pass --overwrite")
-
-
 def _resolve_scheme(recorded: QuantScheme | None, quant_type: str | None, group_size: int | None,
                     scheme_file: str | Path | None) -> tuple[QuantScheme | None, list[str]]:
     warnings = []
@@ -246,16 +232,42 @@ def _packed_base(name: str) -> str | None:
 
 
 def read_packed_shapes(files: WeightFiles, specs: dict[str, TensorSpec]) -> dict[str, list[int]]:
-    """The [out, in] shape of every packed linear, from the safetensors metadata bitcpm writes."""
+    """The [out, in] shape of every packed linear, from the safetensors metadata bitcpm writes, each checked
+    against the packed codes and scales it describes."""
+    hint = "the packed checkpoint was not written by bitcpm or is damaged"
     shapes: dict[str, list[int]] = {}
     for file in files.files:
         if files.format == "safetensors":
-            shapes.update(json.loads(safetensors_metadata(file).get(PACKED_SHAPES_KEY, "{}")))
+            raw = safetensors_metadata(file).get(PACKED_SHAPES_KEY, "{}")
+            recorded = parse_json(raw, f"{file} metadata {PACKED_SHAPES_KEY}", "packed metadata")
+            if not isinstance(recorded, dict):
+                raise InputError(f"{PACKED_SHAPES_KEY} metadata must map layer names to [out, in] ({file})", hint=hint)
+            shapes.update(recorded)
     missing = [n for n in specs if n.endswith(PACKED_SUFFIX) and _packed_base(n) not in shapes]
     if missing:
         raise InputError(f"packed tensor {missing[0]} has no recorded shape ({PACKED_SHAPES_KEY} metadata)",
-                         hint="the packed checkpoint was not written by bitcpm or is damaged")
+                         hint=hint)
+    for base, shape in shapes.items():
+        problem = _packed_problem(base, shape, specs)
+        if problem:
+            raise InputError(f"packed layer {base[:80]!r}: {problem} ({PACKED_SHAPES_KEY} metadata)", hint=hint)
     return shapes
+
+
+def _packed_problem(base: str, shape: Any, specs: dict[str, TensorSpec]) -> str | None:
+    if not (isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+        return f"recorded shape {str(shape)[:60]} is not [out, in] with positive integers"
+    codes, scales = specs.get(base + PACKED_SUFFIX), specs.get(base + SCALE_SUFFIX)
+    if codes is None or scales is None:
+        return "the packed codes or the scales are missing"
+    out_features, in_features = shape
+    if codes.dtype != "uint8" or codes.shape != (out_features, math.ceil(in_features / 4)):
+        return f"codes {codes.dtype} {list(codes.shape)} do not hold a {shape} weight"
+    rows, groups = scales.shape if len(scales.shape) == 2 else (0, 0)
+    if rows not in (1, out_features) or groups < 1 or in_features % groups or (rows == 1 and groups != 1):
+        return f"scales of shape {list(scales.shape)} do not fit a {shape} weight"
+    return None
 
 
 def unpacked_state_dict(files: WeightFiles, specs: dict[str, TensorSpec], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -360,7 +372,7 @@ def convert_checkpoint(
     single = output.name if output.suffix in (".safetensors", ".bin") else None
     files, specs = read_tensor_specs(source)
     config = read_config(source) if source.is_dir() else None
-    _check_paths(source, output, overwrite)
+    guard = OutputGuard(output, [source, scheme_file], overwrite=overwrite, kind="file" if single else "dir")
     if single and single.endswith(".bin") and fmt == "packed":
         raise InputError("the packed format is written as safetensors", hint="name the output *.safetensors or a folder")
     if config is not None:
@@ -394,7 +406,7 @@ def convert_checkpoint(
     out_specs = [s for name in tensor_order(files, specs) for s in transform.plan(name, specs[name])]
     transform = _Transform(mode, fmt, dtype, targets, packed_shapes)  # fresh pairing state for the data pass
 
-    staging = output.parent / f".bitcpm-tmp-{os.getpid()}-{output.name}"  # keeps the suffix: .bin stays .bin
+    staging = guard.claim()  # .bitcpm-tmp-<pid>-<name>: keeps the suffix, .bin stays .bin
     hasher = hashlib.sha256()
     try:
         folder = staging.parent if single else staging
@@ -440,12 +452,9 @@ def convert_checkpoint(
                 raise CheckFailed(f"verification failed: {len(bad)} tensor(s) differ from the reference "
                                   f"(first: {bad[0]})", hint="report this as a bug; nothing was written",
                                   problems=bad[:20] if len(bad) > 1 else ())
-        _move_into_place(staging, output)
-    except BaseException:
-        if staging.is_dir():
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            staging.unlink(missing_ok=True)
+        guard.commit()  # the old output (--overwrite) is removed only once the new one is complete
+    except BaseException as exc:
+        guard.abort(exc)
         raise
     result.seconds = time.perf_counter() - started
     return result
@@ -514,17 +523,6 @@ def _write_folder_files(source: Path, staging: Path, config: dict | None, result
         "warnings": result.warnings,
     }
     (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-
-
-def _move_into_place(staging: Path, output: Path) -> None:
-    if not output.exists():
-        os.rename(staging, output)
-        return
-    # --overwrite: the old output is removed only once the new one is complete.
-    trash = output.parent / f".{output.name}.bitcpm-old-{os.getpid()}"
-    os.rename(output, trash)
-    os.rename(staging, output)
-    shutil.rmtree(trash) if trash.is_dir() else trash.unlink()
 
 
 def _reference(name: str, tensor: torch.Tensor, targets: dict[str, LayerQuant], mode: str,

@@ -6,13 +6,13 @@ The order is fixed, so a resumed run sees exactly the blocks the interrupted run
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from bitcpm_cli.core.errors import InputError
+from bitcpm_cli.core.readers import iter_text_lines, parse_json, read_json_file, read_json_lines
 
 SUFFIXES = (".jsonl", ".txt", ".parquet")
 
@@ -33,27 +33,12 @@ def check_data_files(paths: list[str]) -> list[Path]:
 
 def json_records(path: Path, what: str = "records") -> list[tuple[str, Any]]:
     """(where, record) of a .jsonl file (one a line) or a .json list; `where` is `file:line` or `file[index]`."""
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})", hint="fix the syntax") from None
+        data = read_json_file(path, what)
         if not isinstance(data, list):
             raise InputError(f"{path}: expected a JSON list of {what}", hint="or use .jsonl, one a line")
         return [(f"{path}[{i}]", record) for i, record in enumerate(data)]
-    located = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            located.append((f"{path}:{number}", _json_line(line, f"{path}:{number}")))
-    return located
-
-
-def _json_line(line: str, where: str) -> Any:
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{where}: not valid JSON ({exc.msg})", hint="each line must be one JSON object") from None
+    return list(read_json_lines(path, what))
 
 
 def iter_texts(files: list[Path], field: str = "text") -> Iterator[str]:
@@ -62,18 +47,17 @@ def iter_texts(files: list[Path], field: str = "text") -> Iterator[str]:
         if path.suffix == ".parquet":
             yield from _iter_parquet(path, field)
             continue
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                if path.suffix == ".txt":
-                    yield line.rstrip("\n")
-                    continue
-                record = _json_line(line, f"{path}:{number}")
-                if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                    raise InputError(f"{path}:{number}: no {field!r} string in this record",
-                                     hint=f'each line needs {{"{field}": "..."}}')
-                yield record[field]
+        for number, line in iter_text_lines(path, "data file"):
+            if not line.strip():
+                continue
+            if path.suffix == ".txt":
+                yield line
+                continue
+            record = parse_json(line, f"{path}:{number}", "data file", line=True)
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise InputError(f"{path}:{number}: no {field!r} string in this record",
+                                 hint=f'each line needs {{"{field}": "..."}}')
+            yield record[field]
 
 
 def _iter_parquet(path: Path, field: str) -> Iterator[str]:
@@ -90,6 +74,9 @@ def _iter_parquet(path: Path, field: str) -> Iterator[str]:
                          hint=f"name the text column {field!r}")
     for batch in table.iter_batches(columns=[field]):
         for value in batch.column(0).to_pylist():
+            if value is not None and not isinstance(value, str):
+                raise InputError(f"{path}: column {field!r} holds {type(value).__name__} values, not text",
+                                 hint=f"store the documents as strings in {field!r}")
             if value:
                 yield value
 

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from bitcpm_cli.core.checkpoint import (
-    atomic_write,
     dtype_kwarg,
     fingerprint,
+    hf_loading,
     load_tokenizer,
     read_config,
     read_tensor_specs,
@@ -20,6 +21,7 @@ from bitcpm_cli.core.checkpoint import (
 from bitcpm_cli.core.config_check import require_consistent_config
 from bitcpm_cli.core.device import package_version, cann_version, resolve_device
 from bitcpm_cli.core.errors import InputError
+from bitcpm_cli.core.outputs import check_output, write_text_output
 
 RESULTS_SCHEMA = "bitcpm.results/1"
 DTYPES = ("bfloat16", "float16", "float32")
@@ -51,6 +53,8 @@ def _prompt_from_json(obj: Any, index: int, where: str) -> Prompt:
     if not isinstance(obj, dict):
         raise InputError(f"{where}: expected a JSON object with 'prompt' or 'messages'", hint='e.g. {"prompt": "Hi"}')
     pid = obj.get("id", index)
+    if isinstance(pid, bool) or not isinstance(pid, (int, str)):
+        raise InputError(f"{where}: 'id' must be an integer or a string", hint='e.g. {"id": 3, "prompt": "Hi"}')
     if isinstance(obj.get("prompt"), str):
         return Prompt(pid, text=obj["prompt"])
     messages = obj.get("messages")
@@ -76,7 +80,9 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | Path | None) -> 
     if path.suffix in (".jsonl", ".json"):
         result = [_prompt_from_json(obj, i, where) for i, (where, obj) in enumerate(json_records(path, "prompts"))]
     else:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        from bitcpm_cli.core.readers import read_text_file
+
+        lines = read_text_file(path, "prompts file").splitlines()
         result = [Prompt(i, text=line) for i, line in enumerate(line for line in lines if line.strip())]
     if not result:
         raise InputError(f"the prompts file holds no prompts ({path})", hint="add one prompt a line")
@@ -90,8 +96,7 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfl
     `convert` would, so a QAT checkpoint and its fused conversion generate identical tokens."""
     import torch
 
-    from bitcpm_cli.core.convert import FUSED_GROUP_CANDIDATES, PACKED_SUFFIX, unpacked_state_dict
-    from bitcpm_cli.core.quant import QuantScheme, fuse, fused_scales, prepare
+    from bitcpm_cli.core.convert import PACKED_SUFFIX
 
     path = Path(path)
     if not path.is_dir():
@@ -106,11 +111,24 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfl
         require_consistent_config(path)
     target = resolve_device(device)  # a missing device fails here, before anything heavy is loaded
     torch_dtype = getattr(torch, dtype)
-    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the CLI draws its own output; keep stderr for errors and notes
     tokenizer = load_tokenizer(path, trust_remote_code, padding_side="left")
+    with hf_loading(path):
+        model, kind, notes = _load_model(path, config, files, specs, packed, torch_dtype, trust_remote_code)
+    model.to(device=target, dtype=torch_dtype).eval()
+    info = {"path": str(path), "fingerprint": fingerprint(files), "dtype": dtype, "format": kind}
+    return LoadedModel(model, tokenizer, target, info, notes)
+
+
+def _load_model(path: Path, config: dict[str, Any], files, specs, packed: bool, torch_dtype,
+                trust_remote_code: bool) -> tuple[Any, str, list[str]]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bitcpm_cli.core.convert import FUSED_GROUP_CANDIDATES, unpacked_state_dict
+    from bitcpm_cli.core.quant import QuantScheme, fuse, fused_scales, prepare
 
     notes: list[str] = []
     scheme = QuantScheme.from_config(config)
@@ -146,9 +164,7 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfl
             kind = "fused" if is_fused else "float"
             if not is_fused:
                 notes.append("the linears are neither fused nor QAT (no bitcpm_quant): running the float model")
-    model.to(device=target, dtype=torch_dtype).eval()
-    info = {"path": str(path), "fingerprint": fingerprint(files), "dtype": dtype, "format": kind}
-    return LoadedModel(model, tokenizer, target, info, notes)
+    return model, kind, notes
 
 
 # ---- generation --------------------------------------------------------------------------------------
@@ -208,22 +224,53 @@ def _encode(tokenizer, prompt: Prompt, chat: bool) -> list[int]:
     return tokenizer(prompt.text)["input_ids"]
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_p: float, logprobs: int, batch_size: int = 1) -> None:
-    if max_new_tokens < 1 or batch_size < 1 or logprobs < 0 or temperature < 0 or not 0 < top_p <= 1:
-        raise InputError("invalid sampling settings: need --max-new-tokens >= 1, --batch-size >= 1, --logprobs >= 0, "
-                         "--temperature >= 0 and 0 < --top-p <= 1", hint="fix the flag values")
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, logprobs: int, batch_size: int = 1,
+                   seed: int = 0) -> None:
+    """Every sampling setting finite and in range, all problems reported at once (before any model is loaded)."""
+    problems = []
+    if max_new_tokens < 1:
+        problems.append(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if batch_size < 1:
+        problems.append(f"--batch-size {batch_size}: must be at least 1")
+    if logprobs < 0:
+        problems.append(f"--logprobs {logprobs}: must be at least 0")
+    if not (math.isfinite(temperature) and 0 <= temperature <= 100):
+        problems.append(f"--temperature {temperature}: must be a number within [0, 100] (0 = greedy)")
+    if not (math.isfinite(top_p) and 0 < top_p <= 1):
+        problems.append(f"--top-p {top_p}: must be within (0, 1]")
+    if not 0 <= seed < 2**32:
+        problems.append(f"--seed {seed}: must be within [0, 2**32)")
+    if problems:
+        raise InputError(f"invalid sampling settings: {'; '.join(problems)}", hint="fix the flag values named above")
+
+
+def fit_context(ids: list[int], max_new_tokens: int, context: int | None, truncate: bool, prompt_id: Any,
+                notes: list[str]) -> list[int]:
+    """A prompt's ids checked against the model's context: refused when too long, or cut to its last tokens
+    when `truncate` is asked for (with a note)."""
+    if not context or len(ids) + max_new_tokens <= context:
+        return ids
+    room = context - max_new_tokens
+    if not truncate or room < 1:
+        raise InputError(f"prompt {prompt_id} has {len(ids)} tokens: with --max-new-tokens {max_new_tokens} it needs "
+                         f"{len(ids) + max_new_tokens} positions, the model's context is {context}",
+                         hint="shorten the prompt, lower --max-new-tokens, or pass --truncate-prompt to keep its "
+                              "last tokens" if room >= 1 else "lower --max-new-tokens below the model's context")
+    notes.append(f"prompt {prompt_id}: cut from {len(ids)} to its last {room} tokens (--truncate-prompt)")
+    return ids[-room:]
 
 
 def run_generation(loaded: LoadedModel, prompts: list[Prompt], *, max_new_tokens: int = 128,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 42, chat: bool = False,
-                   logprobs: int = 0, batch_size: int = 1, on_text: TextCallback | None = None) -> dict[str, Any]:
+                   logprobs: int = 0, batch_size: int = 1, on_text: TextCallback | None = None,
+                   truncate_prompt: bool = False) -> dict[str, Any]:
     """Generate for every prompt and return the results document (DESIGN.md section 4)."""
     import torch
     from transformers import GenerationConfig, set_seed
 
     from bitcpm_cli.core.chat import end_of_turn_ids, ensure_chat_template
 
-    check_sampling(max_new_tokens, temperature, top_p, logprobs, batch_size)
+    check_sampling(max_new_tokens, temperature, top_p, logprobs, batch_size, seed)
     tokenizer, model = loaded.tokenizer, loaded.model
     notes = list(loaded.notes)
     if chat and ensure_chat_template(tokenizer):
@@ -240,7 +287,9 @@ def run_generation(loaded: LoadedModel, prompts: list[Prompt], *, max_new_tokens
         top_p=top_p if sampling else None, top_k=None, eos_token_id=sorted(eos_ids) or None,
         pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True, output_logits=logprobs > 0,
     )
-    encoded = [_encode(tokenizer, p, chat) for p in prompts]
+    context = getattr(model.config, "max_position_embeddings", None)
+    encoded = [fit_context(_encode(tokenizer, p, chat), max_new_tokens, context, truncate_prompt, p.id, notes)
+               for p in prompts]
     results = []
     total_time = 0.0
     for start in range(0, len(prompts), batch_size):
@@ -298,17 +347,14 @@ def run_generation(loaded: LoadedModel, prompts: list[Prompt], *, max_new_tokens
     }
 
 
-def check_output_path(output: str | Path) -> Path:
-    output = Path(output)
-    if output.is_dir():
-        raise InputError(f"--output is a folder ({output})", hint="name a .json file, e.g. results.json")
-    if not output.parent.is_dir():
-        raise InputError(f"the folder of --output does not exist ({output.parent})", hint="create it first")
-    return output
+def check_output_path(output: str | Path, inputs: Iterable[str | Path | None] = (), overwrite: bool = False,
+                      what: str = "--output") -> Path:
+    """The output guard's checks (core.outputs) for a JSON file, before any work is done."""
+    return check_output(output, inputs, overwrite=overwrite, kind="file", what=what)
 
 
-def write_json(document: dict[str, Any], output: str | Path) -> None:
-    """Write a JSON document atomically (a temporary file renamed into place)."""
-    with atomic_write(output) as handle:
-        json.dump(document, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
+def write_json(document: dict[str, Any], output: str | Path, inputs: Iterable[str | Path | None] = (),
+               overwrite: bool = False, what: str = "--output") -> None:
+    """Write a JSON document through the output guard (claimed, staged, renamed into place; strict JSON)."""
+    text = json.dumps(document, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    write_text_output(text, output, inputs, overwrite=overwrite, what=what)

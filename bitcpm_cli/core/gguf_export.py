@@ -9,8 +9,6 @@ back with gguf-py and every ternary tensor must dequantize to the fused weights.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +105,7 @@ def _write_tokenizer(writer: Any, source: Path, vocab_size: int, notes: list[str
     # llama.cpp adds BOS / EOS to a prompt exactly when transformers' tokenizer does
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(source)
+    hf = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     probe = hf("0")["input_ids"]
     special.add_special_token["bos"] = bool(probe) and probe[0] == hf.bos_token_id
     special.add_special_token["eos"] = bool(probe) and probe[-1] == hf.eos_token_id
@@ -146,7 +144,8 @@ def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2
     """A QAT, fused or packed model folder -> one GGUF file with ternary decoder linears."""
     import gguf
 
-    from bitcpm_cli.core.convert import _check_paths, convert_checkpoint
+    from bitcpm_cli.core.convert import convert_checkpoint
+    from bitcpm_cli.core.outputs import OutputGuard
 
     started = time.perf_counter()
     source, output = Path(source), Path(output)
@@ -160,14 +159,15 @@ def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2
                          hint="pass the QAT, fused or packed model folder")
     if output.suffix != ".gguf":
         raise InputError(f"--output must name a .gguf file ({output})", hint="e.g. --output model-tq2_0.gguf")
-    _check_paths(source, output, overwrite)
+    guard = OutputGuard(output, [source, fuse_options.get("scheme_file")], overwrite=overwrite, kind="file")
     config = read_config(source)
     if config.get("model_type") not in ("llama", "minicpm", "mistral", None):
         raise InputError(f"GGUF export writes the llama architecture; model_type {config.get('model_type')!r} is not "
                          "supported", hint="export Llama/MiniCPM-style decoders")
     qtype = gguf.GGMLQuantizationType.TQ2_0 if gguf_type == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
     notes: list[str] = []
-    with tempfile.TemporaryDirectory(dir=output.parent, prefix=".bitcpm-gguf-") as scratch:
+    staging = guard.claim()  # .bitcpm-tmp-<pid>-<name>; the scratch folder beside it carries the pid too
+    with guard.scratch() as scratch:
         fused_file = Path(scratch) / "fused.safetensors"
         fused = convert_checkpoint(source, fused_file, dtype="bfloat16", **fuse_options)
         notes += fused.notes
@@ -176,7 +176,6 @@ def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2
         ternary = set(plan_state_dict({n: s.shape for n, s in specs.items()}, {n: s.dtype for n, s in specs.items()},
                                       QuantScheme("ternary", -1, scheme.modules_to_not_convert)))
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
-        staging = output.parent / f".bitcpm-tmp-{os.getpid()}-{output.name}"
         writer = gguf.GGUFWriter(str(staging), "llama")
         try:
             writer.add_name(config.get("_name_or_path") or source.name)
@@ -220,10 +219,10 @@ def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2
             if error > 0 and not allow_lossy:
                 raise CheckFailed(f"the written GGUF does not reproduce the fused weights (max error {error:g})",
                                   hint="report this as a bug; nothing was written")
-            os.replace(staging, output)
-        except BaseException:
+            guard.commit()
+        except BaseException as exc:
             writer.close()
-            staging.unlink(missing_ok=True)
+            guard.abort(exc)
             raise
     result = GgufResult(str(output), gguf_type, len(specs), len(expected), output.stat().st_size,
                         time.perf_counter() - started, error, error == 0 and not problems, notes, fused.warnings)

@@ -13,7 +13,7 @@ import numpy as np
 from bitcpm_cli.core.chat import END_OF_TURN_TOKENS
 from bitcpm_cli.core.device import package_version
 from bitcpm_cli.core.errors import InputError
-from bitcpm_cli.core.generate import RESULTS_SCHEMA, Prompt, TextCallback, check_sampling
+from bitcpm_cli.core.generate import RESULTS_SCHEMA, Prompt, TextCallback, check_sampling, fit_context
 
 
 def _load(path: Path, seed: int):
@@ -56,11 +56,11 @@ def _top(logits: np.ndarray, k: int, chosen: int) -> list[list[float]]:
 
 def run_llamacpp(model: str | Path, prompts: list[Prompt], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 42, chat: bool = False, logprobs: int = 0, device: str = "auto",
-                 on_text: TextCallback | None = None) -> dict[str, Any]:
+                 on_text: TextCallback | None = None, truncate_prompt: bool = False) -> dict[str, Any]:
     from bitcpm_cli.core.gguf_export import file_fingerprint
 
     path = Path(model)
-    check_sampling(max_new_tokens, temperature, top_p, logprobs)
+    check_sampling(max_new_tokens, temperature, top_p, logprobs, seed=seed)
     if temperature != 0 or top_p != 1:
         raise InputError("the llama.cpp engine decodes greedily only", hint="use --temperature 0 --top-p 1")
     if device not in ("auto", "cpu"):
@@ -76,7 +76,7 @@ def run_llamacpp(model: str | Path, prompts: list[Prompt], *, max_new_tokens: in
     special = {"bos_token": llm.detokenize([llm.token_bos()], special=True).decode(errors="replace"),
                "eos_token": llm.detokenize([llm.token_eos()], special=True).decode(errors="replace")}
     n_vocab = llm.n_vocab()
-    results, total_time = [], 0.0
+    results, total_time, notes = [], 0.0, []
     for prompt in prompts:
         if chat:
             text = _render_chat(metadata.get("tokenizer.chat_template"),
@@ -86,6 +86,7 @@ def run_llamacpp(model: str | Path, prompts: list[Prompt], *, max_new_tokens: in
             raise InputError(f"prompt {prompt.id} has messages but --chat was not given", hint="pass --chat")
         else:
             ids = llm.tokenize(prompt.text.encode(), add_bos=True, special=False)
+        ids = fit_context(ids, max_new_tokens, llm.n_ctx(), truncate_prompt, prompt.id, notes)
         began = time.perf_counter()
         llm.reset()
         llm.eval(ids)
@@ -128,7 +129,7 @@ def run_llamacpp(model: str | Path, prompts: list[Prompt], *, max_new_tokens: in
         "summary": {"prompts": len(results), "total_tokens": total_tokens, "total_time_s": round(total_time, 6),
                     "tokens_per_s": round(total_tokens / total_time, 3) if total_time else None,
                     "ms_per_token": round(1000 * total_time / total_tokens, 3) if total_tokens else None},
-        "notes": [],
+        "notes": notes,
     }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bitcpm_cli.core.errors import CheckFailed, InputError
+from bitcpm_cli.core.outputs import OutputGuard
 
 ASSETS = Path(__file__).resolve().parents[2] / "configs" / "quickstart"
 # Held-out prompts (absent from the shipped corpus and chats) and the answers a working model gives: counting for
@@ -52,15 +53,20 @@ def run_quickstart(output_dir: str | Path, on_stage: StageFn | None = None) -> Q
         raise InputError(f"--output-dir is a file ({output})", hint="pass a new or empty folder")
     if output.exists() and any(output.iterdir()):
         raise InputError(f"{output} is not empty", hint="remove it or pass another --output-dir")
-    output.mkdir(parents=True, exist_ok=True)
+    guard = OutputGuard(output, [ASSETS], overwrite=True, kind="dir", what="--output-dir", staged=False)
+    guard.claim()
     result = QuickstartResult(str(output))
     try:
         _pipeline(output, result, on_stage or (lambda stage, detail: None))
     except CheckFailed:
+        guard.commit()  # the run completed: its outputs explain what went wrong
         raise
-    except BaseException:
-        shutil.rmtree(output, ignore_errors=True)  # a failed run leaves nothing behind
+    except BaseException as exc:
+        for child in list(output.iterdir()) if output.is_dir() else []:  # the folder was empty or new
+            shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        guard.abort(exc)  # a failed run leaves nothing behind (the folder too, when this run created it)
         raise
+    guard.commit()
     return result
 
 
@@ -94,7 +100,7 @@ def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn) -> None
         torch.manual_seed(0)
         model = LlamaForCausalLM(LlamaConfig(**values))
         model.save_pretrained(base)
-        AutoTokenizer.from_pretrained(ASSETS / "tokenizer").save_pretrained(base)
+        AutoTokenizer.from_pretrained(ASSETS / "tokenizer", trust_remote_code=False).save_pretrained(base)
         return f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {values['num_hidden_layers']} layers"
 
     def pretraining() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,8 +63,20 @@ class TrainConfig:
         for name in ("max_steps", "batch_size", "grad_accum", "block_size", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            problems.append(f"lr: must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"lr: must be a positive number, got {self.lr}")
+        if self.warmup_steps < 0:
+            problems.append(f"warmup_steps: must be at least 0, got {self.warmup_steps}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"{name}: must be within [0, 1), got {getattr(self, name)}")
+        if not (math.isfinite(self.adam_epsilon) and self.adam_epsilon > 0):
+            problems.append(f"adam_epsilon: must be a small positive number, got {self.adam_epsilon}")
+        for name in ("weight_decay", "max_grad_norm"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                problems.append(f"{name}: must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"seed: must be within [0, 2**32), got {self.seed}")
         if self.lr_scheduler not in SCHEDULERS:
             problems.append(f"lr_scheduler: {self.lr_scheduler!r} is not one of {', '.join(SCHEDULERS)}"
                             f"{did_you_mean(self.lr_scheduler, SCHEDULERS)}")
@@ -74,7 +87,7 @@ class TrainConfig:
             problems.append(f"group_size: {self.group_size} is invalid; use -1, 0 or a positive number")
         if not 0 <= self.kd_weight <= 1:
             problems.append(f"kd_weight: must be within [0, 1], got {self.kd_weight}")
-        if self.kd_temperature <= 0:
+        if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
             problems.append(f"kd_temperature: must be positive, got {self.kd_temperature}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             problems.append("save_total_limit: must be at least 1 (or null to keep every checkpoint)")
@@ -125,7 +138,7 @@ def _coerce(name: str, value: Any, annotation: Any, where: str) -> tuple[Any, st
 
 
 def _parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
-    import yaml
+    from bitcpm_cli.core.readers import parse_yaml
 
     values, problems = {}, []
     for item in overrides:
@@ -134,8 +147,8 @@ def _parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
             problems.append(f"{item!r}: overrides are key=value (e.g. lr=3e-4)")
             continue
         try:
-            values[key.strip().replace("-", "_")] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+            values[key.strip().replace("-", "_")] = parse_yaml(raw, f"override {key.strip()}") if raw.strip() else None
+        except ConfigError:
             values[key.strip().replace("-", "_")] = raw
     return values, problems
 

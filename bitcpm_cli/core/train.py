@@ -18,11 +18,12 @@ from typing import Any, Callable
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from bitcpm_cli.core.checkpoint import dtype_kwarg, load_tokenizer
+from bitcpm_cli.core.checkpoint import dtype_kwarg, hf_loading, load_tokenizer
 from bitcpm_cli.core.config_check import require_consistent_config
 from bitcpm_cli.core.data import PackedBlocks, check_data_files, first_block
 from bitcpm_cli.core.device import distributed_backend, is_main_process, resolve_device
 from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError
+from bitcpm_cli.core.outputs import OutputGuard
 from bitcpm_cli.core.quant import QuantScheme, load_scheme_file, prepare, qat_layers
 from bitcpm_cli.core.recipe import TrainConfig, save_config
 
@@ -116,6 +117,7 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
     hf_logging.set_verbosity_error()  # bitcpm reports progress and problems itself
     output = Path(config.output_dir)
     resume_from = _check_output_dir(config)
+    guard = output_guard(config)
     model_dir = Path(config.model)
     if not model_dir.is_dir():
         raise InputError(f"model folder not found ({model_dir})", hint="pass a Hugging Face model folder")
@@ -125,8 +127,9 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
     plan = data(config, tokenizer)
     notes: list[str] = []
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code,
-                                                 **{dtype_kwarg(): torch.float32})
+    with hf_loading(model_dir):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code,
+                                                     **{dtype_kwarg(): torch.float32})
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # e.g. chat tokens added for SFT
         notes.append(f"embeddings resized from {model.get_input_embeddings().num_embeddings} to {len(tokenizer)} "
                      "tokens to fit the tokenizer")
@@ -155,12 +158,36 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
                          callbacks=[MetricsCallback(metrics), CompletionMarker()] + list(callbacks))
     trainer.remove_callback(PrinterCallback)
     if is_main_process():
-        output.mkdir(parents=True, exist_ok=True)
-        save_config(config, output / CONFIG_FILE)
-        if plan.summary:
-            (output / "data_summary.json").write_text(json.dumps(plan.summary, indent=2) + "\n")
-        if resume_from is not None:
-            _prepare_resume(output, resume_from, notes)
+        guard.claim()  # only now is the output folder created (settings and inputs were checked above)
+    try:
+        if is_main_process():
+            save_config(config, output / CONFIG_FILE)
+            if plan.summary:
+                (output / "data_summary.json").write_text(json.dumps(plan.summary, indent=2) + "\n")
+            if resume_from is not None:
+                _prepare_resume(output, resume_from, notes)
+        _run_and_save(trainer, output, resume_from, tokenizer, extra_files)
+    except BaseException as exc:
+        guard.abort(exc)  # a folder this run created goes, unless it holds a complete checkpoint
+        raise
+    guard.commit()
+    final = output / "final"
+    return TrainResult(str(output), str(final), trainer.state.global_step, metrics.first_loss, metrics.last_loss,
+                       str(resume_from) if resume_from else None, scheme.to_dict() if scheme else None, notes,
+                       plan.summary)
+
+
+def output_guard(config: TrainConfig) -> OutputGuard:
+    """The output guard for a training folder: never an input or around one, claimed while the run writes."""
+    template = getattr(config, "template", None)
+    inputs = [config.model, *config.data, config.teacher, config.scheme, config.deepspeed,
+              template if template and Path(template).is_file() else None]
+    return OutputGuard(config.output_dir, inputs, overwrite=True, kind="dir", what="--output-dir", staged=False,
+                       keep_on_error=lambda folder: latest_complete_checkpoint(folder) is not None)
+
+
+def _run_and_save(trainer: Trainer, output: Path, resume_from: Path | None, tokenizer: Any,
+                  extra_files: Callable[[Path, Any], None] | None) -> None:
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except TrainingDiverged as exc:
@@ -179,9 +206,6 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
             shutil.rmtree(final)
         os.rename(staging, final)
         plot_losses(output / METRICS_FILE, output / PLOT_FILE)
-    return TrainResult(str(output), str(final), trainer.state.global_step, metrics.first_loss, metrics.last_loss,
-                       str(resume_from) if resume_from else None, scheme.to_dict() if scheme else None, notes,
-                       plan.summary)
 
 
 def _checkpointing_kwarg(enabled: bool) -> dict[str, bool]:
@@ -198,8 +222,9 @@ def _load_teacher(config: TrainConfig, student: Any, device) -> Any:
     path = Path(config.teacher)
     if not path.is_dir():
         raise InputError(f"teacher model folder not found ({path})", hint="pass the full-precision model folder")
-    teacher = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=config.trust_remote_code,
-                                                   **{dtype_kwarg(): torch.bfloat16 if config.bf16 else torch.float32})
+    with hf_loading(path):
+        teacher = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=config.trust_remote_code, **{
+            dtype_kwarg(): torch.bfloat16 if config.bf16 else torch.float32})
     if teacher.config.vocab_size != student.config.vocab_size:
         raise ConfigError(f"the teacher's vocab_size {teacher.config.vocab_size} differs from the student's "
                           f"{student.config.vocab_size}", hint="distil from a teacher with the same tokenizer")

@@ -74,6 +74,6 @@ def test_infer_missing_model_exit_2(invoke, tmp_path):
 def test_compare_bad_input_exit_2(invoke, tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     result = invoke("compare", tmp_path / "bad.json", tmp_path / "missing.json")
-    assert result.exit_code == 2 and "not a JSON file" in result.stderr
+    assert result.exit_code == 2 and "not valid JSON" in result.stderr
     (tmp_path / "ok.json").write_text('[{"token_ids": [1]}]')
     assert invoke("compare", tmp_path / "ok.json", tmp_path / "missing.json").exit_code == 2

@@ -102,8 +102,10 @@ def test_one_run_stopping_early(tmp_path):
 
 @pytest.mark.parametrize("content,message", [
     (None, "results file not found"),
-    ("{not json", "not a JSON file"),
-    ('{"results": [{"ids": [1]}]}', "result 0 has no token_ids"),
+    ("{not json", "not valid JSON"),
+    ('{"schema": "bitcpm.results/1", "results": [{"ids": [1]}]}', r"results\[0\]\.token_ids"),
+    ('{"schema": "bitcpm.results/9", "results": [{"token_ids": [1]}]}', "is not 'bitcpm.results/1'"),
+    ('{"results": [{"token_ids": [1]}]}', "schema: missing"),
     ('{"hello": 1}', "neither a results document"),
     ("[]", "holds no results"),
 ])

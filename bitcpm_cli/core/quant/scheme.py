@@ -10,14 +10,13 @@ A scheme is the `bitcpm_quant` block of a QAT checkpoint's config.json (DESIGN.m
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from bitcpm_cli.core.errors import ConfigError, InputError, collect, did_you_mean
+from bitcpm_cli.core.errors import ConfigError, collect, did_you_mean
 
 QUANT_TYPES = ("ternary", "binary", "int2", "int4", "int8", "none")
 DEFAULT_SKIP = ("lm_head", "embed_tokens")
@@ -190,23 +189,10 @@ def _weight_quant_type(weight: Mapping[str, Any], where: str, problems: list[str
 
 
 def read_structured_file(path: str | Path, what: str) -> Any:
-    """Parse a JSON or YAML file (by extension), with errors that name the file."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(f"cannot read {what} ({path}): {exc.strerror or exc}",
-                         hint="check the path; JSON and YAML files are accepted") from None
-    is_yaml = path.suffix.lower() in (".yaml", ".yml")
-    try:
-        if is_yaml:
-            import yaml
+    """Parse a JSON or YAML file (by extension) with the careful readers; errors name the file."""
+    from bitcpm_cli.core.readers import read_structured_file as read
 
-            return yaml.safe_load(text)
-        return json.loads(text)
-    except Exception as exc:  # json.JSONDecodeError / yaml.YAMLError
-        raise ConfigError(f"{what} is not valid {'YAML' if is_yaml else 'JSON'} ({path}): "
-                          f"{str(exc).splitlines()[0]}", hint="fix the syntax at the position shown") from None
+    return read(path, what)
 
 
 def load_scheme_file(path: str | Path, default_group_size: int = 128) -> QuantScheme:
