@@ -218,11 +218,11 @@ def _asks_for_code(path: Path) -> str | None:
     return None
 
 
-def refuse_remote_code(path: str | Path) -> None:
+def refuse_remote_code(path: str | Path, hint: str = REMOTE_CODE_HINT) -> None:
     """For readers that never run remote code (and libraries that might prompt for it): refuse such a folder."""
     reason = _asks_for_code(Path(path)) if Path(path).is_dir() else None
     if reason:
-        raise InputError(f"refusing to load {path}: {reason}", hint=REMOTE_CODE_HINT)
+        raise InputError(f"refusing to load {path}: {reason}", hint=hint)
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bitcpm_cli.core.checkpoint import iter_tensors, read_config, read_tensor_specs
+from bitcpm_cli.core.checkpoint import iter_tensors, read_config, read_tensor_specs, refuse_remote_code
 from bitcpm_cli.core.errors import CheckFailed, InputError
 from bitcpm_cli.core.quant import QuantScheme, plan_state_dict
 
@@ -71,6 +71,9 @@ def _write_tokenizer(writer: Any, source: Path, vocab_size: int, notes: list[str
     import gguf
     from gguf.vocab import BpeVocab, LlamaHfVocab, SpecialVocab
 
+    # gguf's LlamaHfVocab loads the tokenizer without trust_remote_code, which could prompt for custom code
+    refuse_remote_code(source, hint="GGUF export never runs a folder's own code: export a folder whose tokenizer "
+                                    "is a standard tokenizer.json (no auto_map)")
     try:
         vocab, model, pre, merges = LlamaHfVocab(source), "llama", "default", False
     except (FileNotFoundError, TypeError):
