@@ -239,8 +239,8 @@ def check_safetensors_header(header: Any, data_bytes: int, path: Path) -> dict[s
         if name == "__metadata__":
             continue
         where = f"safetensors header entry {name[:80]!r}"
-        if not (isinstance(entry, dict) and entry.get("dtype") in SAFETENSORS_SIZES
-                and isinstance(entry.get("shape"), list) and all(_is_int(d) and d >= 0 for d in entry["shape"])
+        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+                and entry["dtype"] in SAFETENSORS_SIZES and isinstance(entry.get("shape"), list) and all(_is_int(d) and d >= 0 for d in entry["shape"])
                 and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
                 and all(_is_int(o) for o in entry["data_offsets"])):
             raise InputError(f"{where} is malformed: needs a known dtype, a shape of non-negative integers and two "
