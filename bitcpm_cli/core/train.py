@@ -24,6 +24,7 @@ from bitcpm_cli.core.data import PackedBlocks, check_data_files, first_block
 from bitcpm_cli.core.device import distributed_backend, is_main_process, resolve_device
 from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError
 from bitcpm_cli.core.outputs import OutputGuard
+from bitcpm_cli.core.readers import iter_text_lines, parse_json
 from bitcpm_cli.core.quant import QuantScheme, load_scheme_file, prepare, qat_layers
 from bitcpm_cli.core.recipe import TrainConfig, save_config
 
@@ -241,7 +242,11 @@ def _prepare_resume(output: Path, resume_from: Path, notes: list[str]) -> None:
             notes.append(f"removed the half-written {partial.name}")
     metrics = output / METRICS_FILE
     if metrics.exists():
-        kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = []
+        for number, line in iter_text_lines(metrics, "metrics.jsonl"):
+            record = parse_json(line, f"{metrics}:{number}", "metrics.jsonl", line=True) if line.strip() else None
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(line)
         metrics.write_text("".join(line + "\n" for line in kept))
     notes.append(f"resumed from {resume_from.name} (step {step})")
 
