@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,19 +257,16 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False, padding_si
 
 
 @contextmanager
-def atomic_write(destination: str | Path, mode: str = "w") -> Iterator[Any]:
-    """Write to a temporary file beside `destination`, then rename it into place (nothing partial is left)."""
-    destination = Path(destination)
-    fd, tmp = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent)
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
+def atomic_write(destination: str | Path, mode: str = "w", inputs: tuple = ()) -> Iterator[Any]:
+    """Write a file through the output guard (core.outputs): staged beside `destination`, fsynced, renamed into
+    place; an existing file is replaced (callers decide beforehand whether that is allowed)."""
+    from bitcpm_cli.core.outputs import OutputGuard
+
+    with OutputGuard(destination, inputs, overwrite=True, kind="file") as staging:
+        with open(staging, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, destination)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- streaming tensor I/O -------------------------------------------------------------------------

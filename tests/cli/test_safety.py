@@ -377,3 +377,11 @@ def test_an_unexpected_exception_is_one_line_and_exit_3(invoke, model, monkeypat
     assert "--debug" in result.stderr and "Traceback" not in result.output + result.stderr and "╭" not in result.stderr
     debug = invoke("--debug", "fix-config", model)
     assert debug.exit_code == 3 and "Traceback" in debug.stderr
+
+
+def test_help_lists_the_safety_flags(invoke):
+    for command, flags in (("compare", ("--trust-remote-code", "--overwrite")),
+                           ("infer", ("--trust-remote-code", "--overwrite", "--truncate-prompt")),
+                           ("fix-config", ("--overwrite",)), ("convert", ("--overwrite",))):
+        result = invoke(command, "--help")
+        assert result.exit_code == 0 and all(flag in result.output for flag in flags), command
