@@ -214,7 +214,7 @@ class _Transform:
         module = name.removesuffix(".weight")
         if self.mode == "passthrough":
             # Packing needs the planned group size; a fused copy only needs the weight to be fused at all.
-            groups = [spec.group_size] if self.fmt == "packed" else FUSED_GROUP_CANDIDATES
+            groups = [spec.group_size] + ([] if self.fmt == "packed" else list(FUSED_GROUP_CANDIDATES))
             if not any(fused_scales(tensor, g) is not None for g in groups):
                 raise InputError(f"{name} is not fused (its groups hold more than {{-a, 0, +a}}) while the first "
                                  "linear was: the input mixes fused and latent weights",

@@ -108,24 +108,140 @@ def test_output_must_be_a_gguf_file(exact, tmp_path):
         export_gguf(exact / "qat", tmp_path / "m.bin")
 
 
+# ---- exact for every group size: --gguf-type auto ----------------------------------------------------------------
+LINEAR_NAMES = [f"model.layers.{i}.{m}.weight" for i in range(2) for m in
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj")]
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory):
+    root = tmp_path_factory.mktemp("g128")
+    qat_model(root / "qat", group_size=128)
+    convert_checkpoint(root / "qat", root / "fused", dtype="bfloat16")
+    return root
+
+
+def assert_decodes_to_fused(path: Path, fused_folder: Path, expected_type: str) -> None:
+    """Every quantized linear in the file, dequantized by gguf-py (ggml's layouts), equals the fused weight."""
+    from safetensors.torch import load_file
+
+    fused = load_file(fused_folder / "model.safetensors")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    for name in LINEAR_NAMES:
+        tensor = tensors[names.get_name(name, try_suffixes=(".weight",))]
+        assert tensor.tensor_type.name == expected_type, name
+        expected = fused[name].float().numpy()
+        if "q_proj" in name or "k_proj" in name:
+            expected = permute(expected, 4 if "q_proj" in name else 2)
+        values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(expected.shape)
+        assert np.array_equal(values, expected), name
+
+
+def test_auto_writes_a_group_128_model_exactly_as_q4_0(grouped, tmp_path):
+    result = export_gguf(grouped / "qat", tmp_path / "m.gguf", gguf_type="auto")
+    assert result.exact and result.max_abs_error == 0 and result.ternary_tensors == 14
+    assert result.tensor_types == {"Q4_0": 14, "F16": 2, "F32": 5}
+    assert result.linear_bits_per_weight == 4.5  # 18 bytes per 32 weights
+    assert_decodes_to_fused(tmp_path / "m.gguf", grouped / "fused", "Q4_0")
+    fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
+    assert int(fields["general.file_type"].parts[-1][0]) == gguf.LlamaFileType.MOSTLY_Q4_0
+
+
+def test_auto_takes_tq2_0_where_every_256_block_has_one_scale(exact, tmp_path):
+    result = export_gguf(exact / "qat", tmp_path / "m.gguf", gguf_type="auto")
+    assert result.tensor_types["TQ2_0"] == 14 and result.exact
+    assert_decodes_to_fused(tmp_path / "m.gguf", exact / "fused", "TQ2_0")
+
+
+def test_auto_writes_q8_0_when_a_32_block_holds_scales_that_are_multiples(tmp_path):
+    """Group size 16 with power-of-two scales: two scales per 32-block, one the other times 1 or 2 or 4."""
+    from safetensors.torch import load_file, save_file
+
+    qat_model(tmp_path / "qat", group_size=16)
+    weights = load_file(tmp_path / "qat" / "model.safetensors")
+    generator = torch.Generator().manual_seed(1)
+    for name in LINEAR_NAMES:
+        rows, columns = weights[name].shape
+        magnitude = 2.0 ** -torch.randint(5, 8, (rows, columns // 16, 1), generator=generator).float()
+        signs = torch.randint(0, 2, (rows, columns // 16, 16), generator=generator).float() * 2 - 1
+        weights[name] = (signs * magnitude).reshape(rows, columns)
+    save_file(weights, tmp_path / "qat" / "model.safetensors", metadata={"format": "pt"})
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
+    result = export_gguf(tmp_path / "qat", tmp_path / "m.gguf", gguf_type="auto")
+    assert result.exact and result.tensor_types["Q8_0"] == 14
+    assert_decodes_to_fused(tmp_path / "m.gguf", tmp_path / "fused", "Q8_0")
+
+
+def test_strict_type_is_refused_before_reading_weights_with_grouped_layers(grouped, tmp_path, invoke, monkeypatch):
+    from bitcpm_cli.core import convert
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a tensor was read before the refusal")
+
+    monkeypatch.setattr(convert, "iter_tensors", no_reading)
+    result = invoke("convert", "-i", grouped / "qat", "-o", tmp_path / "m.gguf", "--format", "gguf")
+    assert result.exit_code == 1, result.output
+    assert ("group size 128 puts more than one scale in a block of 256: 14 linear(s): model.layers.{0-1}.{"
+            "mlp.down_proj, mlp.gate_proj, mlp.up_proj, self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, "
+            "self_attn.v_proj}") in " ".join(result.stderr.split())
+    assert result.stderr.count("more than one scale") == 1
+    assert "--gguf-type auto" in result.stderr and not (tmp_path / "m.gguf").exists()
+
+
+def test_auto_refuses_rows_that_no_block_fits_naming_the_layers(tmp_path):
+    from bitcpm_cli.core.gguf_export import _Entry, _plan_type
+
+    entry = _Entry("model.layers.3.mlp.down_proj.weight", "blk.3.ffn_down.weight", (64, 48), "", True, -1)
+    assert _plan_type(entry, "auto") == ("Q8_0", "rows of 48 values are not a multiple of 32 (the smallest GGUF "
+                                                 "block)")
+    assert _plan_type(entry, "tq1_0")[1] == "rows of 48 values are not a multiple of 256"
+
+
+def test_block_decoders_match_gguf_py():
+    from bitcpm_cli.core.formats import decode_block_type, encode_block_type
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 512, generator=generator).to(torch.bfloat16).float()
+    for type_name in ("TQ2_0", "Q4_0", "Q8_0"):
+        raw = encode_block_type(weight, type_name)
+        ours = decode_block_type(raw, type_name, weight.shape).numpy()
+        theirs = gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType[type_name]).reshape(weight.shape)
+        assert np.array_equal(ours, theirs), type_name
+
+
 # ---- the llama.cpp engine -----------------------------------------------------------------------------
-def test_llamacpp_agrees_with_transformers(exact, tmp_path, invoke):
-    pytest.importorskip("llama_cpp", reason="llama.cpp tests need llama-cpp-python (the gguf extra)")
-    assert invoke("convert", "-i", exact / "qat", "-o", tmp_path / "m.gguf", "--format", "gguf").exit_code == 0
+def agree_with_transformers(gguf_file: Path, fused: Path, tmp_path: Path, invoke, dtype: str) -> None:
     prompts = tmp_path / "p.txt"
     prompts.write_text("23 24 25 26\ncontinue: 47 48 49\nhéllo Zebra!\n")
-    llama = invoke("infer", "--engine", "llama.cpp", "-m", tmp_path / "m.gguf", "--prompts", prompts, "-o",
+    llama = invoke("infer", "--engine", "llama.cpp", "-m", gguf_file, "--prompts", prompts, "-o",
                    tmp_path / "llama.json", "--max-new-tokens", "12", "--logprobs", "3", "-q")
     assert llama.exit_code == 0, llama.output
-    hf = invoke("infer", "-m", exact / "fused", "--prompts", prompts, "-o", tmp_path / "hf.json", "--max-new-tokens",
+    hf = invoke("infer", "-m", fused, "--prompts", prompts, "-o", tmp_path / "hf.json", "--max-new-tokens",
                 "12", "--logprobs", "3", "-q", "--dtype", "float32", "--device", "cpu")
     assert hf.exit_code == 0, hf.output
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("llama.json", "hf.json"))
-    assert a["runtime"]["engine"] == "llama.cpp" and a["model"]["format"] == "gguf" and a["model"]["dtype"] == "tq2_0"
+    assert a["runtime"]["engine"] == "llama.cpp" and a["model"]["format"] == "gguf" and a["model"]["dtype"] == dtype
     assert [r["prompt_token_ids"] for r in a["results"]] == [r["prompt_token_ids"] for r in b["results"]]
     assert [r["token_ids"] for r in a["results"]] == [r["token_ids"] for r in b["results"]]
     compared = invoke("compare", tmp_path / "llama.json", tmp_path / "hf.json")
     assert compared.exit_code == 0 and "3/3 prompts identical" in compared.output
+
+
+def test_llamacpp_agrees_with_transformers(exact, tmp_path, invoke):
+    pytest.importorskip("llama_cpp", reason="llama.cpp tests need llama-cpp-python (the gguf extra)")
+    assert invoke("convert", "-i", exact / "qat", "-o", tmp_path / "m.gguf", "--format", "gguf").exit_code == 0
+    agree_with_transformers(tmp_path / "m.gguf", exact / "fused", tmp_path, invoke, "tq2_0")
+
+
+def test_llamacpp_agrees_with_transformers_on_a_group_128_model(grouped, tmp_path, invoke):
+    pytest.importorskip("llama_cpp", reason="llama.cpp tests need llama-cpp-python (the gguf extra)")
+    converted = invoke("convert", "-i", grouped / "qat", "-o", tmp_path / "m.gguf", "--format", "gguf",
+                       "--gguf-type", "auto")
+    assert converted.exit_code == 0, converted.output
+    assert "Q4_0 x14" in converted.stdout and "bits/weight (linears 4.500)" in converted.stdout
+    agree_with_transformers(tmp_path / "m.gguf", grouped / "fused", tmp_path, invoke, "q4_0")
 
 
 def test_llamacpp_engine_input_errors(exact, tmp_path, invoke):
