@@ -212,7 +212,9 @@ def test_block_decoders_match_gguf_py():
 
 
 # ---- the llama.cpp engine -----------------------------------------------------------------------------
-def agree_with_transformers(gguf_file: Path, fused: Path, tmp_path: Path, invoke, dtype: str) -> None:
+def agree_with_transformers(gguf_file: Path, fused: Path, tmp_path: Path, invoke, dtype: str,
+                            near_ties: bool = False) -> None:
+    """Greedy tokens equal (with `near_ties`: or parted only at a near tie, which `compare` tells from a bug)."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("23 24 25 26\ncontinue: 47 48 49\nhéllo Zebra!\n")
     llama = invoke("infer", "--engine", "llama.cpp", "-m", gguf_file, "--prompts", prompts, "-o",
@@ -224,8 +226,11 @@ def agree_with_transformers(gguf_file: Path, fused: Path, tmp_path: Path, invoke
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("llama.json", "hf.json"))
     assert a["runtime"]["engine"] == "llama.cpp" and a["model"]["format"] == "gguf" and a["model"]["dtype"] == dtype
     assert [r["prompt_token_ids"] for r in a["results"]] == [r["prompt_token_ids"] for r in b["results"]]
-    assert [r["token_ids"] for r in a["results"]] == [r["token_ids"] for r in b["results"]]
     compared = invoke("compare", tmp_path / "llama.json", tmp_path / "hf.json")
+    if near_ties:
+        assert "diverged" not in compared.output and "largest top-1 logprob difference" in compared.output
+        return
+    assert [r["token_ids"] for r in a["results"]] == [r["token_ids"] for r in b["results"]]
     assert compared.exit_code == 0 and "3/3 prompts identical" in compared.output
 
 
@@ -277,3 +282,113 @@ def test_byte_level_bpe_tokenizer_round_trips_through_llamacpp(tmp_path, invoke)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, verbose=False)
     for text in ("23 24 25 26", "héllo Zebra, how are you?", "  spaces  and\nlines"):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == hf(text)["input_ids"], text
+
+
+# ---- architectures ------------------------------------------------------------------------------------------------
+def edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def longrope(attention_factor=None) -> dict:
+    generator = torch.Generator().manual_seed(3)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
+            "short_factor": (1 + 30 * torch.rand(32, generator=generator)).tolist(),
+            "long_factor": (0.2 + 0.3 * torch.rand(32, generator=generator)).tolist()}
+    if attention_factor is not None:
+        rope["attention_factor"] = attention_factor
+    return rope
+
+
+def logprobs_llamacpp(path: Path, ids: list[int]) -> torch.Tensor:
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp tests need llama-cpp-python (the gguf extra)")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=0, logits_all=True, verbose=False)
+    llm.eval(ids)
+    return torch.log_softmax(torch.tensor(np.array(llm.scores[:len(ids)])).double(), -1)
+
+
+def logprobs_transformers(folder: Path, ids: list[int], **config_changes) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    if config_changes:
+        copy = folder.parent / f"{folder.name}-variant"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(folder, copy)
+        edit_config(copy, **config_changes)
+        folder = copy
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+
+
+def test_longrope_is_exported_as_transformers_applies_it(tmp_path, invoke):
+    """Below the original context transformers scales the rotary frequencies by short_factor and cos / sin by the
+    attention factor; llama.cpp's logits must be nearer to that model than to the same model without them, with the
+    long factors, or without the attention factor (the distance left is llama.cpp's 8-bit activations)."""
+    qat_model(tmp_path / "qat", group_size=-1)
+    rope = longrope(attention_factor=1.6)
+    edit_config(tmp_path / "qat", rope_parameters=rope, max_position_embeddings=1024)
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
+    result = export_gguf(tmp_path / "qat", tmp_path / "m.gguf")
+    assert result.architecture == "minicpm" and "LongRoPE" in " ".join(result.notes)
+    ids = [1] + list(range(40, 140, 2))
+    llama = logprobs_llamacpp(tmp_path / "m.gguf", ids)
+    distance = {}
+    for label, changes in {"longrope": {}, "no rope factors": {"rope_parameters": {"rope_type": "default",
+                                                                                   "rope_theta": 10000.0}},
+                           "long factors": {"rope_parameters": {**rope, "short_factor": rope["long_factor"]}},
+                           "no attention factor": {"rope_parameters": {**rope, "attention_factor": 1.0}}}.items():
+        distance[label] = float((logprobs_transformers(tmp_path / "fused", ids, **changes) - llama).abs().mean())
+    assert all(distance["longrope"] < 0.75 * d for label, d in distance.items() if label != "longrope"), distance
+    agree_with_transformers(tmp_path / "m.gguf", tmp_path / "fused", tmp_path, invoke, "tq2_0", near_ties=True)
+
+
+def minicpm_reference(fused: Path, folder: Path, scale_emb: float, scale_depth: float, dim_model_base: int) -> Path:
+    """transformers 5.24 has no MiniCPM (only remote code, which tests never run): the reference is the fused model
+    as a float32 Llama with MiniCPM's three scales folded into its weights, exactly where MiniCPM applies them
+    (embeddings x scale_emb; attention and MLP outputs x scale_depth / sqrt(layers) before the residual add;
+    the final hidden state / (hidden_size / dim_model_base) before lm_head)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(fused, folder)
+    config = json.loads((folder / "config.json").read_text())
+    weights = {k: v.float() for k, v in load_file(fused / "model.safetensors").items()}
+    weights["model.embed_tokens.weight"] *= scale_emb
+    residual = scale_depth / config["num_hidden_layers"] ** 0.5
+    for name in weights:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] *= residual
+    weights["lm_head.weight"] /= config["hidden_size"] / dim_model_base
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    edit_config(folder, dtype="float32")
+    return folder
+
+
+@pytest.mark.parametrize("rope", [None, "longrope"])
+def test_minicpm_is_exported_with_its_scales(tmp_path, invoke, rope):
+    pytest.importorskip("llama_cpp", reason="llama.cpp tests need llama-cpp-python (the gguf extra)")
+    qat_model(tmp_path / "qat", group_size=-1)
+    changes = {"rope_parameters": longrope(), "max_position_embeddings": 1024} if rope else {}
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
+    minicpm_reference(tmp_path / "fused", tmp_path / "reference", 12.0, 1.4, 64)
+    edit_config(tmp_path / "reference", **changes)
+    edit_config(tmp_path / "qat", model_type="minicpm", architectures=["MiniCPMForCausalLM"], scale_emb=12,
+                scale_depth=1.4, dim_model_base=64, **changes)
+    result = export_gguf(tmp_path / "qat", tmp_path / "m.gguf")
+    assert result.architecture == "minicpm" and result.exact
+    fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
+    assert float(fields["minicpm.embedding_scale"].parts[-1][0]) == 12.0
+    assert float(fields["minicpm.residual_scale"].parts[-1][0]) == pytest.approx(1.4 / 2 ** 0.5)
+    assert float(fields["minicpm.logit_scale"].parts[-1][0]) == 4.0
+    agree_with_transformers(tmp_path / "m.gguf", tmp_path / "reference", tmp_path, invoke, "tq2_0",
+                            near_ties=rope is not None)
+
+
+def test_a_parameter_llamacpp_would_ignore_is_refused_by_name(tmp_path, invoke):
+    qat_model(tmp_path / "qat", group_size=-1)
+    edit_config(tmp_path / "qat", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                   "original_max_position_embeddings": 64})
+    result = invoke("convert", "-i", tmp_path / "qat", "-o", tmp_path / "m.gguf", "--format", "gguf")
+    assert result.exit_code == 1 and "rope type 'yarn'" in result.stderr
+    assert not (tmp_path / "m.gguf").exists()
