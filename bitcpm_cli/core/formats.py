@@ -44,55 +44,64 @@ def _fp16_bytes(d: torch.Tensor) -> torch.Tensor:
     return d.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2)
 
 
-def _scales(raw: torch.Tensor) -> torch.Tensor:
-    return raw.contiguous().view(torch.float16).reshape(-1).to(torch.float32)
-
-
-def _codes(blocks: torch.Tensor, d: torch.Tensor, low: int, high: int) -> torch.Tensor:
-    safe = torch.where(d > 0, d, torch.ones_like(d)).unsqueeze(-1)
-    return torch.round(blocks / safe).clamp_(low, high).to(torch.int16)
-
-
 def encode_block_type(weight: torch.Tensor, type_name: str) -> torch.Tensor:
-    """float32 [rows, cols] -> uint8 [rows * cols / block, block bytes] (scale = the block's largest magnitude for
-    TQ2_0 / Q4_0, its smallest non-zero magnitude for Q8_0, so that several scales that are integer multiples of
-    one fit)."""
+    """[rows, cols] -> uint8 [rows * cols / block, block bytes], for blocks whose values are exactly codes times one
+    fp16 scale: TQ2_0 / Q4_0 take the block's largest magnitude as the scale and the signs as codes (a ternary
+    block); Q8_0 its smallest non-zero magnitude and the rounded quotients (scales that are integer multiples of one
+    fit). Other blocks come out wrong, which `reproduces` detects."""
     _, block, _ = GGUF_BLOCKS[type_name]
     blocks = weight.reshape(-1, block)
     magnitudes = blocks.abs()
     if type_name == "Q8_0":
         d = torch.where(magnitudes > 0, magnitudes, torch.full_like(magnitudes, torch.inf)).amin(-1)
-        d = torch.where(torch.isinf(d), torch.zeros_like(d), d)
-    else:
-        d = magnitudes.amax(-1)
-    d16 = d.to(torch.float16).to(torch.float32)
+        d = torch.where(torch.isinf(d), torch.zeros_like(d), d).to(torch.float16)
+        safe = torch.where(d > 0, d, torch.ones_like(d)).to(torch.float32).unsqueeze(-1)
+        q = torch.round(blocks.to(torch.float32) / safe).clamp_(-127, 127).to(torch.int8).view(torch.uint8)
+        return torch.cat([_fp16_bytes(d), q], dim=1)
+    d = magnitudes.amax(-1).to(torch.float16)
+    signs = torch.sign(blocks).to(torch.int8)
     if type_name == "TQ2_0":
-        q = (_codes(blocks, d16, -1, 1) + 1).to(torch.uint8).reshape(-1, 2, 4, 32)
-        packed = (q << _SHIFTS.reshape(1, 1, 4, 1)).sum(dim=2, dtype=torch.uint8).reshape(-1, 64)
-        return torch.cat([packed, _fp16_bytes(d16)], dim=1)
+        q = (signs + 1).view(torch.uint8).reshape(-1, 2, 4, 32)
+        packed = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
+        return torch.cat([packed.reshape(-1, 64), _fp16_bytes(d)], dim=1)
     if type_name == "Q4_0":
-        q = (_codes(blocks, d16, -8, 7) + 8).to(torch.uint8)
-        return torch.cat([_fp16_bytes(d16), q[:, :16] | (q[:, 16:] << 4)], dim=1)
-    if type_name == "Q8_0":
-        q = _codes(blocks, d16, -127, 127).to(torch.int8).view(torch.uint8)
-        return torch.cat([_fp16_bytes(d16), q], dim=1)
+        q = (signs + 8).view(torch.uint8)
+        return torch.cat([_fp16_bytes(d), q[:, :16] | (q[:, 16:] << 4)], dim=1)
     raise ValueError(f"no torch encoder for {type_name}")
 
 
-def decode_block_type(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
-    """uint8 blocks -> float32 values in `shape`, as ggml dequantizes them."""
+def _block_codes(raw: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes [blocks, block] (value = code * d) and the fp16 scales d [blocks] of encoded blocks."""
     if type_name == "TQ2_0":
         q = (raw[:, :64].reshape(-1, 2, 1, 32) >> _SHIFTS.reshape(1, 1, 4, 1)) & 3
-        values = (q.reshape(-1, 256).to(torch.float32) - 1) * _scales(raw[:, 64:]).unsqueeze(-1)
-    elif type_name == "Q4_0":
+        return q.reshape(-1, 256).view(torch.int8) - 1, raw[:, 64:].contiguous().view(torch.float16).reshape(-1)
+    if type_name == "Q4_0":
         qs = raw[:, 2:]
-        q = torch.cat([qs & 15, qs >> 4], dim=1).to(torch.float32) - 8
-        values = q * _scales(raw[:, :2]).unsqueeze(-1)
-    elif type_name == "Q8_0":
-        values = raw[:, 2:].contiguous().view(torch.int8).to(torch.float32) * _scales(raw[:, :2]).unsqueeze(-1)
-    else:
-        raise ValueError(f"no torch decoder for {type_name}")
-    return values.reshape(shape)
+        return (torch.cat([qs & 15, qs >> 4], dim=1).view(torch.int8) - 8,
+                raw[:, :2].contiguous().view(torch.float16).reshape(-1))
+    if type_name == "Q8_0":
+        return raw[:, 2:].contiguous().view(torch.int8), raw[:, :2].contiguous().view(torch.float16).reshape(-1)
+    raise ValueError(f"no torch decoder for {type_name}")
+
+
+def decode_block_type(raw: torch.Tensor, type_name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """uint8 blocks -> float32 values in `shape`, as ggml dequantizes them (code * fp16 scale, in float32)."""
+    codes, d = _block_codes(raw, type_name)
+    return (codes.to(torch.float32) * d.to(torch.float32).unsqueeze(-1)).reshape(shape)
+
+
+def reproduces(raw: torch.Tensor, type_name: str, weight: torch.Tensor) -> bool:
+    """Whether the encoded blocks dequantize (code * d in float32) to `weight` exactly. Computed in the weight's
+    dtype (half the memory traffic for bf16) when every code is in {-2..2} and every scale converts to that dtype
+    without rounding: code * d is then exact in both; otherwise in float32."""
+    codes, d = _block_codes(raw, type_name)
+    scale = d.to(weight.dtype)
+    if not torch.equal(scale.to(torch.float32), d.to(torch.float32)):
+        return False
+    _, block, _ = GGUF_BLOCKS[type_name]
+    if type_name != "Q8_0" and bool((codes.abs() <= 2).all()):  # code * d is exact in any binary float dtype
+        return torch.equal(codes.to(weight.dtype) * scale.unsqueeze(-1), weight.reshape(-1, block))
+    return torch.equal(decode_block_type(raw, type_name, weight.shape), weight.to(torch.float32))
 
 
 # ---- fingerprints ------------------------------------------------------------------------------------------------

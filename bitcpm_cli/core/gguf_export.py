@@ -32,9 +32,9 @@ from bitcpm_cli.core.formats import (
     GGUF_ALIGNMENT,
     GGUF_BLOCKS,
     GGUF_FILE_TYPES,
-    decode_block_type,
     encode_block_type,
     gguf_nbytes,
+    reproduces,
 )
 
 BLOCK = 256
@@ -217,33 +217,34 @@ def _head(path: Path, arch: str, metadata: _Recorder, entries: list[_Entry]) -> 
     return head + bytes((-len(head)) % GGUF_ALIGNMENT)
 
 
-def _encode(entry: _Entry, data: torch.Tensor, gguf_type: str, allow_lossy: bool
-            ) -> tuple[bytes, float, str | None]:
-    """(bytes, max abs error of the decoded values, problem) for one quantized linear."""
+def _encode(entry: _Entry, data: torch.Tensor, gguf_type: str, allow_lossy: bool) -> tuple[bytes, str | None]:
+    """The bytes of one quantized linear (fused, in its output dtype) in the first candidate type that reproduces
+    it exactly, and the problem when none does (with --allow-lossy: llama.cpp's own rounding in the planned type)."""
     import gguf
 
     candidates = [entry.type] if gguf_type != "auto" else list(AUTO_ORDER[AUTO_ORDER.index(entry.type):])
-    worst, raw = math.inf, None
     for type_name in candidates:
         if entry.shape[1] % GGUF_BLOCKS[type_name][1]:
             continue
         if type_name == "TQ1_0":  # gguf-py's encoder and decoder (ggml's layout), in numpy
             qtype = gguf.GGMLQuantizationType.TQ1_0
-            encoded = gguf.quants.quantize(data.numpy(), qtype)
-            decoded = torch.from_numpy(gguf.quants.dequantize(encoded, qtype).reshape(entry.shape))
+            encoded = gguf.quants.quantize(data.to(torch.float32).numpy(), qtype)
+            decoded = gguf.quants.dequantize(encoded, qtype).reshape(entry.shape)
+            exact = np.array_equal(decoded, data.to(torch.float32).numpy())
         else:
             encoded = encode_block_type(data, type_name)
-            decoded = decode_block_type(encoded, type_name, entry.shape)
-        error = float((decoded - data).abs().max()) if data.numel() else 0.0
-        if error == 0 or (allow_lossy and raw is None):
-            entry.type, worst, raw = type_name, error, np.asarray(encoded).tobytes()
-            if error == 0:
-                return raw, 0.0, None
-    if raw is not None:  # --allow-lossy
-        return raw, worst, "not exact"
-    problem = ("its scales are not fp16 numbers or its blocks hold several scales" if gguf_type == "auto" else
-               "its scales are not fp16 numbers (convert from bfloat16 or float16 weights)")
-    return b"", math.inf, problem
+            exact = reproduces(encoded, type_name, data)
+        if exact:
+            entry.type = type_name
+            return _bytes_view(encoded), None
+    if not allow_lossy:
+        return None, ("its scales are not fp16 numbers or its blocks hold several scales" if gguf_type == "auto" else
+                     "its scales are not fp16 numbers (convert from bfloat16 or float16 weights)")
+    qtype = gguf.GGMLQuantizationType[entry.type]
+    values = data.to(torch.float32).numpy()
+    encoded = gguf.quants.quantize(values, qtype)
+    entry.error = float(np.abs(gguf.quants.dequantize(encoded, qtype).reshape(entry.shape) - values).max())
+    return _bytes_view(encoded), "not exact"
 
 
 def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2_0", embeddings: str = "f16",
@@ -337,6 +338,7 @@ def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2
                         raise CheckFailed(f"GGUF export expected tensor {entry.source}, got {name}",
                                           hint="report this as a bug; nothing was written")
                     raw, error = _tensor_bytes(entry, arch.prepare(name, tensor), gguf_type, allow_lossy)
+                    del tensor
                     if error:
                         if not allow_lossy:
                             raise CheckFailed(f"cannot export {name} exactly as {gguf_type.upper()} blocks: {error}",
@@ -345,16 +347,20 @@ def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2
                         lossy.append(name)
                     worst = max(worst, entry.error)
                 else:
-                    raw = extra_data[entry.name].tobytes()
+                    raw = _bytes_view(extra_data[entry.name])
+                if raw.nbytes != entry.nbytes:
+                    raise CheckFailed(f"{entry.name}: {raw.nbytes} bytes encoded, {entry.nbytes} expected",
+                                      hint="report this as a bug; nothing was written")
                 entry.digest = hashlib.sha256(raw).hexdigest()
                 handle.write(raw)
-                handle.write(bytes((-len(raw)) % GGUF_ALIGNMENT))
+                handle.write(bytes((-raw.nbytes) % GGUF_ALIGNMENT))
+                del raw
             final = header()
             if len(final) != len(head):
                 raise CheckFailed("the GGUF header changed length after writing", hint="report this as a bug")
             handle.seek(0)
             handle.write(final)
-        _read_back(staging, entries)
+        _read_back(staging, final, entries)
         os.replace(staging, output)
     except BaseException:
         staging.unlink(missing_ok=True)
@@ -375,42 +381,38 @@ def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2
     return result
 
 
-def _tensor_bytes(entry: _Entry, tensor: torch.Tensor, gguf_type: str, allow_lossy: bool) -> tuple[bytes, str | None]:
+def _bytes_view(array: Any) -> memoryview:
+    """A flat byte view of a contiguous torch tensor or numpy array (written and hashed without a copy)."""
+    if isinstance(array, torch.Tensor):
+        array = array.contiguous().reshape(-1).view(torch.uint8).numpy()
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+
+
+def _tensor_bytes(entry: _Entry, tensor: torch.Tensor, gguf_type: str, allow_lossy: bool
+                  ) -> tuple[memoryview | None, str | None]:
     """The encoded bytes of one checkpoint tensor, and the problem that keeps it from being exact."""
     if entry.quantized:
-        raw, error, problem = _encode(entry, tensor.to(torch.float32).contiguous(), gguf_type, allow_lossy)
-        entry.error = error
-        return raw, problem
-    if entry.type == "F32":
-        return tensor.to(torch.float32).contiguous().numpy().tobytes(), None
-    if entry.type == "F16":
-        return tensor.to(torch.float16).contiguous().numpy().tobytes(), None
-    if entry.type == "BF16":
-        return tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes(), None
+        return _encode(entry, tensor.contiguous(), gguf_type, allow_lossy)
+    if entry.type in ("F32", "F16", "BF16"):
+        return _bytes_view(tensor.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[entry.type])), None
     import gguf  # Q8_0 embeddings: llama.cpp's own rounding (a choice the user made, lossy by design)
 
-    return gguf.quants.quantize(tensor.to(torch.float32).numpy(), gguf.GGMLQuantizationType.Q8_0).tobytes(), None
+    return _bytes_view(gguf.quants.quantize(tensor.to(torch.float32).numpy(), gguf.GGMLQuantizationType.Q8_0)), None
 
 
-def _read_back(path: Path, entries: list[_Entry]) -> None:
-    """Every tensor of the written file has the planned name, type and shape, and the bytes that were checked."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    found = {t.name: t for t in reader.tensors}
+def _read_back(path: Path, head: bytes, entries: list[_Entry]) -> None:
+    """The written file holds the final header and, at the offsets its tensor table gives (gguf-py's layout: each
+    tensor padded to the alignment), exactly the bytes that were checked, read back with plain reads."""
     bad = []
     with path.open("rb") as handle:
+        if handle.read(len(head)) != head:
+            bad.append("the header")
         for entry in entries:
-            tensor = found.get(entry.name)
-            if tensor is None or tensor.tensor_type.name != entry.type or \
-                    tuple(int(d) for d in reversed(tensor.shape)) != entry.shape:
-                bad.append(entry.name)
-                continue
-            handle.seek(tensor.data_offset)
             if hashlib.sha256(handle.read(entry.nbytes)).hexdigest() != entry.digest:
                 bad.append(entry.name)
-    if bad or len(found) != len(entries):
-        raise CheckFailed(f"the written GGUF does not hold the checked tensors (first: {(bad or ['count'])[0]})",
+            handle.seek((-entry.nbytes) % GGUF_ALIGNMENT, os.SEEK_CUR)
+        if handle.read(1):
+            bad.append("trailing bytes")
+    if bad:
+        raise CheckFailed(f"the written GGUF does not hold the checked tensors (first: {bad[0]})",
                           hint="report this as a bug; nothing was written")
-
-
