@@ -327,3 +327,41 @@ def test_state_dict_plan_matches_model_plan(tiny_llama):
                               {n: str(t.dtype).removeprefix("torch.") for n, t in state.items()}, scheme)
     by_module = plan(tiny_llama, scheme)
     assert by_name == {f"{name}.weight": spec for name, spec in by_module.items()}
+
+
+# ---- what "exact" means per output dtype (README, `bitcpm convert`) ---------------------------------------------
+def qat_fused_weights(model) -> dict[str, torch.Tensor]:
+    from bitcpm_cli.core.quant import qat_layers
+
+    return {name + ".weight": layer.fused_weight().detach() for name, layer in qat_layers(model).items()}
+
+
+def test_float32_output_is_the_qat_forward_bit_for_bit(tmp_path):
+    qat = make_qat(tmp_path / "qat", dtype=torch.float32).eval()
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32")
+    fused = load_file(tmp_path / "fused" / "model.safetensors")
+    assert all(same_bytes(fused[n], w) for n, w in qat_fused_weights(qat).items())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_output_is_the_qat_forward_weights_rounded_once(tmp_path, dtype):
+    """From a float32 checkpoint: the float32 fused weights, cast once (not the QAT model run in 16 bits, whose
+    scales would come from rounded latent weights)."""
+    qat = make_qat(tmp_path / "qat", dtype=torch.float32).eval()
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype=dtype)
+    fused = load_file(tmp_path / "fused" / "model.safetensors")
+    assert all(same_bytes(fused[n], w.to(getattr(torch, dtype))) for n, w in qat_fused_weights(qat).items())
+
+
+def test_bf16_output_of_a_bf16_checkpoint_is_its_qat_forward_in_bf16(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make_qat(tmp_path / "qat", dtype=torch.bfloat16)
+    qat = AutoModelForCausalLM.from_pretrained(tmp_path / "qat", dtype=torch.bfloat16).eval()
+    prepare(qat, QuantScheme(group_size=128))
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="bfloat16")
+    fused = load_file(tmp_path / "fused" / "model.safetensors")
+    assert all(same_bytes(fused[n], w) for n, w in qat_fused_weights(qat).items())
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "fused", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        assert torch.equal(stock(IDS).logits, qat(IDS).logits)
