@@ -33,15 +33,15 @@ def _load(path: Path, seed: int):
 
 
 def _render_chat(template: str | None, messages: list[dict[str, str]], special: dict[str, str]) -> str:
-    """The GGUF's chat template, rendered the way transformers renders it."""
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """The GGUF's chat template, rendered by transformers' own renderer (its sandbox, `raise_exception`,
+    `strftime_now`, loop controls), as `apply_chat_template` renders it for the transformers engine."""
+    from transformers.utils.chat_template_utils import render_jinja_template
 
     from bitcpm_cli.core.chat import DEFAULT_CHAT_TEMPLATE
 
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    return environment.from_string(template or DEFAULT_CHAT_TEMPLATE).render(
-        messages=messages, add_generation_prompt=True, **special)
+    rendered, _ = render_jinja_template([messages], chat_template=template or DEFAULT_CHAT_TEMPLATE,
+                                        add_generation_prompt=True, **special)
+    return rendered[0]
 
 
 def _top(logits: np.ndarray, k: int, chosen: int) -> list[list[float]]:

@@ -392,3 +392,52 @@ def test_a_parameter_llamacpp_would_ignore_is_refused_by_name(tmp_path, invoke):
     result = invoke("convert", "-i", tmp_path / "qat", "-o", tmp_path / "m.gguf", "--format", "gguf")
     assert result.exit_code == 1 and "rope type 'yarn'" in result.stderr
     assert not (tmp_path / "m.gguf").exists()
+
+
+# ---- metadata, embeddings, chat templates --------------------------------------------------------------------------
+def test_metadata_as_llamacpp_writes_it_and_bf16_embeddings(exact, tmp_path):
+    from safetensors.torch import load_file
+
+    result = export_gguf(exact / "qat", tmp_path / "m.gguf", embeddings="bf16")
+    assert result.tensor_types == {"TQ2_0": 14, "BF16": 2, "F32": 5}
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    fields = reader.fields
+    assert int(fields["general.quantization_version"].parts[-1][0]) == gguf.GGML_QUANT_VERSION
+    assert int(fields["general.file_type"].parts[-1][0]) == gguf.LlamaFileType.MOSTLY_TQ2_0
+    assert bytes(fields["general.size_label"].parts[-1]).decode().endswith("M")
+    assert bytes(fields["general.name"].parts[-1]).decode() == "qat"
+    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    fused = load_file(exact / "fused" / "model.safetensors")["model.embed_tokens.weight"]
+    assert np.asarray(embed.data).tobytes() == fused.view(torch.int16).numpy().tobytes()
+
+
+def test_llama_config_with_minicpm_scales_gets_a_note(tmp_path):
+    qat_model(tmp_path / "qat", group_size=-1)
+    edit_config(tmp_path / "qat", scale_emb=12)
+    result = export_gguf(tmp_path / "qat", tmp_path / "m.gguf")
+    assert result.architecture == "llama"
+    assert any("sets scale_emb but model_type 'llama' does not use them" in note for note in result.notes)
+
+
+def test_llamacpp_engine_renders_chat_templates_with_transformers_renderer(tmp_path, invoke):
+    pytest.importorskip("llama_cpp", reason="llama.cpp tests need llama-cpp-python (the gguf extra)")
+    from transformers import AutoTokenizer
+
+    qat_model(tmp_path / "qat", group_size=-1)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "qat")
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'tool' %}{{ raise_exception('no tool messages') }}{% endif %}"
+        "{% set year = strftime_now('%Y') %}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+        "{{ ' ' + m['content'] + eos_token }}{% else %}{{ '<|im_start|>' + m['content'] }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ ' ' }}{% endif %}")
+    tokenizer.save_pretrained(tmp_path / "qat")
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
+    assert invoke("convert", "-i", tmp_path / "qat", "-o", tmp_path / "m.gguf", "--format", "gguf").exit_code == 0
+    runs = {}
+    for label, args in {"llama": ["--engine", "llama.cpp", "-m", tmp_path / "m.gguf"],
+                        "hf": ["-m", tmp_path / "fused", "--dtype", "float32", "--device", "cpu"]}.items():
+        done = invoke("infer", *args, "--chat", "-p", "continue: 47 48 49", "-o", tmp_path / f"{label}.json",
+                      "--max-new-tokens", "4", "-q")
+        assert done.exit_code == 0, done.output
+        runs[label] = json.loads((tmp_path / f"{label}.json").read_text())["results"][0]["prompt_token_ids"]
+    assert runs["llama"] == runs["hf"]
