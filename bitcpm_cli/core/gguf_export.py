@@ -157,10 +157,10 @@ def _write_tokenizer(writer: Any, source: Path, vocab_size: int, notes: list[str
     from gguf.vocab import BpeVocab, LlamaHfVocab, SpecialVocab
 
     try:
-        vocab, model, pre, merges = LlamaHfVocab(source), "llama", "default", False
+        vocab, model, pre, merges = LlamaHfVocab(source), "llama", "default", False  # llama.cpp's SPM: "default"
     except (FileNotFoundError, TypeError):
         try:
-            vocab, model, pre, merges = BpeVocab(source), "gpt2", "gpt-2", True
+            vocab, model, pre, merges = BpeVocab(source), "gpt2", "", True
         except (FileNotFoundError, ValueError) as exc:
             raise InputError(f"cannot export the tokenizer of {source} ({exc})",
                              hint="GGUF export supports tokenizer.json with a SentencePiece-style BPE (byte "
@@ -180,6 +180,13 @@ def _write_tokenizer(writer: Any, source: Path, vocab_size: int, notes: list[str
         types.append(gguf.TokenType.UNUSED)
     if padded:
         notes.append(f"{padded} unused embedding rows written as [PAD] tokens")
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(source)
+    if model == "llama":
+        scores = _merge_scores(source, scores)
+    else:
+        pre = detect_pretokenizer(source, hf)
     writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -188,13 +195,50 @@ def _write_tokenizer(writer: Any, source: Path, vocab_size: int, notes: list[str
     writer.add_token_types(types)
     special = SpecialVocab(source, load_merges=merges, n_vocab=len(tokens))
     # llama.cpp adds BOS / EOS to a prompt exactly when transformers' tokenizer does
-    from transformers import AutoTokenizer
-
-    hf = AutoTokenizer.from_pretrained(source)
     probe = hf("0")["input_ids"]
     special.add_special_token["bos"] = bool(probe) and probe[0] == hf.bos_token_id
     special.add_special_token["eos"] = bool(probe) and probe[-1] == hf.eos_token_id
     special.add_to_gguf(writer)
+
+
+def detect_pretokenizer(source: Path, tokenizer: Any) -> str:
+    """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer, found as `convert_hf_to_gguf.py` finds it
+    (sha256 of the ids of a probe text); a tokenizer that is not in its table but whose pre-tokenizer is GPT-2's
+    (ByteLevel with its regex) is `gpt-2`; anything else is refused (llama.cpp would split text differently)."""
+    import json
+
+    from bitcpm_cli.core.gguf_pretokenizers import PRETOKENIZERS, PROBE
+
+    digest = hashlib.sha256(str(tokenizer.encode(PROBE)).encode()).hexdigest()
+    if digest in PRETOKENIZERS:
+        return PRETOKENIZERS[digest]
+    pre = json.loads((source / "tokenizer.json").read_text(encoding="utf-8")).get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    raise InputError(f"llama.cpp does not know this tokenizer's pre-tokenizer ({pre.get('type')}, probe hash "
+                     f"{digest[:12]}...): it would split text differently from transformers",
+                     hint="GGUF export supports the pre-tokenizers llama.cpp's convert_hf_to_gguf.py knows")
+
+
+def _merge_scores(source: Path, scores: list[float]) -> list[float]:
+    """SentencePiece-style scores for llama.cpp's "llama" tokenizer, which merges the adjacent pair whose result has
+    the highest score: from a BPE tokenizer.json, minus the rank of the merge that makes each token (single
+    characters 0, tokens that no merge makes below every merge), so llama.cpp merges in the BPE's order. (gguf-py's
+    LlamaHfVocab gives every token -1000, and llama.cpp then merges in the wrong order.)"""
+    import json
+
+    model = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    merges = model.get("merges") or []
+    rank: dict[str, int] = {}
+    for index, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, index)
+    out = list(scores)
+    for text, token_id in model.get("vocab", {}).items():
+        if token_id < len(out):
+            out[token_id] = (-float(rank[text]) if text in rank else 0.0 if len(text) == 1 or
+                             re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text) else -float(len(merges) + 1))
+    return out
 
 
 def _head(path: Path, arch: str, metadata: _Recorder, entries: list[_Entry]) -> bytes:

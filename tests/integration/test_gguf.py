@@ -17,14 +17,14 @@ from bitcpm_cli.core.gguf_export import export_gguf  # noqa: E402
 TOKENIZER = Path(__file__).resolve().parents[2] / "configs" / "quickstart" / "tokenizer"
 
 
-def qat_model(folder: Path, group_size: int) -> Path:
+def qat_model(folder: Path, group_size: int, vocab_size: int = 512) -> Path:
     """A random QAT model with 256-multiple dims and the quickstart's SentencePiece-style tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from bitcpm_cli.core.quant import QuantScheme, prepare
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     model = LlamaForCausalLM(config)
