@@ -1,12 +1,14 @@
-"""Measure `bitcpm convert` on a >= 1.5 GB multi-shard QAT checkpoint, in one run, against two baselines.
+"""Measure `bitcpm convert` on a multi-shard bf16 QAT checkpoint, in one run, against baselines.
 
 - copy: a plain file copy of the same shards (the I/O floor);
-- load-everything: load every shard into memory, quantize every linear, save everything (what a naive
-  `torch.load + quantize + torch.save` script does).
+- convert and convert --verify;
+- load-everything (with --naive): load every shard into memory, quantize every linear, save everything (what a
+  naive `torch.load + quantize + torch.save` script does).
 Each runs in its own process; wall time and peak RSS are printed with the ratios the targets are stated in:
-peak RSS <= 0.25x the model size + 400 MB, wall time <= 4x the copy.
+peak RSS <= 0.25x the model size + 400 MB, wall time <= 4x the copy. `--shape 1b` is the BitCPM4-1B shape (vocab
+73,448, hidden 2,048, 28 layers, 16 heads, 2 KV heads, intermediate 6,144: 3.2 GB in bf16).
 
-    python scripts/bench_convert.py [--layers 14] [--keep DIR]
+    python scripts/bench_convert.py [--shape 1b | --layers 14] [--naive]
 """
 
 from __future__ import annotations
@@ -24,23 +26,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-HIDDEN, INTERMEDIATE, VOCAB = 2048, 5632, 32000
+DEFAULT_SHAPE = dict(hidden=2048, layers=14, heads=16, kv_heads=16, head_dim=128, intermediate=5632, vocab=32000)
 
 
-def build_checkpoint(folder: Path, layers: int) -> int:
-    """A Llama-shaped QAT checkpoint (bf16 latent weights, ternary g128) in 4 safetensors shards."""
+def shape(name: str, layers: int | None = None) -> dict:
+    from tests.helpers import BITCPM_1B
+
+    dims = dict(BITCPM_1B if name == "1b" else DEFAULT_SHAPE)
+    if layers is not None:
+        dims["layers"] = layers
+    return dims
+
+
+def build_checkpoint(folder: Path, dims: dict, group_size: int = 128) -> int:
+    """A Llama-shaped QAT checkpoint (bf16 latent weights, ternary) in 4 safetensors shards."""
     import torch
     from safetensors.torch import save_file
 
     from tests.helpers import llama_shapes
 
     folder.mkdir(parents=True)
-    shapes = llama_shapes(HIDDEN, layers, 16, 16, 128, INTERMEDIATE, VOCAB)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-              "num_hidden_layers": layers, "num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 128,
-              "intermediate_size": INTERMEDIATE, "vocab_size": VOCAB, "torch_dtype": "bfloat16",
-              "tie_word_embeddings": False,
-              "bitcpm_quant": {"quant_type": "ternary", "group_size": 128,
+    shapes = llama_shapes(**dims)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": dims["hidden"],
+              "num_hidden_layers": dims["layers"], "num_attention_heads": dims["heads"],
+              "num_key_value_heads": dims["kv_heads"], "head_dim": dims["head_dim"],
+              "intermediate_size": dims["intermediate"], "vocab_size": dims["vocab"], "torch_dtype": "bfloat16",
+              "tie_word_embeddings": False, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+              "bitcpm_quant": {"quant_type": "ternary", "group_size": group_size,
                                "modules_to_not_convert": ["lm_head", "embed_tokens"], "layers": {}}}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     names = list(shapes)
@@ -66,6 +78,12 @@ def child_convert(source: Path, output: Path) -> None:
     convert_checkpoint(source, output)
 
 
+def child_convert_verify(source: Path, output: Path) -> None:
+    from bitcpm_cli.core.convert import convert_checkpoint
+
+    assert convert_checkpoint(source, output, verify=True).verify.ok
+
+
 def child_load_everything(source: Path, output: Path) -> None:
     import torch
     from safetensors.torch import load_file
@@ -84,7 +102,8 @@ def child_load_everything(source: Path, output: Path) -> None:
     torch.save(state, output / "pytorch_model.bin")
 
 
-CHILDREN = {"copy": child_copy, "convert": child_convert, "load-everything": child_load_everything}
+CHILDREN = {"copy": child_copy, "convert": child_convert, "convert --verify": child_convert_verify,
+            "load-everything": child_load_everything}
 
 
 def run_child(kind: str, source: Path, output: Path) -> dict:
@@ -97,7 +116,10 @@ def run_child(kind: str, source: Path, output: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=14, help="decoder layers (14 gives about 1.7 GB)")
+    parser.add_argument("--shape", choices=("default", "1b"), default="default",
+                        help="default: hidden 2048, 14 layers (1.7 GB); 1b: the BitCPM4-1B shape (3.2 GB)")
+    parser.add_argument("--layers", type=int, help="override the number of decoder layers")
+    parser.add_argument("--naive", action="store_true", help="also run load-everything (needs ~3x the model in RAM)")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "SOURCE", "OUTPUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -110,26 +132,31 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=ROOT.parent if ROOT.parent.is_dir() else None) as tmp:
         source = Path(tmp) / "qat"
-        size = build_checkpoint(source, args.layers)
+        dims = shape(args.shape, args.layers)
+        size = build_checkpoint(source, dims)
         size_mb = size / 2**20
         results = {}
-        for kind in ("copy", "convert", "load-everything"):
-            results[kind] = run_child(kind, source, Path(tmp) / kind)
-            shutil.rmtree(Path(tmp) / kind)
+        for kind in ("copy", "convert", "convert --verify") + (("load-everything",) if args.naive else ()):
+            results[kind] = run_child(kind, source, Path(tmp) / "out")
+            shutil.rmtree(Path(tmp) / "out")
     idle = run_child_idle()
-    copy, conv, naive = results["copy"], results["convert"], results["load-everything"]
+    copy, conv = results["copy"], results["convert"]
     budget = 0.25 * size_mb + 400
-    print(f"checkpoint: {size_mb:,.0f} MiB in 4 safetensors shards ({args.layers} layers, bf16 latent, ternary g128)")
+    print(f"checkpoint: {size_mb:,.0f} MiB in 4 safetensors shards ({dims}, bf16 latent, ternary g128)")
     print(f"{'':18}{'wall s':>9}{'peak RSS MiB':>15}")
     for kind, r in results.items():
         print(f"{kind:18}{r['wall_s']:9.2f}{r['peak_rss_mb']:15.0f}")
     print(f"(a Python process that imports torch and does nothing peaks at {idle:.0f} MiB)")
-    print(f"convert wall / copy wall:            {conv['wall_s'] / copy['wall_s']:.2f}x   (target <= 4x)")
-    print(f"convert wall / load-everything wall: {conv['wall_s'] / naive['wall_s']:.2f}x")
-    print(f"convert peak RSS / model size:       {conv['peak_rss_mb'] / size_mb:.3f}x  "
-          f"({conv['peak_rss_mb']:.0f} MiB vs budget 0.25x + 400 MB = {budget:.0f} MiB: "
-          f"{'within' if conv['peak_rss_mb'] <= budget else 'OVER'})")
-    print(f"load-everything peak RSS / model size: {naive['peak_rss_mb'] / size_mb:.3f}x")
+    for kind in ("convert", "convert --verify"):
+        r = results[kind]
+        print(f"{kind + ' wall / copy wall:':36} {r['wall_s'] / copy['wall_s']:.2f}x   (target <= 4x)")
+        print(f"{kind + ' peak RSS / model size:':36} {r['peak_rss_mb'] / size_mb:.3f}x  "
+              f"({r['peak_rss_mb']:.0f} MiB vs budget 0.25x + 400 MB = {budget:.0f} MiB: "
+              f"{'within' if r['peak_rss_mb'] <= budget else 'OVER'})")
+    if "load-everything" in results:
+        naive = results["load-everything"]
+        print(f"convert wall / load-everything wall: {conv['wall_s'] / naive['wall_s']:.2f}x")
+        print(f"load-everything peak RSS / model size: {naive['peak_rss_mb'] / size_mb:.3f}x")
 
 
 def peak_rss_mb() -> float:

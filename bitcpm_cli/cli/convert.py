@@ -40,8 +40,12 @@ def convert(
     scheme: Optional[Path] = typer.Option(None, "--scheme", help="Scheme file: a bitcpm_quant block or a CANN strategy."),
     fmt: str = typer.Option("fused", "--format", help="fused (bf16 weights stock transformers/vLLM load), packed (2-bit) "
                                                       "or gguf (llama.cpp ternary blocks)."),
-    gguf_type: str = typer.Option("tq2_0", "--gguf-type", help="GGUF ternary block type: tq2_0 or tq1_0."),
-    gguf_embeddings: str = typer.Option("f16", "--gguf-embeddings", help="GGUF embeddings / output layer: f16 or q8_0."),
+    gguf_type: str = typer.Option("tq2_0", "--gguf-type", help="GGUF block type of the linears: tq2_0, tq1_0 (exact or "
+                                                               "refused) or auto (per tensor the smallest exact one of "
+                                                               "TQ2_0, Q4_0, Q8_0: any group size that is a multiple "
+                                                               "of 32)."),
+    gguf_embeddings: str = typer.Option("f16", "--gguf-embeddings", help="GGUF embeddings / output layer: f16, bf16 "
+                                                                         "or q8_0."),
     allow_lossy: bool = typer.Option(False, "--allow-lossy", help="GGUF: export even where blocks are not exact, and "
                                                                    "report the error."),
     dtype: str = typer.Option("bfloat16", "--dtype", help="Output dtype: bfloat16, float16 or float32."),
@@ -93,9 +97,12 @@ def convert(
 
 def _render_gguf(result) -> None:
     table = Table(title=f"GGUF {result.gguf_type.upper()}: {escape(result.output)}", show_header=False)
-    table.add_row("tensors", f"{result.tensors} ({result.ternary_tensors} ternary)")
-    table.add_row("size", f"{result.bytes_out / 2**20:,.2f} MiB")
-    table.add_row("read back", "every ternary tensor dequantizes to the fused weights" if result.exact
+    table.add_row("architecture", result.architecture)
+    table.add_row("tensors", f"{result.tensors} ({result.ternary_tensors} quantized linears)")
+    table.add_row("tensor types", ", ".join(f"{name} x{count}" for name, count in sorted(result.tensor_types.items())))
+    table.add_row("size", f"{result.bytes_out / 2**20:,.2f} MiB, {result.bits_per_weight:.3f} bits/weight "
+                          f"(linears {result.linear_bits_per_weight:.3f})")
+    table.add_row("read back", "every quantized linear decodes to the fused weights bit for bit" if result.exact
                   else f"max abs error {result.max_abs_error:g}")
     table.add_row("time", f"{result.seconds:.2f} s")
     out.print(table)

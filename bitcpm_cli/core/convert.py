@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -33,7 +33,7 @@ from bitcpm_cli.core.checkpoint import (
 )
 from bitcpm_cli.core.config_check import require_consistent_config
 from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError, QuantError
-from bitcpm_cli.core.outputs import OutputGuard
+from bitcpm_cli.core.outputs import OutputGuard, check_output
 from bitcpm_cli.core.readers import parse_json
 from bitcpm_cli.core.quant import (
     LayerQuant,
@@ -200,7 +200,7 @@ class _Transform:
         module = name.removesuffix(".weight")
         if self.mode == "passthrough":
             # Packing needs the planned group size; a fused copy only needs the weight to be fused at all.
-            groups = [spec.group_size] if self.fmt == "packed" else FUSED_GROUP_CANDIDATES
+            groups = [spec.group_size] + ([] if self.fmt == "packed" else list(FUSED_GROUP_CANDIDATES))
             if not any(fused_scales(tensor, g) is not None for g in groups):
                 raise InputError(f"{name} is not fused (its groups hold more than {{-a, 0, +a}}) while the first "
                                  "linear was: the input mixes fused and latent weights",
@@ -346,34 +346,59 @@ class _ShardedWriter:
 
 
 # ---- the command ---------------------------------------------------------------------------------
-def convert_checkpoint(
-    source: str | Path,
-    output: str | Path,
-    *,
-    quant_type: str | None = None,
-    group_size: int | None = None,
-    scheme_file: str | Path | None = None,
-    fmt: str = "fused",
-    dtype: str = "bfloat16",
-    verify: bool = False,
-    overwrite: bool = False,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    progress: ProgressFn | None = None,
-) -> ConvertResult:
-    started = time.perf_counter()
-    source, output = Path(source), Path(output)
-    if fmt not in FORMATS:
-        raise InputError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}, gguf",
-                         hint="fused for transformers / vLLM, packed for 2 bits a weight, gguf for llama.cpp")
+@dataclass
+class ConversionPlan:
+    """What a conversion will do, decided from headers, config.json and (for a dense input) its first linear."""
+
+    files: WeightFiles
+    specs: dict[str, TensorSpec]
+    config: dict[str, Any] | None
+    fmt: str
+    dtype: str
+    mode: str  # "quantize" | "passthrough" | "unpack"
+    input_kind: str
+    scheme: QuantScheme | None
+    targets: dict[str, LayerQuant]
+    packed_shapes: dict[str, list[int]]
+    notes: list[str]
+    warnings: list[str]
+
+    def transform(self) -> "_Transform":
+        return _Transform(self.mode, self.fmt, self.dtype, self.targets, self.packed_shapes)
+
+    def out_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        transform = self.transform()
+        return [s for name in tensor_order(self.files, self.specs) for s in transform.plan(name, self.specs[name])]
+
+    def group_sizes(self) -> dict[str, int]:
+        """The scale group size of every quantized linear's weight in the output, by its `.weight` name."""
+        if self.mode != "unpack":
+            return {name: spec.group_size for name, spec in self.targets.items()}
+        sizes = {}
+        for base, (out_features, in_features) in self.packed_shapes.items():
+            rows, groups = self.specs[base + SCALE_SUFFIX].shape
+            sizes[base + ".weight"] = (0 if rows == 1 and out_features > 1 else
+                                       -1 if groups == 1 else in_features // groups)
+        return sizes
+
+    def stream(self, hasher=None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every output tensor in turn, one input tensor in memory at a time."""
+        transform = self.transform()
+        for name, tensor in iter_tensors(self.files, hasher):
+            yield from transform.apply(name, tensor)
+
+
+def plan_conversion(source: Path, output: Path, *, quant_type: str | None, group_size: int | None,
+                    scheme_file: str | Path | None, fmt: str, dtype: str, overwrite: bool) -> ConversionPlan:
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}", hint="bfloat16 is what users deploy")
     if quant_type is not None or group_size is not None:
         QuantScheme(quant_type=quant_type or "ternary", group_size=-1 if group_size is None else group_size)
-    single = output.name if output.suffix in (".safetensors", ".bin") else None
     files, specs = read_tensor_specs(source)
     config = read_config(source) if source.is_dir() else None
-    guard = OutputGuard(output, [source, scheme_file], overwrite=overwrite, kind="file" if single else "dir")
-    if single and single.endswith(".bin") and fmt == "packed":
+    check_output(output, [source, scheme_file], overwrite=overwrite,
+                 kind="file" if output.suffix in (".safetensors", ".bin", ".gguf") else "dir")
+    if output.name.endswith(".bin") and fmt == "packed":
         raise InputError("the packed format is written as safetensors", hint="name the output *.safetensors or a folder")
     if config is not None:
         require_consistent_config(source)
@@ -401,11 +426,39 @@ def convert_checkpoint(
                 raise QuantError(f"the packed format holds ternary codes only, not {', '.join(bad)}",
                                  hint="use --format fused for other quant types")
             packed_shapes = {name.removesuffix(".weight"): list(specs[name].shape) for name in targets}
+    return ConversionPlan(files, specs, config, fmt, dtype, mode, input_kind, scheme, targets, packed_shapes, notes,
+                          warnings)
 
-    transform = _Transform(mode, fmt, dtype, targets, packed_shapes)
-    out_specs = [s for name in tensor_order(files, specs) for s in transform.plan(name, specs[name])]
-    transform = _Transform(mode, fmt, dtype, targets, packed_shapes)  # fresh pairing state for the data pass
 
+def convert_checkpoint(
+    source: str | Path,
+    output: str | Path,
+    *,
+    quant_type: str | None = None,
+    group_size: int | None = None,
+    scheme_file: str | Path | None = None,
+    fmt: str = "fused",
+    dtype: str = "bfloat16",
+    verify: bool = False,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    progress: ProgressFn | None = None,
+) -> ConvertResult:
+    started = time.perf_counter()
+    source, output = Path(source), Path(output)
+    if fmt not in FORMATS:
+        raise InputError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}, gguf",
+                         hint="fused for transformers / vLLM, packed for 2 bits a weight, gguf for llama.cpp")
+    single = output.name if output.suffix in (".safetensors", ".bin") else None
+    plan = plan_conversion(source, output, quant_type=quant_type, group_size=group_size, scheme_file=scheme_file,
+                           fmt=fmt, dtype=dtype, overwrite=overwrite)
+    files, specs, config = plan.files, plan.specs, plan.config
+    mode, input_kind, targets, packed_shapes = plan.mode, plan.input_kind, plan.targets, plan.packed_shapes
+    scheme, notes, warnings = plan.scheme, plan.notes, plan.warnings
+    out_specs = plan.out_specs()
+    transform = plan.transform()
+
+    guard = OutputGuard(output, [source, scheme_file], overwrite=overwrite, kind="file" if single else "dir")
     staging = guard.claim()  # .bitcpm-tmp-<pid>-<name>: keeps the suffix, .bin stays .bin
     hasher = hashlib.sha256()
     try:
@@ -525,6 +578,28 @@ def _write_folder_files(source: Path, staging: Path, config: dict | None, result
     (staging / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
 
 
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (so -0.0 differs from +0.0, and a NaN equals itself)."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
+
+
+class _InOrder:
+    """Tensors by name from a stream that yields them in (about) the order they are asked for."""
+
+    def __init__(self, stream: Iterator[tuple[str, torch.Tensor]]):
+        self._stream, self._ahead = stream, {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        while name not in self._ahead:
+            found, tensor = next(self._stream, (None, None))
+            if found is None:
+                raise CheckFailed(f"the written output has no tensor {name}", hint="report this as a bug; nothing "
+                                                                                     "was written")
+            self._ahead[found] = tensor
+        return self._ahead.pop(name)
+
+
 def _reference(name: str, tensor: torch.Tensor, targets: dict[str, LayerQuant], mode: str,
                dtype: torch.dtype) -> torch.Tensor:
     if name in targets and mode == "quantize":
@@ -534,8 +609,12 @@ def _reference(name: str, tensor: torch.Tensor, targets: dict[str, LayerQuant], 
 
 def _verify(files: WeightFiles, specs: dict[str, TensorSpec], staging: Path, result: ConvertResult, targets: dict[str, LayerQuant], mode: str, packed_shapes: dict[str, list[int]],
             progress: ProgressFn | None) -> VerifyReport:
-    """Reload the written output and compare every tensor with a reference recomputed from the input."""
-    written_tensors = TensorReader(*read_tensor_specs(staging))
+    """Reread the written output and compare every tensor with a reference recomputed from the input.
+
+    Both are streamed side by side (plain reads, no memory map): the output holds its tensors in input order, so
+    at most one input and one output tensor (two for a packed pair) are in memory at a time.
+    """
+    written_tensors = _InOrder(iter_tensors(read_tensor_specs(staging)[0]))
     dtype = getattr(torch, result.dtype)
     report = VerifyReport()
     pending: dict[str, dict[str, torch.Tensor]] = {}
@@ -558,7 +637,7 @@ def _verify(files: WeightFiles, specs: dict[str, TensorSpec], staging: Path, res
         else:
             written = written_tensors[name]
         report.tensors_checked += 1
-        if not torch.equal(written, reference):
+        if not _identical(written, reference):
             report.mismatches.append(name)
         if name in targets or base in packed_shapes:
             report.zero_fraction[name] = float((written == 0).float().mean())

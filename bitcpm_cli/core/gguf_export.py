@@ -1,29 +1,47 @@
-"""GGUF export with ternary blocks (llama.cpp TQ2_0 / TQ1_0), exact or refused, written with gguf-py.
+"""GGUF export for llama.cpp: exact or refused, streamed one tensor at a time, written with gguf-py.
 
-TQ blocks hold 256 values of one row with one fp16 scale `d = max|x|` and codes round(x / d). A fused ternary block
-is reproduced exactly when all its non-zero values share one magnitude (the block lies inside one scale group) and
-that magnitude is an fp16 number. Every block is checked before anything is written; after writing, the file is read
-back with gguf-py and every ternary tensor must dequantize to the fused weights.
+Every quantized linear is written in a block type that reproduces its fused weights bit for bit: TQ2_0 / TQ1_0
+(blocks of 256 values of one row with one fp16 scale) when each block holds one scale group, Q4_0 (blocks of 32,
+value `(q - 8) * d`, ternary codes as q in {7, 8, 9} with d = s) when each 32-block does, Q8_0 (blocks of 32 with
+int8 codes) when the block's values are small integer multiples of one fp16 number. `--gguf-type auto` picks the
+first that is exact, per tensor; `tq2_0` / `tq1_0` take that type or refuse.
+
+What the scheme already decides (group sizes against block sizes) is decided from config.json and the tensor
+headers before any weight is read. Then the file's header and tensor table are written, each tensor is fused,
+encoded, checked by decoding and written in turn, and the header is written again with the types finally chosen
+(its length does not depend on them). At the end the file is read back: every tensor's type, shape and bytes must be
+the ones that were checked.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from bitcpm_cli.core.checkpoint import iter_tensors, read_config, read_tensor_specs, refuse_remote_code
+from bitcpm_cli.core.checkpoint import refuse_remote_code
 from bitcpm_cli.core.errors import CheckFailed, InputError
-from bitcpm_cli.core.quant import QuantScheme, plan_state_dict
+from bitcpm_cli.core.formats import (
+    GGUF_ALIGNMENT,
+    GGUF_BLOCKS,
+    GGUF_FILE_TYPES,
+    encode_block_type,
+    gguf_nbytes,
+    reproduces,
+)
 
 BLOCK = 256
-GGUF_TYPES = ("tq2_0", "tq1_0")
-EMBEDDING_TYPES = ("f16", "q8_0")
+GGUF_TYPES = ("tq2_0", "tq1_0", "auto")
+EMBEDDING_TYPES = ("f16", "bf16", "q8_0")
+AUTO_ORDER = ("TQ2_0", "Q4_0", "Q8_0")
 
 
 @dataclass
@@ -31,10 +49,14 @@ class GgufResult:
     output: str
     gguf_type: str
     tensors: int
-    ternary_tensors: int
+    ternary_tensors: int  # quantized linears (ternary codes in TQ / Q4_0 / Q8_0 blocks)
     bytes_out: int
     seconds: float
-    max_abs_error: float = 0.0  # over the ternary tensors, after reading the file back
+    architecture: str = "llama"
+    tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type -> number of tensors
+    bits_per_weight: float = 0.0  # of the whole file, over every weight
+    linear_bits_per_weight: float = 0.0  # of the quantized linears
+    max_abs_error: float = 0.0  # over the quantized linears, decoded as written
     exact: bool = True
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -43,26 +65,90 @@ class GgufResult:
         return dict(self.__dict__)
 
 
-def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
-    """The row order llama.cpp's llama architecture expects for q_proj / k_proj (rotary halves interleaved)."""
-    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
+@dataclass
+class _Entry:
+    """One tensor of the GGUF: where it comes from and how it is written."""
+
+    source: str  # the checkpoint's name (or "" for a tensor the architecture adds)
+    name: str  # the GGUF name
+    shape: tuple[int, ...]
+    type: str  # the ggml type (planned, then the one written)
+    quantized: bool
+    group_size: int | None = None
+    digest: str = ""
+    error: float = 0.0  # max abs error of the decoded values (0 unless --allow-lossy)
+
+    @property
+    def nbytes(self) -> int:
+        return gguf_nbytes(self.type, math.prod(self.shape))
 
 
-def block_problem(name: str, weight: np.ndarray) -> str | None:
-    """Why this fused weight cannot be written as exact ternary blocks, or None."""
-    rows, columns = weight.shape
-    if columns % BLOCK:
-        return (f"{name}: rows of {columns} values are not a multiple of {BLOCK}; llama.cpp would fall back to F16 "
-                "(keep this layer in full precision or pad the model)")
-    magnitudes = np.abs(weight.reshape(rows, columns // BLOCK, BLOCK))
-    peak = magnitudes.max(axis=-1, keepdims=True)
-    if not np.all((magnitudes == 0) | (magnitudes == peak)):
-        return (f"{name}: some 256-value blocks hold more than one scale (the quantization groups are smaller than "
-                "256 or do not align with the blocks); use group size -1 or a multiple of 256")
-    if not np.array_equal(peak.astype(np.float16).astype(np.float32), peak):
-        return f"{name}: its scales are not fp16 numbers (convert from bfloat16 or float16 weights)"
+def block_problem(group_size: int, columns: int, block: int) -> str | None:
+    """Why blocks of `block` values along rows of `columns` cannot each hold one scale group, or None."""
+    if columns % block:
+        return f"rows of {columns} values are not a multiple of {block}"
+    if group_size > 0 and group_size % block:
+        return f"group size {group_size} puts more than one scale in a block of {block}"
     return None
+
+
+def _plan_type(entry: _Entry, gguf_type: str) -> tuple[str, str | None]:
+    """The block type tried first for a quantized linear, and the problem when there is none."""
+    columns = entry.shape[1]
+    if gguf_type != "auto":
+        problem = block_problem(entry.group_size, columns, BLOCK)
+        return gguf_type.upper(), problem
+    for type_name in AUTO_ORDER:
+        block = GGUF_BLOCKS[type_name][1]
+        if block_problem(entry.group_size if type_name != "Q8_0" else -1, columns, block) is None:
+            return type_name, None
+    return "Q8_0", f"rows of {columns} values are not a multiple of 32 (the smallest GGUF block)"
+
+
+def _grouped(problems: dict[str, list[str]]) -> list[str]:
+    """One line per problem with the layers that share it, e.g. 'model.layers.{0-27}.{mlp.up_proj, ...}'."""
+    lines = []
+    for problem, names in problems.items():
+        kinds: dict[tuple[str, str], list[int]] = {}
+        others = []
+        for name in names:
+            match = re.fullmatch(r"(.*\.layers\.)(\d+)\.(.*)", name.removesuffix(".weight"))
+            if match:
+                kinds.setdefault((match.group(1), match.group(3)), []).append(int(match.group(2)))
+            else:
+                others.append(name.removesuffix(".weight"))
+        by_layers: dict[tuple[str, str], list[str]] = {}
+        for (prefix, kind), layers in kinds.items():
+            by_layers.setdefault((prefix, _ranges(sorted(layers))), []).append(kind)
+        parts = [prefix + layers + "." + (kinds_[0] if len(kinds_) == 1 else "{" + ", ".join(sorted(kinds_)) + "}")
+                 for (prefix, layers), kinds_ in by_layers.items()] + others
+        lines.append(f"{problem}: {len(names)} linear(s): {'; '.join(parts)}")
+    return lines
+
+
+def _ranges(numbers: list[int]) -> str:
+    spans, start = [], numbers[0]
+    for previous, current in zip(numbers, numbers[1:] + [None]):
+        if current != previous + 1:
+            spans.append(str(start) if start == previous else f"{start}-{previous}")
+            start = current
+    return spans[0] if len(spans) == 1 and "-" not in spans[0] else "{" + ",".join(spans) + "}"
+
+
+class _Recorder:
+    """Collects gguf-py `add_*` calls so the same metadata can be written into several headers."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple, dict]] = []
+
+    def __getattr__(self, method: str) -> Callable[..., None]:
+        if not method.startswith("add_"):
+            raise AttributeError(method)
+        return lambda *args, **kwargs: self.calls.append((method, args, kwargs))
+
+    def replay(self, writer: Any) -> None:
+        for method, args, kwargs in self.calls:
+            getattr(writer, method)(*args, **kwargs)
 
 
 def _write_tokenizer(writer: Any, source: Path, vocab_size: int, notes: list[str]) -> None:
@@ -75,10 +161,10 @@ def _write_tokenizer(writer: Any, source: Path, vocab_size: int, notes: list[str
     refuse_remote_code(source, hint="GGUF export never runs a folder's own code: export a folder whose tokenizer "
                                     "is a standard tokenizer.json (no auto_map)")
     try:
-        vocab, model, pre, merges = LlamaHfVocab(source), "llama", "default", False
+        vocab, model, pre, merges = LlamaHfVocab(source), "llama", "default", False  # llama.cpp's SPM: "default"
     except (FileNotFoundError, TypeError):
         try:
-            vocab, model, pre, merges = BpeVocab(source), "gpt2", "gpt-2", True
+            vocab, model, pre, merges = BpeVocab(source), "gpt2", "", True
         except (FileNotFoundError, ValueError) as exc:
             raise InputError(f"cannot export the tokenizer of {source} ({exc})",
                              hint="GGUF export supports tokenizer.json with a SentencePiece-style BPE (byte "
@@ -98,6 +184,13 @@ def _write_tokenizer(writer: Any, source: Path, vocab_size: int, notes: list[str
         types.append(gguf.TokenType.UNUSED)
     if padded:
         notes.append(f"{padded} unused embedding rows written as [PAD] tokens")
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    if model == "llama":
+        scores = _merge_scores(source, scores)
+    else:
+        pre = detect_pretokenizer(source, hf)
     writer.add_tokenizer_model(model)
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -106,151 +199,271 @@ def _write_tokenizer(writer: Any, source: Path, vocab_size: int, notes: list[str
     writer.add_token_types(types)
     special = SpecialVocab(source, load_merges=merges, n_vocab=len(tokens))
     # llama.cpp adds BOS / EOS to a prompt exactly when transformers' tokenizer does
-    from transformers import AutoTokenizer
-
-    hf = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     probe = hf("0")["input_ids"]
     special.add_special_token["bos"] = bool(probe) and probe[0] == hf.bos_token_id
     special.add_special_token["eos"] = bool(probe) and probe[-1] == hf.eos_token_id
     special.add_to_gguf(writer)
 
 
-def _metadata(writer: Any, config: dict[str, Any], gguf_type: str, notes: list[str]) -> tuple[int, int]:
+def detect_pretokenizer(source: Path, tokenizer: Any) -> str:
+    """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer, found as `convert_hf_to_gguf.py` finds it
+    (sha256 of the ids of a probe text); a tokenizer that is not in its table but whose pre-tokenizer is GPT-2's
+    (ByteLevel with its regex) is `gpt-2`; anything else is refused (llama.cpp would split text differently)."""
+    import json
+
+    from bitcpm_cli.core.gguf_pretokenizers import PRETOKENIZERS, PROBE
+
+    digest = hashlib.sha256(str(tokenizer.encode(PROBE)).encode()).hexdigest()
+    if digest in PRETOKENIZERS:
+        return PRETOKENIZERS[digest]
+    pre = json.loads((source / "tokenizer.json").read_text(encoding="utf-8")).get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    raise InputError(f"llama.cpp does not know this tokenizer's pre-tokenizer ({pre.get('type')}, probe hash "
+                     f"{digest[:12]}...): it would split text differently from transformers",
+                     hint="GGUF export supports the pre-tokenizers llama.cpp's convert_hf_to_gguf.py knows")
+
+
+def _merge_scores(source: Path, scores: list[float]) -> list[float]:
+    """SentencePiece-style scores for llama.cpp's "llama" tokenizer, which merges the adjacent pair whose result has
+    the highest score: from a BPE tokenizer.json, minus the rank of the merge that makes each token (single
+    characters 0, tokens that no merge makes below every merge), so llama.cpp merges in the BPE's order. (gguf-py's
+    LlamaHfVocab gives every token -1000, and llama.cpp then merges in the wrong order.)"""
+    import json
+
+    model = json.loads((source / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    merges = model.get("merges") or []
+    rank: dict[str, int] = {}
+    for index, merge in enumerate(merges):
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        rank.setdefault(left + right, index)
+    out = list(scores)
+    for text, token_id in model.get("vocab", {}).items():
+        if token_id < len(out):
+            out[token_id] = (-float(rank[text]) if text in rank else 0.0 if len(text) == 1 or
+                             re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text) else -float(len(merges) + 1))
+    return out
+
+
+def _head(path: Path, arch: str, metadata: _Recorder, entries: list[_Entry]) -> bytes:
+    """The header, metadata and tensor table of the file, padded to the data alignment."""
     import gguf
 
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads", heads)
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    writer.add_context_length(config.get("max_position_embeddings", 2048))
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
-    rope = config.get("rope_parameters") or {}
-    writer.add_rope_freq_base(float(config.get("rope_theta", rope.get("rope_theta", 10000.0))))
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0 if gguf_type == "tq2_0" else gguf.LlamaFileType.MOSTLY_TQ1_0)
-    scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
-    if scaling:
-        notes.append(f"RoPE scaling {scaling.get('rope_type', scaling.get('type'))!r} is not exported (llama.cpp's "
-                     "llama architecture has no LongRoPE factors): contexts beyond the original length will differ")
-    return heads, kv_heads
+    writer = gguf.GGUFWriter(str(path), arch)
+    try:
+        metadata.replay(writer)
+        for entry in entries:
+            writer.add_tensor_info(entry.name, entry.shape, np.dtype(np.float32), entry.nbytes,
+                                   raw_dtype=gguf.GGMLQuantizationType[entry.type])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+    finally:
+        writer.close()
+    head = path.read_bytes()
+    path.unlink()
+    return head + bytes((-len(head)) % GGUF_ALIGNMENT)
+
+
+def _encode(entry: _Entry, data: torch.Tensor, gguf_type: str, allow_lossy: bool) -> tuple[bytes, str | None]:
+    """The bytes of one quantized linear (fused, in its output dtype) in the first candidate type that reproduces
+    it exactly, and the problem when none does (with --allow-lossy: llama.cpp's own rounding in the planned type)."""
+    import gguf
+
+    candidates = [entry.type] if gguf_type != "auto" else list(AUTO_ORDER[AUTO_ORDER.index(entry.type):])
+    for type_name in candidates:
+        if entry.shape[1] % GGUF_BLOCKS[type_name][1]:
+            continue
+        if type_name == "TQ1_0":  # gguf-py's encoder and decoder (ggml's layout), in numpy
+            qtype = gguf.GGMLQuantizationType.TQ1_0
+            encoded = gguf.quants.quantize(data.to(torch.float32).numpy(), qtype)
+            decoded = gguf.quants.dequantize(encoded, qtype).reshape(entry.shape)
+            exact = np.array_equal(decoded, data.to(torch.float32).numpy())
+        else:
+            encoded = encode_block_type(data, type_name)
+            exact = reproduces(encoded, type_name, data)
+        if exact:
+            entry.type = type_name
+            return _bytes_view(encoded), None
+    if not allow_lossy:
+        return None, ("its scales are not fp16 numbers or its blocks hold several scales" if gguf_type == "auto" else
+                     "its scales are not fp16 numbers (convert from bfloat16 or float16 weights)")
+    qtype = gguf.GGMLQuantizationType[entry.type]
+    values = data.to(torch.float32).numpy()
+    encoded = gguf.quants.quantize(values, qtype)
+    entry.error = float(np.abs(gguf.quants.dequantize(encoded, qtype).reshape(entry.shape) - values).max())
+    return _bytes_view(encoded), "not exact"
 
 
 def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2_0", embeddings: str = "f16",
-                allow_lossy: bool = False, overwrite: bool = False, **fuse_options: Any) -> GgufResult:
-    """A QAT, fused or packed model folder -> one GGUF file with ternary decoder linears."""
+                allow_lossy: bool = False, overwrite: bool = False, quant_type: str | None = None,
+                group_size: int | None = None, scheme_file: str | Path | None = None) -> GgufResult:
+    """A QAT, fused or packed model folder -> one GGUF file whose quantized linears equal the fused weights."""
     import gguf
 
-    from bitcpm_cli.core.convert import convert_checkpoint
+    from bitcpm_cli.core.convert import plan_conversion
     from bitcpm_cli.core.outputs import OutputGuard
+    from bitcpm_cli.core.gguf_arch import select_architecture
 
     started = time.perf_counter()
     source, output = Path(source), Path(output)
+    problems = []
     if gguf_type not in GGUF_TYPES:
-        raise InputError(f"--gguf-type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}", hint="tq2_0 is the "
-                                                                                                  "faster on CPUs")
+        problems.append(f"--gguf-type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
     if embeddings not in EMBEDDING_TYPES:
-        raise InputError(f"embedding type {embeddings!r} is not one of {', '.join(EMBEDDING_TYPES)}", hint="f16")
+        problems.append(f"--gguf-embeddings {embeddings!r} is not one of {', '.join(EMBEDDING_TYPES)}")
+    if problems:
+        raise InputError(problems[0], hint="auto picks the smallest exact type per tensor; tq2_0 is the fastest on "
+                                           "CPUs", problems=problems if len(problems) > 1 else ())
     if not source.is_dir():
         raise InputError(f"GGUF export needs a model folder with config.json and the tokenizer ({source})",
                          hint="pass the QAT, fused or packed model folder")
     if output.suffix != ".gguf":
         raise InputError(f"--output must name a .gguf file ({output})", hint="e.g. --output model-tq2_0.gguf")
-    guard = OutputGuard(output, [source, fuse_options.get("scheme_file")], overwrite=overwrite, kind="file")
-    config = read_config(source)
-    if config.get("model_type") not in ("llama", "minicpm", "mistral", None):
-        raise InputError(f"GGUF export writes the llama architecture; model_type {config.get('model_type')!r} is not "
-                         "supported", hint="export Llama/MiniCPM-style decoders")
-    qtype = gguf.GGMLQuantizationType.TQ2_0 if gguf_type == "tq2_0" else gguf.GGMLQuantizationType.TQ1_0
-    notes: list[str] = []
-    staging = guard.claim()  # .bitcpm-tmp-<pid>-<name>; the scratch folder beside it carries the pid too
-    with guard.scratch() as scratch:
-        fused_file = Path(scratch) / "fused.safetensors"
-        fused = convert_checkpoint(source, fused_file, dtype="bfloat16", **fuse_options)
-        notes += fused.notes
-        files, specs = read_tensor_specs(fused_file)
-        scheme = QuantScheme.from_config(config) or QuantScheme(group_size=-1)
-        ternary = set(plan_state_dict({n: s.shape for n, s in specs.items()}, {n: s.dtype for n, s in specs.items()},
-                                      QuantScheme("ternary", -1, scheme.modules_to_not_convert)))
-        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
-        writer = gguf.GGUFWriter(str(staging), "llama")
-        try:
-            writer.add_name(config.get("_name_or_path") or source.name)
-            heads, kv_heads = _metadata(writer, config, gguf_type, notes)
-            _write_tokenizer(writer, source, config["vocab_size"], notes)
-            problems, expected = [], {}
-            for name, tensor in iter_tensors(files):
-                gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
-                if gguf_name is None:
-                    raise InputError(f"no GGUF name for tensor {name}", hint="export Llama/MiniCPM-style decoders")
-                data = tensor.to(torch.float32).numpy()
-                if name.endswith("q_proj.weight"):
-                    data = _permute(data, heads)
-                elif name.endswith("k_proj.weight"):
-                    data = _permute(data, kv_heads)
-                if name in ternary:
-                    problem = block_problem(name, data)
-                    if problem:
-                        problems.append(problem)
+    plan = plan_conversion(source, output, quant_type=quant_type, group_size=group_size, scheme_file=scheme_file,
+                           fmt="fused", dtype="bfloat16", overwrite=overwrite)
+    config = plan.config or {}
+    arch = select_architecture(config)
+    notes = list(plan.notes) + arch.notes
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.name.upper()], config["num_hidden_layers"])
+
+    # ---- the plan: every tensor's GGUF name, shape and type, from headers and the scheme alone ----
+    group_sizes = plan.group_sizes()
+    entries: list[_Entry] = []
+    refused: dict[str, list[str]] = {}
+    for name, _, shape in plan.out_specs():
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise InputError(f"no GGUF name for tensor {name} in llama.cpp's {arch.name} architecture",
+                             hint="export Llama/MiniCPM-style decoders")
+        if name in group_sizes:
+            entry = _Entry(name, gguf_name, tuple(shape), "", True, group_sizes[name])
+            entry.type, problem = _plan_type(entry, gguf_type)
+            if problem:
+                refused.setdefault(problem, []).append(name)
+        else:
+            kind = "F32" if len(shape) == 1 else embeddings.upper()
+            entry = _Entry(name, gguf_name, tuple(shape), kind, False)
+        entries.append(entry)
+    extra = arch.extra_tensors()
+    entries += [_Entry("", n, tuple(v.shape), "F32", False) for n, v in extra]
+    if refused and not allow_lossy:
+        lines = _grouped(refused)
+        hint = ("use --gguf-type auto (Q4_0 / Q8_0 blocks where TQ blocks cannot be exact), or re-fuse with group "
+                "size -1 or a multiple of 256" if gguf_type != "auto" else
+                "re-fuse with group size -1 or a multiple of 32, or keep these layers in full precision")
+        raise CheckFailed(f"cannot export exact {gguf_type.upper()} blocks: {lines[0]}", hint=hint,
+                          problems=lines if len(lines) > 1 else ())
+
+    metadata = _Recorder()
+    metadata.add_name(config.get("_name_or_path") or source.name)
+    arch.metadata(metadata)
+    _write_tokenizer(metadata, source, config["vocab_size"], notes)
+    metadata.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    total_params = sum(math.prod(e.shape) for e in entries)
+    metadata.add_size_label(gguf.size_label(total_params, total_params, 0, 0))
+
+    guard = OutputGuard(output, [source, scheme_file], overwrite=overwrite, kind="file")
+    staging = guard.claim()  # .bitcpm-tmp-<pid>-<name>
+    scratch = output.parent / f".bitcpm-tmp-{os.getpid()}-{output.name}.head"  # removed as stale with the staging
+
+    def header() -> bytes:
+        quantized = [e.type for e in entries if e.quantized]
+        main = max(set(quantized), key=quantized.count) if quantized else embeddings.upper()
+        final = _Recorder()
+        final.calls = metadata.calls + [("add_file_type", (GGUF_FILE_TYPES[main],), {})]
+        return _head(scratch, arch.name, final, entries)
+
+    worst, lossy = 0.0, []
+    try:
+        with staging.open("wb") as handle:
+            head = header()
+            handle.write(head)  # with the planned types; rewritten once the written types are known
+            extra_data = dict(extra)
+            fused = plan.stream()
+            for entry in entries:
+                if entry.source:
+                    name, tensor = next(fused)
+                    if name != entry.source:
+                        raise CheckFailed(f"GGUF export expected tensor {entry.source}, got {name}",
+                                          hint="report this as a bug; nothing was written")
+                    raw, error = _tensor_bytes(entry, arch.prepare(name, tensor), gguf_type, allow_lossy)
+                    del tensor
+                    if error:
                         if not allow_lossy:
-                            continue
-                    writer.add_tensor(gguf_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-                    expected[gguf_name] = data
-                elif data.ndim == 1:
-                    writer.add_tensor(gguf_name, data)
-                elif embeddings == "q8_0":
-                    writer.add_tensor(gguf_name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
-                                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                            raise CheckFailed(f"cannot export {name} exactly as {gguf_type.upper()} blocks: {error}",
+                                              hint="re-fuse from bfloat16 or float16 weights with group size -1 or "
+                                                   "a multiple of 32; nothing was written")
+                        lossy.append(name)
+                    worst = max(worst, entry.error)
                 else:
-                    writer.add_tensor(gguf_name, data.astype(np.float16))
-            if problems and not allow_lossy:
-                raise CheckFailed(f"cannot export exact {gguf_type.upper()} blocks: " + problems[0],
-                                  hint="re-fuse with group size -1 or a multiple of 256, or pass --allow-lossy to "
-                                       "export anyway and measure the error",
-                                  problems=problems if len(problems) > 1 else ())
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
-            error = _read_back(staging, expected)
-            if error > 0 and not allow_lossy:
-                raise CheckFailed(f"the written GGUF does not reproduce the fused weights (max error {error:g})",
-                                  hint="report this as a bug; nothing was written")
-            guard.commit()
-        except BaseException as exc:
-            writer.close()
-            guard.abort(exc)
-            raise
-    result = GgufResult(str(output), gguf_type, len(specs), len(expected), output.stat().st_size,
-                        time.perf_counter() - started, error, error == 0 and not problems, notes, fused.warnings)
-    if problems:
-        result.warnings.append(f"--allow-lossy: {len(problems)} tensor(s) are not exact; max abs error {error:g}")
+                    raw = _bytes_view(extra_data[entry.name])
+                if raw.nbytes != entry.nbytes:
+                    raise CheckFailed(f"{entry.name}: {raw.nbytes} bytes encoded, {entry.nbytes} expected",
+                                      hint="report this as a bug; nothing was written")
+                entry.digest = hashlib.sha256(raw).hexdigest()
+                handle.write(raw)
+                handle.write(bytes((-raw.nbytes) % GGUF_ALIGNMENT))
+                del raw
+            final = header()
+            if len(final) != len(head):
+                raise CheckFailed("the GGUF header changed length after writing", hint="report this as a bug")
+            handle.seek(0)
+            handle.write(final)
+        _read_back(staging, final, entries)
+        scratch.unlink(missing_ok=True)
+        guard.commit()
+    except BaseException as exc:
+        scratch.unlink(missing_ok=True)
+        guard.abort(exc)
+        raise
+    types: dict[str, int] = {}
+    for entry in entries:
+        types[entry.type] = types.get(entry.type, 0) + 1
+    linear = [e for e in entries if e.quantized]
+    linear_numel = sum(math.prod(e.shape) for e in linear)
+    result = GgufResult(
+        str(output), gguf_type, len(entries), len(linear), output.stat().st_size, time.perf_counter() - started,
+        arch.name, types, 8 * sum(e.nbytes for e in entries) / total_params,
+        8 * sum(e.nbytes for e in linear) / linear_numel if linear_numel else 0.0, worst, not lossy, notes,
+        list(plan.warnings))
+    if lossy:
+        result.warnings.append(f"--allow-lossy: {len(lossy)} tensor(s) are not exact; max abs error {worst:g}")
     return result
 
 
-def _read_back(path: Path, expected: dict[str, np.ndarray]) -> float:
-    """Largest |dequantized - fused| over the ternary tensors of the written file."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
-    worst = 0.0
-    for tensor in reader.tensors:
-        if tensor.name in expected:
-            values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
-            values = values.reshape(expected[tensor.name].shape)
-            worst = max(worst, float(np.abs(values - expected[tensor.name]).max()))
-    return worst
+def _bytes_view(array: Any) -> memoryview:
+    """A flat byte view of a contiguous torch tensor or numpy array (written and hashed without a copy)."""
+    if isinstance(array, torch.Tensor):
+        array = array.contiguous().reshape(-1).view(torch.uint8).numpy()
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
 
 
-def file_fingerprint(path: Path) -> str:
-    digest = hashlib.sha256()
+def _tensor_bytes(entry: _Entry, tensor: torch.Tensor, gguf_type: str, allow_lossy: bool
+                  ) -> tuple[memoryview | None, str | None]:
+    """The encoded bytes of one checkpoint tensor, and the problem that keeps it from being exact."""
+    if entry.quantized:
+        return _encode(entry, tensor.contiguous(), gguf_type, allow_lossy)
+    if entry.type in ("F32", "F16", "BF16"):
+        return _bytes_view(tensor.to({"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[entry.type])), None
+    import gguf  # Q8_0 embeddings: llama.cpp's own rounding (a choice the user made, lossy by design)
+
+    return _bytes_view(gguf.quants.quantize(tensor.to(torch.float32).numpy(), gguf.GGMLQuantizationType.Q8_0)), None
+
+
+def _read_back(path: Path, head: bytes, entries: list[_Entry]) -> None:
+    """The written file holds the final header and, at the offsets its tensor table gives (gguf-py's layout: each
+    tensor padded to the alignment), exactly the bytes that were checked, read back with plain reads."""
+    bad = []
     with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(2**24), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+        if handle.read(len(head)) != head:
+            bad.append("the header")
+        for entry in entries:
+            if hashlib.sha256(handle.read(entry.nbytes)).hexdigest() != entry.digest:
+                bad.append(entry.name)
+            handle.seek((-entry.nbytes) % GGUF_ALIGNMENT, os.SEEK_CUR)
+        if handle.read(1):
+            bad.append("trailing bytes")
+    if bad:
+        raise CheckFailed(f"the written GGUF does not hold the checked tensors (first: {bad[0]})",
+                          hint="report this as a bug; nothing was written")

@@ -33,15 +33,15 @@ def _load(path: Path, seed: int):
 
 
 def _render_chat(template: str | None, messages: list[dict[str, str]], special: dict[str, str]) -> str:
-    """The GGUF's chat template, rendered the way transformers renders it."""
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """The GGUF's chat template, rendered by transformers' own renderer (its sandbox, `raise_exception`,
+    `strftime_now`, loop controls), as `apply_chat_template` renders it for the transformers engine."""
+    from transformers.utils.chat_template_utils import render_jinja_template
 
     from bitcpm_cli.core.chat import DEFAULT_CHAT_TEMPLATE
 
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    return environment.from_string(template or DEFAULT_CHAT_TEMPLATE).render(
-        messages=messages, add_generation_prompt=True, **special)
+    rendered, _ = render_jinja_template([messages], chat_template=template or DEFAULT_CHAT_TEMPLATE,
+                                        add_generation_prompt=True, **special)
+    return rendered[0]
 
 
 def _top(logits: np.ndarray, k: int, chosen: int) -> list[list[float]]:
@@ -57,7 +57,7 @@ def _top(logits: np.ndarray, k: int, chosen: int) -> list[list[float]]:
 def run_llamacpp(model: str | Path, prompts: list[Prompt], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 42, chat: bool = False, logprobs: int = 0, device: str = "auto",
                  on_text: TextCallback | None = None, truncate_prompt: bool = False) -> dict[str, Any]:
-    from bitcpm_cli.core.gguf_export import file_fingerprint
+    from bitcpm_cli.core.formats import FILE_TYPE_NAMES, sha256_file
 
     path = Path(model)
     check_sampling(max_new_tokens, temperature, top_p, logprobs, seed=seed)
@@ -117,8 +117,8 @@ def run_llamacpp(model: str | Path, prompts: list[Prompt], *, max_new_tokens: in
     file_type = metadata.get("general.file_type")
     return {
         "schema": RESULTS_SCHEMA,
-        "model": {"path": str(path), "fingerprint": file_fingerprint(path),
-                  "dtype": {"36": "tq1_0", "37": "tq2_0"}.get(str(file_type), f"gguf file type {file_type}"),
+        "model": {"path": str(path), "fingerprint": sha256_file(path),
+                  "dtype": FILE_TYPE_NAMES.get(int(file_type or -1), f"gguf file type {file_type}"),
                   "format": "gguf"},
         "runtime": {"engine": "llama.cpp", "device": "cpu", "device_name": platform.processor() or platform.machine(),
                     "torch": package_version("torch"), "transformers": package_version("transformers"),

@@ -17,14 +17,14 @@ from bitcpm_cli.core.gguf_export import export_gguf  # noqa: E402
 TOKENIZER = Path(__file__).resolve().parents[2] / "configs" / "quickstart" / "tokenizer"
 
 
-def qat_model(folder: Path, group_size: int) -> Path:
+def qat_model(folder: Path, group_size: int, vocab_size: int = 512) -> Path:
     """A random QAT model with 256-multiple dims and the quickstart's SentencePiece-style tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from bitcpm_cli.core.quant import QuantScheme, prepare
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
                          tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     model = LlamaForCausalLM(config)
@@ -108,24 +108,145 @@ def test_output_must_be_a_gguf_file(exact, tmp_path):
         export_gguf(exact / "qat", tmp_path / "m.bin")
 
 
+# ---- exact for every group size: --gguf-type auto ----------------------------------------------------------------
+LINEAR_NAMES = [f"model.layers.{i}.{m}.weight" for i in range(2) for m in
+                ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj")]
+
+
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory):
+    root = tmp_path_factory.mktemp("g128")
+    qat_model(root / "qat", group_size=128)
+    convert_checkpoint(root / "qat", root / "fused", dtype="bfloat16")
+    return root
+
+
+def assert_decodes_to_fused(path: Path, fused_folder: Path, expected_type: str) -> None:
+    """Every quantized linear in the file, dequantized by gguf-py (ggml's layouts), equals the fused weight."""
+    from safetensors.torch import load_file
+
+    fused = load_file(fused_folder / "model.safetensors")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    for name in LINEAR_NAMES:
+        tensor = tensors[names.get_name(name, try_suffixes=(".weight",))]
+        assert tensor.tensor_type.name == expected_type, name
+        expected = fused[name].float().numpy()
+        if "q_proj" in name or "k_proj" in name:
+            expected = permute(expected, 4 if "q_proj" in name else 2)
+        values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(expected.shape)
+        assert np.array_equal(values, expected), name
+
+
+def test_auto_writes_a_group_128_model_exactly_as_q4_0(grouped, tmp_path):
+    result = export_gguf(grouped / "qat", tmp_path / "m.gguf", gguf_type="auto")
+    assert result.exact and result.max_abs_error == 0 and result.ternary_tensors == 14
+    assert result.tensor_types == {"Q4_0": 14, "F16": 2, "F32": 5}
+    assert result.linear_bits_per_weight == 4.5  # 18 bytes per 32 weights
+    assert_decodes_to_fused(tmp_path / "m.gguf", grouped / "fused", "Q4_0")
+    fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
+    assert int(fields["general.file_type"].parts[-1][0]) == gguf.LlamaFileType.MOSTLY_Q4_0
+
+
+def test_auto_takes_tq2_0_where_every_256_block_has_one_scale(exact, tmp_path):
+    result = export_gguf(exact / "qat", tmp_path / "m.gguf", gguf_type="auto")
+    assert result.tensor_types["TQ2_0"] == 14 and result.exact
+    assert_decodes_to_fused(tmp_path / "m.gguf", exact / "fused", "TQ2_0")
+
+
+def test_auto_writes_q8_0_when_a_32_block_holds_scales_that_are_multiples(tmp_path):
+    """Group size 16 with power-of-two scales: two scales per 32-block, one the other times 1 or 2 or 4."""
+    from safetensors.torch import load_file, save_file
+
+    qat_model(tmp_path / "qat", group_size=16)
+    weights = load_file(tmp_path / "qat" / "model.safetensors")
+    generator = torch.Generator().manual_seed(1)
+    for name in LINEAR_NAMES:
+        rows, columns = weights[name].shape
+        magnitude = 2.0 ** -torch.randint(5, 8, (rows, columns // 16, 1), generator=generator).float()
+        signs = torch.randint(0, 2, (rows, columns // 16, 16), generator=generator).float() * 2 - 1
+        weights[name] = (signs * magnitude).reshape(rows, columns)
+    save_file(weights, tmp_path / "qat" / "model.safetensors", metadata={"format": "pt"})
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
+    result = export_gguf(tmp_path / "qat", tmp_path / "m.gguf", gguf_type="auto")
+    assert result.exact and result.tensor_types["Q8_0"] == 14
+    assert_decodes_to_fused(tmp_path / "m.gguf", tmp_path / "fused", "Q8_0")
+
+
+def test_strict_type_is_refused_before_reading_weights_with_grouped_layers(grouped, tmp_path, invoke, monkeypatch):
+    from bitcpm_cli.core import convert
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a tensor was read before the refusal")
+
+    monkeypatch.setattr(convert, "iter_tensors", no_reading)
+    result = invoke("convert", "-i", grouped / "qat", "-o", tmp_path / "m.gguf", "--format", "gguf")
+    assert result.exit_code == 1, result.output
+    assert ("group size 128 puts more than one scale in a block of 256: 14 linear(s): model.layers.{0-1}.{"
+            "mlp.down_proj, mlp.gate_proj, mlp.up_proj, self_attn.k_proj, self_attn.o_proj, self_attn.q_proj, "
+            "self_attn.v_proj}") in " ".join(result.stderr.split())
+    assert result.stderr.count("more than one scale") == 1
+    assert "--gguf-type auto" in result.stderr and not (tmp_path / "m.gguf").exists()
+
+
+def test_auto_refuses_rows_that_no_block_fits_naming_the_layers(tmp_path):
+    from bitcpm_cli.core.gguf_export import _Entry, _plan_type
+
+    entry = _Entry("model.layers.3.mlp.down_proj.weight", "blk.3.ffn_down.weight", (64, 48), "", True, -1)
+    assert _plan_type(entry, "auto") == ("Q8_0", "rows of 48 values are not a multiple of 32 (the smallest GGUF "
+                                                 "block)")
+    assert _plan_type(entry, "tq1_0")[1] == "rows of 48 values are not a multiple of 256"
+
+
+def test_block_decoders_match_gguf_py():
+    from bitcpm_cli.core.formats import decode_block_type, encode_block_type
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 512, generator=generator).to(torch.bfloat16).float()
+    for type_name in ("TQ2_0", "Q4_0", "Q8_0"):
+        raw = encode_block_type(weight, type_name)
+        ours = decode_block_type(raw, type_name, weight.shape).numpy()
+        theirs = gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType[type_name]).reshape(weight.shape)
+        assert np.array_equal(ours, theirs), type_name
+
+
 # ---- the llama.cpp engine -----------------------------------------------------------------------------
-def test_llamacpp_agrees_with_transformers(exact, tmp_path, invoke):
-    pytest.importorskip("llama_cpp", reason="llama.cpp tests need llama-cpp-python (the gguf extra)")
-    assert invoke("convert", "-i", exact / "qat", "-o", tmp_path / "m.gguf", "--format", "gguf").exit_code == 0
+def agree_with_transformers(gguf_file: Path, fused: Path, tmp_path: Path, invoke, dtype: str,
+                            near_ties: bool = False) -> None:
+    """Greedy tokens equal (with `near_ties`: or parted only at a near tie, which `compare` tells from a bug)."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("23 24 25 26\ncontinue: 47 48 49\nhéllo Zebra!\n")
-    llama = invoke("infer", "--engine", "llama.cpp", "-m", tmp_path / "m.gguf", "--prompts", prompts, "-o",
+    llama = invoke("infer", "--engine", "llama.cpp", "-m", gguf_file, "--prompts", prompts, "-o",
                    tmp_path / "llama.json", "--max-new-tokens", "12", "--logprobs", "3", "-q")
     assert llama.exit_code == 0, llama.output
-    hf = invoke("infer", "-m", exact / "fused", "--prompts", prompts, "-o", tmp_path / "hf.json", "--max-new-tokens",
+    hf = invoke("infer", "-m", fused, "--prompts", prompts, "-o", tmp_path / "hf.json", "--max-new-tokens",
                 "12", "--logprobs", "3", "-q", "--dtype", "float32", "--device", "cpu")
     assert hf.exit_code == 0, hf.output
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("llama.json", "hf.json"))
-    assert a["runtime"]["engine"] == "llama.cpp" and a["model"]["format"] == "gguf" and a["model"]["dtype"] == "tq2_0"
+    assert a["runtime"]["engine"] == "llama.cpp" and a["model"]["format"] == "gguf" and a["model"]["dtype"] == dtype
     assert [r["prompt_token_ids"] for r in a["results"]] == [r["prompt_token_ids"] for r in b["results"]]
-    assert [r["token_ids"] for r in a["results"]] == [r["token_ids"] for r in b["results"]]
     compared = invoke("compare", tmp_path / "llama.json", tmp_path / "hf.json")
+    if near_ties:
+        assert "diverged" not in compared.output and "largest top-1 logprob difference" in compared.output
+        return
+    assert [r["token_ids"] for r in a["results"]] == [r["token_ids"] for r in b["results"]]
     assert compared.exit_code == 0 and "3/3 prompts identical" in compared.output
+
+
+def test_llamacpp_agrees_with_transformers(exact, tmp_path, invoke):
+    pytest.importorskip("llama_cpp", reason="llama.cpp tests need llama-cpp-python (the gguf extra)")
+    assert invoke("convert", "-i", exact / "qat", "-o", tmp_path / "m.gguf", "--format", "gguf").exit_code == 0
+    agree_with_transformers(tmp_path / "m.gguf", exact / "fused", tmp_path, invoke, "tq2_0")
+
+
+def test_llamacpp_agrees_with_transformers_on_a_group_128_model(grouped, tmp_path, invoke):
+    pytest.importorskip("llama_cpp", reason="llama.cpp tests need llama-cpp-python (the gguf extra)")
+    converted = invoke("convert", "-i", grouped / "qat", "-o", tmp_path / "m.gguf", "--format", "gguf",
+                       "--gguf-type", "auto")
+    assert converted.exit_code == 0, converted.output
+    assert "Q4_0 x14" in converted.stdout and "bits/weight (linears 4.500)" in converted.stdout
+    agree_with_transformers(tmp_path / "m.gguf", grouped / "fused", tmp_path, invoke, "q4_0")
 
 
 def test_llamacpp_engine_input_errors(exact, tmp_path, invoke):
@@ -161,3 +282,162 @@ def test_byte_level_bpe_tokenizer_round_trips_through_llamacpp(tmp_path, invoke)
     llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, verbose=False)
     for text in ("23 24 25 26", "héllo Zebra, how are you?", "  spaces  and\nlines"):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == hf(text)["input_ids"], text
+
+
+# ---- architectures ------------------------------------------------------------------------------------------------
+def edit_config(folder: Path, **changes) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config.update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def longrope(attention_factor=None) -> dict:
+    generator = torch.Generator().manual_seed(3)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
+            "short_factor": (1 + 30 * torch.rand(32, generator=generator)).tolist(),
+            "long_factor": (0.2 + 0.3 * torch.rand(32, generator=generator)).tolist()}
+    if attention_factor is not None:
+        rope["attention_factor"] = attention_factor
+    return rope
+
+
+def logprobs_llamacpp(path: Path, ids: list[int]) -> torch.Tensor:
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp tests need llama-cpp-python (the gguf extra)")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=0, logits_all=True, verbose=False)
+    llm.eval(ids)
+    return torch.log_softmax(torch.tensor(np.array(llm.scores[:len(ids)])).double(), -1)
+
+
+def logprobs_transformers(folder: Path, ids: list[int], **config_changes) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    if config_changes:
+        copy = folder.parent / f"{folder.name}-variant"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(folder, copy)
+        edit_config(copy, **config_changes)
+        folder = copy
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+
+
+def test_longrope_is_exported_as_transformers_applies_it(tmp_path, invoke):
+    """Below the original context transformers scales the rotary frequencies by short_factor and cos / sin by the
+    attention factor; llama.cpp's logits must be nearer to that model than to the same model without them, with the
+    long factors, or without the attention factor (the distance left is llama.cpp's 8-bit activations)."""
+    qat_model(tmp_path / "qat", group_size=-1)
+    rope = longrope(attention_factor=1.6)
+    edit_config(tmp_path / "qat", rope_parameters=rope, max_position_embeddings=1024)
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
+    result = export_gguf(tmp_path / "qat", tmp_path / "m.gguf")
+    assert result.architecture == "minicpm" and "LongRoPE" in " ".join(result.notes)
+    ids = [1] + list(range(40, 140, 2))
+    llama = logprobs_llamacpp(tmp_path / "m.gguf", ids)
+    distance = {}
+    for label, changes in {"longrope": {}, "no rope factors": {"rope_parameters": {"rope_type": "default",
+                                                                                   "rope_theta": 10000.0}},
+                           "long factors": {"rope_parameters": {**rope, "short_factor": rope["long_factor"]}},
+                           "no attention factor": {"rope_parameters": {**rope, "attention_factor": 1.0}}}.items():
+        distance[label] = float((logprobs_transformers(tmp_path / "fused", ids, **changes) - llama).abs().mean())
+    assert all(distance["longrope"] < 0.75 * d for label, d in distance.items() if label != "longrope"), distance
+    agree_with_transformers(tmp_path / "m.gguf", tmp_path / "fused", tmp_path, invoke, "tq2_0", near_ties=True)
+
+
+def minicpm_reference(fused: Path, folder: Path, scale_emb: float, scale_depth: float, dim_model_base: int) -> Path:
+    """transformers 5.24 has no MiniCPM (only remote code, which tests never run): the reference is the fused model
+    as a float32 Llama with MiniCPM's three scales folded into its weights, exactly where MiniCPM applies them
+    (embeddings x scale_emb; attention and MLP outputs x scale_depth / sqrt(layers) before the residual add;
+    the final hidden state / (hidden_size / dim_model_base) before lm_head)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(fused, folder)
+    config = json.loads((folder / "config.json").read_text())
+    weights = {k: v.float() for k, v in load_file(fused / "model.safetensors").items()}
+    weights["model.embed_tokens.weight"] *= scale_emb
+    residual = scale_depth / config["num_hidden_layers"] ** 0.5
+    for name in weights:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] *= residual
+    weights["lm_head.weight"] /= config["hidden_size"] / dim_model_base
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    edit_config(folder, dtype="float32")
+    return folder
+
+
+@pytest.mark.parametrize("rope", [None, "longrope"])
+def test_minicpm_is_exported_with_its_scales(tmp_path, invoke, rope):
+    pytest.importorskip("llama_cpp", reason="llama.cpp tests need llama-cpp-python (the gguf extra)")
+    qat_model(tmp_path / "qat", group_size=-1)
+    changes = {"rope_parameters": longrope(), "max_position_embeddings": 1024} if rope else {}
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
+    minicpm_reference(tmp_path / "fused", tmp_path / "reference", 12.0, 1.4, 64)
+    edit_config(tmp_path / "reference", **changes)
+    edit_config(tmp_path / "qat", model_type="minicpm", architectures=["MiniCPMForCausalLM"], scale_emb=12,
+                scale_depth=1.4, dim_model_base=64, **changes)
+    result = export_gguf(tmp_path / "qat", tmp_path / "m.gguf")
+    assert result.architecture == "minicpm" and result.exact
+    fields = gguf.GGUFReader(str(tmp_path / "m.gguf")).fields
+    assert float(fields["minicpm.embedding_scale"].parts[-1][0]) == 12.0
+    assert float(fields["minicpm.residual_scale"].parts[-1][0]) == pytest.approx(1.4 / 2 ** 0.5)
+    assert float(fields["minicpm.logit_scale"].parts[-1][0]) == 4.0
+    agree_with_transformers(tmp_path / "m.gguf", tmp_path / "reference", tmp_path, invoke, "tq2_0",
+                            near_ties=rope is not None)
+
+
+def test_a_parameter_llamacpp_would_ignore_is_refused_by_name(tmp_path, invoke):
+    qat_model(tmp_path / "qat", group_size=-1)
+    edit_config(tmp_path / "qat", rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                   "original_max_position_embeddings": 64})
+    result = invoke("convert", "-i", tmp_path / "qat", "-o", tmp_path / "m.gguf", "--format", "gguf")
+    assert result.exit_code == 1 and "rope type 'yarn'" in result.stderr
+    assert not (tmp_path / "m.gguf").exists()
+
+
+# ---- metadata, embeddings, chat templates --------------------------------------------------------------------------
+def test_metadata_as_llamacpp_writes_it_and_bf16_embeddings(exact, tmp_path):
+    from safetensors.torch import load_file
+
+    result = export_gguf(exact / "qat", tmp_path / "m.gguf", embeddings="bf16")
+    assert result.tensor_types == {"TQ2_0": 14, "BF16": 2, "F32": 5}
+    reader = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    fields = reader.fields
+    assert int(fields["general.quantization_version"].parts[-1][0]) == gguf.GGML_QUANT_VERSION
+    assert int(fields["general.file_type"].parts[-1][0]) == gguf.LlamaFileType.MOSTLY_TQ2_0
+    assert bytes(fields["general.size_label"].parts[-1]).decode().endswith("M")
+    assert bytes(fields["general.name"].parts[-1]).decode() == "qat"
+    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    fused = load_file(exact / "fused" / "model.safetensors")["model.embed_tokens.weight"]
+    assert np.asarray(embed.data).tobytes() == fused.view(torch.int16).numpy().tobytes()
+
+
+def test_llama_config_with_minicpm_scales_gets_a_note(tmp_path):
+    qat_model(tmp_path / "qat", group_size=-1)
+    edit_config(tmp_path / "qat", scale_emb=12)
+    result = export_gguf(tmp_path / "qat", tmp_path / "m.gguf")
+    assert result.architecture == "llama"
+    assert any("sets scale_emb but model_type 'llama' does not use them" in note for note in result.notes)
+
+
+def test_llamacpp_engine_renders_chat_templates_with_transformers_renderer(tmp_path, invoke):
+    pytest.importorskip("llama_cpp", reason="llama.cpp tests need llama-cpp-python (the gguf extra)")
+    from transformers import AutoTokenizer
+
+    qat_model(tmp_path / "qat", group_size=-1)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "qat")
+    tokenizer.chat_template = (
+        "{% if messages[0]['role'] == 'tool' %}{{ raise_exception('no tool messages') }}{% endif %}"
+        "{% set year = strftime_now('%Y') %}{% for m in messages %}{% if m['role'] == 'assistant' %}"
+        "{{ ' ' + m['content'] + eos_token }}{% else %}{{ '<|im_start|>' + m['content'] }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ ' ' }}{% endif %}")
+    tokenizer.save_pretrained(tmp_path / "qat")
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
+    assert invoke("convert", "-i", tmp_path / "qat", "-o", tmp_path / "m.gguf", "--format", "gguf").exit_code == 0
+    runs = {}
+    for label, args in {"llama": ["--engine", "llama.cpp", "-m", tmp_path / "m.gguf"],
+                        "hf": ["-m", tmp_path / "fused", "--dtype", "float32", "--device", "cpu"]}.items():
+        done = invoke("infer", *args, "--chat", "-p", "continue: 47 48 49", "-o", tmp_path / f"{label}.json",
+                      "--max-new-tokens", "4", "-q")
+        assert done.exit_code == 0, done.output
+        runs[label] = json.loads((tmp_path / f"{label}.json").read_text())["results"][0]["prompt_token_ids"]
+    assert runs["llama"] == runs["hf"]

@@ -149,7 +149,46 @@ def test_packed_round_trip_is_exact_and_small(tmp_path):
         unpacked = convert_checkpoint(root / "packed", root / "unpacked", verify=True)
         assert unpacked.input_kind == "packed"
         a, b = load_file(root / "fused" / "model.safetensors"), load_file(root / "unpacked" / "model.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+        assert a.keys() == b.keys() and all(same_bytes(a[n], b[n]) for n in a)
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.numpy().tobytes() == b.numpy().tobytes() \
+        if a.dtype != torch.bfloat16 else same_bytes(a.view(torch.int16), b.view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_packed_to_fused_is_qat_to_fused_byte_for_byte(tmp_path, dtype):
+    """Including the sign of zero: a negative latent weight that rounds to code 0 is +0.0, as unpacking gives."""
+    make_qat(tmp_path / "qat", group_size=-1)
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype=dtype)
+    convert_checkpoint(tmp_path / "qat", tmp_path / "packed", fmt="packed", dtype=dtype)  # scales in `dtype`
+    convert_checkpoint(tmp_path / "packed", tmp_path / "unpacked", dtype=dtype, verify=True)
+    a, b = load_file(tmp_path / "fused" / "model.safetensors"), load_file(tmp_path / "unpacked" / "model.safetensors")
+    assert a.keys() == b.keys() and all(same_bytes(a[n], b[n]) for n in a)
+    down = a["model.layers.0.mlp.down_proj.weight"]
+    zeros = down == 0
+    assert zeros.any() and not torch.signbit(down[zeros]).any()
+
+
+def test_verify_compares_bytes_so_a_negative_zero_is_a_mismatch(tmp_path, monkeypatch):
+    make_qat(tmp_path / "qat", group_size=-1)
+    real = convert_module.fake_quantize
+
+    def negative_zeros(*args, **kwargs):  # the old behaviour: -0.0 where a negative weight rounds to code 0
+        fused = real(*args, **kwargs)
+        return torch.where(fused == 0, -0.0 * torch.sign(args[0]).to(fused.dtype), fused)
+
+    calls = {"n": 0}
+
+    def first_call_only(*args, **kwargs):  # the conversion writes -0.0, the check recomputes +0.0
+        calls["n"] += 1
+        return negative_zeros(*args, **kwargs) if calls["n"] <= 14 else real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_module, "fake_quantize", first_call_only)
+    with pytest.raises(convert_module.CheckFailed, match="verification failed"):
+        convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True)
+    assert not (tmp_path / "fused").exists()
 
 
 def test_fused_input_packs_exactly(tmp_path):
@@ -288,3 +327,41 @@ def test_state_dict_plan_matches_model_plan(tiny_llama):
                               {n: str(t.dtype).removeprefix("torch.") for n, t in state.items()}, scheme)
     by_module = plan(tiny_llama, scheme)
     assert by_name == {f"{name}.weight": spec for name, spec in by_module.items()}
+
+
+# ---- what "exact" means per output dtype (README, `bitcpm convert`) ---------------------------------------------
+def qat_fused_weights(model) -> dict[str, torch.Tensor]:
+    from bitcpm_cli.core.quant import qat_layers
+
+    return {name + ".weight": layer.fused_weight().detach() for name, layer in qat_layers(model).items()}
+
+
+def test_float32_output_is_the_qat_forward_bit_for_bit(tmp_path):
+    qat = make_qat(tmp_path / "qat", dtype=torch.float32).eval()
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32")
+    fused = load_file(tmp_path / "fused" / "model.safetensors")
+    assert all(same_bytes(fused[n], w) for n, w in qat_fused_weights(qat).items())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_output_is_the_qat_forward_weights_rounded_once(tmp_path, dtype):
+    """From a float32 checkpoint: the float32 fused weights, cast once (not the QAT model run in 16 bits, whose
+    scales would come from rounded latent weights)."""
+    qat = make_qat(tmp_path / "qat", dtype=torch.float32).eval()
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype=dtype)
+    fused = load_file(tmp_path / "fused" / "model.safetensors")
+    assert all(same_bytes(fused[n], w.to(getattr(torch, dtype))) for n, w in qat_fused_weights(qat).items())
+
+
+def test_bf16_output_of_a_bf16_checkpoint_is_its_qat_forward_in_bf16(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    make_qat(tmp_path / "qat", dtype=torch.bfloat16)
+    qat = AutoModelForCausalLM.from_pretrained(tmp_path / "qat", dtype=torch.bfloat16).eval()
+    prepare(qat, QuantScheme(group_size=128))
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="bfloat16")
+    fused = load_file(tmp_path / "fused" / "model.safetensors")
+    assert all(same_bytes(fused[n], w) for n, w in qat_fused_weights(qat).items())
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "fused", dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        assert torch.equal(stock(IDS).logits, qat(IDS).logits)

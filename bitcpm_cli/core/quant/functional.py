@@ -83,11 +83,15 @@ def quantize(weight: torch.Tensor, spec: LayerQuant, name: str = "weight") -> Qu
 
 def fake_quantize(weight: torch.Tensor, spec: LayerQuant, dtype: torch.dtype | None = None,
                   name: str = "weight") -> torch.Tensor:
-    """The fused weight `q * s`, computed in float32 and cast once to `dtype` (default: the weight's dtype)."""
+    """The fused weight `q * s`, computed in float32 and cast once to `dtype` (default: the weight's dtype).
+
+    A code of zero gives +0.0 (never -0.0, which rounding a small negative weight would give), so the fused weight
+    is byte for byte what unpacking its integer codes gives.
+    """
     if not spec.enabled:
         return weight if dtype is None else weight.to(dtype)
     codes, scales = _codes_and_scales(weight, spec, name)
-    return (codes * scales).reshape(weight.shape).to(dtype or weight.dtype)
+    return (codes.add_(0.0) * scales).reshape(weight.shape).to(dtype or weight.dtype)
 
 
 def fused_scales(weight: torch.Tensor, group_size: int) -> torch.Tensor | None:
