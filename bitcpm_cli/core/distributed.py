@@ -27,17 +27,14 @@ class Strategy:
     world: int
     deepspeed: dict[str, Any] | None = None
 
-    @property
-    def label(self) -> str:
-        names = {"single": "one process", "ddp": "DDP", "zero1": "DeepSpeed ZeRO-1", "zero2": "DeepSpeed ZeRO-2",
-                 "zero3": "DeepSpeed ZeRO-3", "fsdp": "FSDP (full shard)"}
-        return f"{names[self.kind]} over {self.world} rank{'s' if self.world > 1 else ''}"
-
     def shards(self, part: str) -> int:
-        """Over how many ranks `part` (weights, grads, optimizer) is split."""
-        stage = {"zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}.get(self.kind, 0)
-        needed = {"optimizer": 1, "grads": 2, "weights": 3}[part]
-        return self.world if stage >= needed else 1
+        return shards(self.kind, self.world, part)
+
+
+def shards(kind: str, world: int, part: str) -> int:
+    """Over how many ranks `part` (weights, gradients, optimizer) is split under strategy `kind`."""
+    stage = {"zero1": 1, "zero2": 2, "zero3": 3, "fsdp": 3}.get(kind, 0)
+    return world if stage >= {"optimizer": 1, "gradients": 2, "weights": 3}[part] else 1
 
 
 def world_size() -> int:
@@ -176,3 +173,44 @@ def enable_fsdp_on_cpu(trainer: Any) -> None:
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = plugin
     trainer.is_fsdp_enabled = True
+
+
+def extensions_dir() -> str | None:
+    """Where torch builds C++ extensions (DeepSpeed's CPU communication op among them)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    try:
+        from torch.utils.cpp_extension import get_default_build_root
+    except ImportError:
+        return None
+    return get_default_build_root()
+
+
+def deepspeed_report() -> tuple[dict[str, Any] | None, list[tuple[str, str, str]]]:
+    """For `bitcpm env`: DeepSpeed's version and accelerator, the extension build folder and its locks; and
+    diagnoses as (level, message, hint). None when DeepSpeed is not installed."""
+    import importlib.util
+
+    from bitcpm_cli.core.device import package_version
+
+    root = extensions_dir()
+    diagnoses = []
+    now = time.time()
+    for lock in extension_locks(root):
+        if now - lock.stat().st_mtime > EXTENSION_LOCK_AGE_S:
+            diagnoses.append(("error", f"stale extension build lock {lock}: DeepSpeed runs would hang on it",
+                              lock_hint(lock)))
+        else:
+            diagnoses.append(("warning", f"extension build lock {lock}: a build is running or was just killed",
+                              f"if no run is starting, remove it (rm {lock})"))
+    if importlib.util.find_spec("deepspeed") is None:
+        return None, diagnoses
+    report: dict[str, Any] = {"version": package_version("deepspeed"), "accelerator": None, "extensions_dir": root}
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        report["accelerator"] = get_accelerator().device_name()
+    except Exception as exc:  # a broken DeepSpeed install raises anything on import
+        diagnoses.append(("error", f"DeepSpeed is installed but cannot start ({type(exc).__name__}: {exc})",
+                          "reinstall it: pip install 'bitcpm[deepspeed]' (on CPU: DS_BUILD_OPS=0)"))
+    return report, diagnoses

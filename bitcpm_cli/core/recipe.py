@@ -29,6 +29,7 @@ class TrainConfig:
     lr: float = 1e-4
     lr_scheduler: str = "cosine"
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # of the total steps (transformers 4's setting; 5 takes a float warmup_steps < 1)
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -83,6 +84,10 @@ class TrainConfig:
             problems.append(f"kd_temperature: must be positive, got {self.kd_temperature}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             problems.append("save_total_limit: must be at least 1 (or null to keep every checkpoint)")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio: must be within [0, 1), got {self.warmup_ratio}")
+        if self.warmup_ratio and self.warmup_steps:
+            problems.append("warmup_steps and warmup_ratio are both set; keep one")
         if self.max_memory_gb is not None and self.max_memory_gb <= 0:
             problems.append(f"max_memory_gb: must be positive, got {self.max_memory_gb}")
         return problems

@@ -25,6 +25,7 @@ from bitcpm_cli.core.device import distributed_backend, is_main_process, resolve
 from bitcpm_cli.core.distributed import (Strategy, check_backend, choose_strategy, enable_fsdp_on_cpu,
                                          save_final_model)
 from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError
+from bitcpm_cli.core.memory_plan import GIB, MemoryPlan, plan_memory
 from bitcpm_cli.core.quant import QuantScheme, load_scheme_file, prepare, qat_layers
 from bitcpm_cli.core.recipe import TrainConfig, save_config
 
@@ -126,8 +127,13 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
     notes: list[str] = []
     strategy = choose_strategy(config.deepspeed, config.training_args, notes)
     check_backend(device, strategy)
+    memory = check_memory(model_dir, config, strategy, device)
+    emit = on_event or (lambda event: None)
+    emit({"phase": "plan", "plan": memory.to_dict(), "lines": memory.lines()})
+    emit({"phase": "loading the tokenizer and the data"})
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
     plan = data(config, tokenizer)
+    emit({"phase": "loading the model"})
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code,
                                                  **{dtype_kwarg(): torch.float32})
@@ -144,6 +150,7 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
     teacher = _load_teacher(config, model, device) if config.teacher else None
 
     args = training_arguments(config, output, device, strategy)
+    emit({"phase": f"preparing {memory.strategy}"})
     metrics = MetricsLogger(output / METRICS_FILE, model, plan, config, strategy.world, on_event)
     trainer = QATTrainer(teacher=teacher, kd_temperature=config.kd_temperature, kd_weight=config.kd_weight,
                          model=model, args=args, train_dataset=plan.dataset, data_collator=plan.collator,
@@ -173,7 +180,8 @@ def training_arguments(config: TrainConfig, output: Path, device: Any, strategy:
     values = dict(
         output_dir=str(output), max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum, learning_rate=config.lr,
-        lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+        lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_steps or config.warmup_ratio,
+        weight_decay=config.weight_decay,
         adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon,
         max_grad_norm=config.max_grad_norm, logging_steps=config.logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
@@ -209,6 +217,17 @@ def write_final(trainer: Trainer, output: Path, tokenizer: Any, extra_files: Cal
         plot_losses(output / METRICS_FILE, output / PLOT_FILE)
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def check_memory(model_dir: Path, config: TrainConfig, strategy: Strategy, device: Any) -> MemoryPlan:
+    """The per-rank memory plan; a run that cannot fit stops here, before anything is loaded."""
+    memory = plan_memory(model_dir, config, strategy.kind, strategy.world, device)
+    if not memory.fits:
+        fixes = "; ".join(memory.suggestions) if memory.suggestions else "a machine with more memory"
+        raise ConfigError(f"this run needs {memory.total / GIB:.1f} GiB per rank but {memory.available / GIB:.1f} "
+                          f"GiB is available ({memory.available_from})", problems=memory.lines(),
+                          hint=f"settings that would fit: {fixes}")
+    return memory
 
 
 def _checkpointing_kwarg(enabled: bool) -> dict[str, bool]:
@@ -346,6 +365,8 @@ class MetricsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.logger._last_step, self.logger._last_time = state.global_step, time.perf_counter()
+        if state.is_world_process_zero and self.logger.on_event is not None:
+            self.logger.on_event({"phase": f"step {state.global_step + 1} (the first one also builds the graph)"})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:
