@@ -39,15 +39,21 @@ LIST_SETTINGS = typer.Option(False, "--list-settings", help="Show every setting 
 
 
 def render_settings(config_class: type) -> None:
-    """Every key=value / recipe setting with its default and aliases."""
+    """Every key=value / recipe setting with its default: one `name = default` line each."""
     from bitcpm_cli.core.recipe import list_settings
 
-    table = Table(title="settings (key=value or in a --config recipe)")
-    for column in ("setting", "default", "also accepted as", "goes to"):
-        table.add_column(column)
+    out.print("# settings: key=value on the command line, or `name: value` in a --config recipe", highlight=False)
+    source = None
     for row in list_settings(config_class):
-        table.add_row(row["name"], escape(repr(row["default"])), ", ".join(row["aliases"]), escape(row["source"]))
-    out.print(table)
+        if row["source"] != source and not row["source"].startswith("refused"):
+            source = row["source"]
+            out.print(f"# {'bitcpm' if source == 'bitcpm' else 'transformers TrainingArguments'}", highlight=False)
+        line = f"{row['name']} = {row['default']!r}"
+        if row["aliases"]:
+            line += f"  (also: {', '.join(row['aliases'])})"
+        if row["source"].startswith("refused"):
+            line += f"  [{row['source']}]"
+        out.print(escape(line), highlight=False, soft_wrap=True)
 
 
 def flags(**values: Any) -> dict[str, Any]:

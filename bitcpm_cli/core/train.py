@@ -122,12 +122,12 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
     model_dir = Path(config.model)
     if not model_dir.is_dir():
         raise InputError(f"model folder not found ({model_dir})", hint="pass a Hugging Face model folder")
-    require_consistent_config(model_dir)
     device = resolve_device(config.device)
     notes: list[str] = []
     strategy = choose_strategy(config.deepspeed, config.training_args, notes)
     check_backend(device, strategy)
-    memory = check_memory(model_dir, config, strategy, device)
+    memory = check_memory(model_dir, config, strategy, device)  # from config.json alone
+    require_consistent_config(model_dir)
     emit = on_event or (lambda event: None)
     emit({"phase": "plan", "plan": memory.to_dict(), "lines": memory.lines()})
     emit({"phase": "loading the tokenizer and the data"})
