@@ -150,6 +150,9 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
     teacher = _load_teacher(config, model, device) if config.teacher else None
 
     args = training_arguments(config, output, device, strategy)
+    if strategy.deepspeed is not None and config.bf16:
+        notes.append("bf16 under DeepSpeed: final/ holds DeepSpeed's bf16 copy of the latent weights; the fp32 master "
+                     "weights are in the last checkpoint (recover them with its zero_to_fp32.py)")
     emit({"phase": f"preparing {memory.strategy}"})
     metrics = MetricsLogger(output / METRICS_FILE, model, plan, config, strategy.world, on_event)
     trainer = QATTrainer(teacher=teacher, kd_temperature=config.kd_temperature, kd_weight=config.kd_weight,

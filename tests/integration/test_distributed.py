@@ -64,6 +64,13 @@ def launch(*args, port):
                            str(port), *map(str, args)], cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
 
 
+def why(done) -> str:
+    """The lines of a failed launch that say why (both ranks' errors), not 3000 characters of rich traceback."""
+    lines = [line for line in done.stderr.splitlines() if "│" not in line and ("rror" in line or "rank" in line
+                                                                                or "Signal" in line)]
+    return "\n".join(lines)[-6000:]
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
@@ -94,12 +101,11 @@ def killed_and_resumed(request, data):
     script.write_text(KILLED_RUN)
     port = 29540 + list(STRATEGIES).index(name) * 2
     killed = launch(script, RECIPE, output, KILL_AT, marks, *settings, port=port)
-    assert killed.returncode != 0 and not (output / "final").exists(), killed.stderr[-3000:]
-    assert latest_complete_checkpoint(output).name == f"checkpoint-{SAVE_EVERY}", killed.stderr[-3000:]
+    assert killed.returncode != 0 and not (output / "final").exists(), why(killed)
+    assert latest_complete_checkpoint(output).name == f"checkpoint-{SAVE_EVERY}", why(killed)
     resumed = launch("-m", "bitcpm_cli", "train", "--config", RECIPE, "--output-dir", output, "--resume", *settings,
                      port=port + 1)
-    assert resumed.returncode == 0, "\n".join(line for line in resumed.stderr.splitlines()
-                                              if "Error" in line or "rank1" in line)[-6000:]
+    assert resumed.returncode == 0, why(resumed)
     return name, output, marks, resumed
 
 
@@ -139,3 +145,19 @@ def test_the_fused_weight_cache_is_invalidated_by_every_optimizer_step(killed_an
     for rank in (0, 1):
         counts = [int((marks / f"steps-{rank}-{step}").read_text()) for step in range(1, KILL_AT + 1)]
         assert counts[0] >= 1 and all(b > a for a, b in zip(counts, counts[1:])), (name, rank, counts)
+
+
+def test_sft_under_fsdp_writes_a_chat_ready_final(data, tmp_path, invoke):
+    """`bitcpm sft` runs the same stack: one 2-process FSDP2 run (the strategy whose CPU support bitcpm switches on)."""
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": str(n)},
+                                                     {"role": "assistant", "content": str(n + 1)}]}) + "\n"
+                            for n in range(40)))
+    done = launch("-m", "bitcpm_cli", "sft", "--config", ROOT / "configs" / "sft" / "tiny-cpu.yaml", "--model",
+                  data / "float", "--data", chat, "--output-dir", tmp_path / "sft", "max_steps=2", "batch_size=2",
+                  *STRATEGIES["fsdp"], port=29560)
+    assert done.returncode == 0, why(done)
+    final = tmp_path / "sft" / "final"
+    assert json.loads((final / "config.json").read_text())["bitcpm_quant"]["quant_type"] == "ternary"
+    assert (final / "generation_config.json").is_file()
+    assert invoke("convert", "-i", final, "-o", tmp_path / "fused", "--verify").exit_code == 0
