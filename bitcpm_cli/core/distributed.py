@@ -167,9 +167,9 @@ def enable_fsdp_on_cpu(trainer: Any) -> None:
     if state.distributed_type != DistributedType.MULTI_CPU:
         raise ConfigError(f"fsdp is set but accelerate runs {state.distributed_type.value}, not FSDP",
                           hint="launch with torchrun or accelerate launch on more than one process")
-    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
-    if plugin.fsdp_version != 2:
+    if trainer.args.fsdp_plugin_args.get("fsdp_version", 2) != 2:
         raise ConfigError("FSDP1 does not run on CPU processes", hint="set fsdp_config version: 2 (FSDP2)")
+    plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
     state.distributed_type = DistributedType.FSDP
     state.fsdp_plugin = plugin
     trainer.is_fsdp_enabled = True

@@ -58,7 +58,7 @@ def test_progress_and_the_plan_from_the_first_second_and_report_to_tensorboard(i
         "memory plan: weights:", "loading the tokenizer and the data ...", "loading the model ...",
         "preparing one process ...", "step 1 (the first one also builds the graph) ...", "step 1/2")]
     assert order == sorted(order), lines
-    events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    events = list((tmp_path / "run" / "runs").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
 
 
@@ -101,3 +101,14 @@ def test_a_stale_extension_lock_is_named_by_env_and_refused_by_train(invoke, tin
     assert not (tmp_path / "run").exists()
     lock.unlink()
     assert invoke("env").exit_code == 0
+
+
+def test_deepspeed_that_cannot_be_imported_is_exit_2(invoke, tiny, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed raises ImportError
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke("train", "--config", RECIPE, "--model", tiny / "float", "--data", tiny / "count.txt",
+                    "--output-dir", tmp_path / "run", f"deepspeed={Path(RECIPE).parents[1] / 'deepspeed' / 'zero2.json'}")
+    assert result.exit_code == 2 and "deepspeed= is set but DeepSpeed cannot be imported" in result.stderr
+    assert "bitcpm[deepspeed]" in result.stderr and not (tmp_path / "run").exists()
