@@ -77,6 +77,8 @@ def run_with_progress(run: Callable[[Callable[[dict], None]], Any], show: bool) 
         task = bar.add_task("train", total=None, status="starting")
 
         def on_event(event: dict) -> None:
+            if not show:  # other ranks of a multi-process run stay quiet
+                return
             if "phase" in event:
                 if "lines" in event:
                     err.print("memory plan: " + "; ".join(event["lines"]), highlight=False, soft_wrap=True)

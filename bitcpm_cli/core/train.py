@@ -147,6 +147,8 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
         if strategy.shards("weights") > 1:
             for layer in qat_layers(model).values():
                 layer.cache_fused = False
+            notes.append("weights are sharded: metrics.jsonl has no zero_fraction / mean_scale (they are read from "
+                         "cached fused weights, which sharded runs do not keep)")
     teacher = _load_teacher(config, model, device) if config.teacher else None
 
     args = training_arguments(config, output, device, strategy)
@@ -226,10 +228,11 @@ def check_memory(model_dir: Path, config: TrainConfig, strategy: Strategy, devic
     """The per-rank memory plan; a run that cannot fit stops here, before anything is loaded."""
     memory = plan_memory(model_dir, config, strategy.kind, strategy.world, device)
     if not memory.fits:
-        fixes = "; ".join(memory.suggestions) if memory.suggestions else "a machine with more memory"
+        hint = (f"settings that would fit: {'; '.join(memory.suggestions)}" if memory.suggestions else
+                "no change of these settings fits: use a device with more memory, or max_memory_gb if the figure "
+                "above is wrong")
         raise ConfigError(f"this run needs {memory.total / GIB:.1f} GiB per rank but {memory.available / GIB:.1f} "
-                          f"GiB is available ({memory.available_from})", problems=memory.lines(),
-                          hint=f"settings that would fit: {fixes}")
+                          f"GiB is available ({memory.available_from})", problems=memory.lines(), hint=hint)
     return memory
 
 

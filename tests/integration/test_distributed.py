@@ -23,8 +23,7 @@ import pytest
 from bitcpm_cli.core.recipe import TrainConfig, resolve_config
 from bitcpm_cli.core.train import latest_complete_checkpoint, train
 
-from tests.helpers import build_tiny_model
-from tests.integration.test_train import RECIPE, ROOT, counting_corpus, losses
+from tests.integration.test_train import RECIPE, ROOT, losses, setup  # noqa: F401 (setup: a fixture)
 
 pytest.importorskip("deepspeed")
 
@@ -72,32 +71,24 @@ def why(done) -> str:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("distributed")
-    build_tiny_model(root / "float", kind="float")
-    counting_corpus(root / "count.txt")
-    return root
-
-
-@pytest.fixture(scope="module")
-def single(data):
+def single(setup):
     """The reference: one process, batch 2 x 2 accumulation steps."""
-    config = resolve_config(TrainConfig, RECIPE, {"model": str(data / "float"), "data": [str(data / "count.txt")],
-                                                  "output_dir": str(data / "single")},
+    config = resolve_config(TrainConfig, RECIPE, {"model": str(setup / "float"), "data": [str(setup / "count.txt")],
+                                                  "output_dir": str(setup / "single")},
                             COMMON + ["batch_size=2", "grad_accum=2"])
     train(config)
-    return data / "single"
+    return setup / "single"
 
 
 @pytest.fixture(scope="module", params=list(STRATEGIES))
-def killed_and_resumed(request, data):
+def killed_and_resumed(request, setup):
     """2 processes, batch 2 each: killed after step 3 (checkpoint-2 complete), then resumed with the CLI."""
     name = request.param
-    output, marks = data / name, data / f"{name}-steps"
+    output, marks = setup / name, setup / f"{name}-steps"
     marks.mkdir()
-    settings = [f"model={data / 'float'}", f"data={data / 'count.txt'}", *COMMON, "batch_size=2", "grad_accum=1",
+    settings = [f"model={setup / 'float'}", f"data={setup / 'count.txt'}", *COMMON, "batch_size=2", "grad_accum=1",
                 *STRATEGIES[name]]
-    script = data / "killed_run.py"
+    script = setup / "killed_run.py"
     script.write_text(KILLED_RUN)
     port = 29540 + list(STRATEGIES).index(name) * 2
     killed = launch(script, RECIPE, output, KILL_AT, marks, *settings, port=port)
@@ -112,6 +103,7 @@ def killed_and_resumed(request, data):
 def test_losses_match_one_process_step_by_step_through_a_kill_and_resume(single, killed_and_resumed):
     name, output, _, resumed = killed_and_resumed
     assert "resumed from checkpoint-2" in resumed.stdout
+    assert ("no zero_fraction" in resumed.stdout) == (name != "zero2")  # no fused-weight cache when weights shard
     reference, distributed = losses(single), losses(output)
     assert len(reference) == len(distributed) == STEPS
     assert all(abs(a - b) <= LOSS_RTOL * abs(a) for a, b in zip(reference, distributed)), (name, reference,
@@ -147,14 +139,14 @@ def test_the_fused_weight_cache_is_invalidated_by_every_optimizer_step(killed_an
         assert counts[0] >= 1 and all(b > a for a, b in zip(counts, counts[1:])), (name, rank, counts)
 
 
-def test_sft_under_fsdp_writes_a_chat_ready_final(data, tmp_path, invoke):
+def test_sft_under_fsdp_writes_a_chat_ready_final(setup, tmp_path, invoke):
     """`bitcpm sft` runs the same stack: one 2-process FSDP2 run (the strategy whose CPU support bitcpm switches on)."""
     chat = tmp_path / "chat.jsonl"
     chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": str(n)},
                                                      {"role": "assistant", "content": str(n + 1)}]}) + "\n"
                             for n in range(40)))
     done = launch("-m", "bitcpm_cli", "sft", "--config", ROOT / "configs" / "sft" / "tiny-cpu.yaml", "--model",
-                  data / "float", "--data", chat, "--output-dir", tmp_path / "sft", "max_steps=2", "batch_size=2",
+                  setup / "float", "--data", chat, "--output-dir", tmp_path / "sft", "max_steps=2", "batch_size=2",
                   *STRATEGIES["fsdp"], port=29560)
     assert done.returncode == 0, why(done)
     final = tmp_path / "sft" / "final"
