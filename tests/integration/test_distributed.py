@@ -11,12 +11,12 @@ losses are compared to 1e-4 relative and final weights to 1e-4 absolute (the lat
 step; a stale fused weight or a shard-local scale changes the loss in the second decimal).
 """
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -25,8 +25,7 @@ from bitcpm_cli.core.train import latest_complete_checkpoint, train
 
 from tests.integration.test_train import RECIPE, ROOT, losses, setup  # noqa: F401 (setup: a fixture)
 
-pytest.importorskip("deepspeed")
-
+NO_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs bitcpm[deepspeed]")
 STEPS, KILL_AT, SAVE_EVERY = 4, 3, 2
 COMMON = [f"max_steps={STEPS}", f"save_steps={SAVE_EVERY}", "logging_steps=1", "group_size=0", "lr=3e-3"]
 STRATEGIES = {
@@ -80,7 +79,8 @@ def single(setup):
     return setup / "single"
 
 
-@pytest.fixture(scope="module", params=list(STRATEGIES))
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=NO_DEEPSPEED if name.startswith("zero") else ())
+                                        for name in STRATEGIES])
 def killed_and_resumed(request, setup):
     """2 processes, batch 2 each: killed after step 3 (checkpoint-2 complete), then resumed with the CLI."""
     name = request.param
