@@ -60,6 +60,21 @@ def test_deepspeed_configs_parse(path):
     assert config["train_micro_batch_size_per_gpu"] == "auto" and config["gradient_accumulation_steps"] == "auto"
 
 
+def test_zero3_config_gathers_full_weights_on_save():
+    config = json.loads((CONFIGS / "deepspeed" / "zero3.json").read_text())
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+@pytest.mark.parametrize("path", in_folder("fsdp"), ids=lambda p: p.name)
+def test_fsdp_configs_are_accepted_by_transformers(path, tmp_path):
+    from transformers import TrainingArguments
+
+    config = resolve_config(TrainConfig, None, REQUIRED, ["fsdp=full_shard", f"fsdp_config={path}"])
+    assert config.training_args == {"fsdp": "full_shard", "fsdp_config": str(path)}
+    args = TrainingArguments(output_dir=str(tmp_path), fsdp="full_shard", fsdp_config=str(path), use_cpu=True)
+    assert args.fsdp_plugin_args["fsdp_version"] == 2
+
+
 def test_quickstart_assets():
     import yaml
     from transformers import AutoTokenizer, LlamaConfig
@@ -95,5 +110,6 @@ def test_quickstart_corpus_is_what_the_script_generates():
 
 def test_every_config_is_covered():
     quickstart = [p for p in ALL_FILES if "quickstart" in p.parts]
-    covered = set(in_folder("quant") + in_folder("pretrain") + in_folder("sft") + in_folder("deepspeed") + quickstart)
+    covered = set(in_folder("quant") + in_folder("pretrain") + in_folder("sft") + in_folder("deepspeed") + in_folder("fsdp")
+                   + quickstart)
     assert covered == set(ALL_FILES), f"add a loader test for {sorted(set(ALL_FILES) - covered)}"

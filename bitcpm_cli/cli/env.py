@@ -44,6 +44,9 @@ def _render(report: dict) -> None:
     versions.add_row("CANN", report["cann"] or "[dim]not found[/]")
     versions.add_row("selected device", report["selected"] or f"[red]{escape(report['selection_error'] or '-')}[/]")
     versions.add_row("distributed backend", report["distributed_backend"] or "-")
+    deepspeed = report.get("deepspeed")
+    versions.add_row("deepspeed", "[dim]not installed[/]" if deepspeed is None else
+                     f"{deepspeed['version']} (accelerator {deepspeed['accelerator'] or '-'})")
     out.print(versions)
 
     devices = Table(title="devices")

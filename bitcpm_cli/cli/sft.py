@@ -45,6 +45,7 @@ def sft(
     resume: Optional[bool] = opt.RESUME,
     teacher: Optional[Path] = opt.TEACHER,
     trust_remote_code: Optional[bool] = opt.TRUST_REMOTE_CODE,
+    list_settings: bool = opt.LIST_SETTINGS,
 ) -> None:
     """Fine-tune on OpenAI messages, ShareGPT or Alpaca data (.json / .jsonl) under the ternary fake quantizer.
 
@@ -55,6 +56,9 @@ def sft(
     from bitcpm_cli.core.recipe import resolve_config
     from bitcpm_cli.core.sft import SftConfig, fine_tune
 
+    if list_settings:
+        opt.render_settings(SftConfig)
+        return
     given = opt.flags(
         model=model, data=data, output_dir=output_dir, max_steps=max_steps, quant_type=quant_type,
         group_size=group_size, scheme=scheme, lr=lr, batch_size=batch_size, grad_accum=grad_accum,

@@ -32,15 +32,21 @@ def train(
     resume: Optional[bool] = opt.RESUME,
     teacher: Optional[Path] = opt.TEACHER,
     trust_remote_code: Optional[bool] = opt.TRUST_REMOTE_CODE,
+    list_settings: bool = opt.LIST_SETTINGS,
 ) -> None:
     """Continue pre-training under the ternary fake quantizer (STE), on transformers' Trainer.
 
     Data: .jsonl with a `text` field, .txt (a document a line) or .parquet; tokenised, joined with EOS and packed
     into --block-size sequences. Outputs metrics.jsonl, resumable checkpoints, loss.png and final/ (a QAT
-    checkpoint). Works under torchrun and DeepSpeed.
+    checkpoint). Settings also take every transformers TrainingArguments field by its name (learning_rate,
+    report_to, fsdp, ...; see --list-settings). Works under torchrun, DeepSpeed ZeRO-1/2/3 and FSDP2.
     """
     from bitcpm_cli.core.recipe import TrainConfig, resolve_config
     from bitcpm_cli.core.train import train as run_training
+
+    if list_settings:
+        opt.render_settings(TrainConfig)
+        return
 
     settings = resolve_config(TrainConfig, config, opt.flags(
         model=model, data=data, output_dir=output_dir, max_steps=max_steps, quant_type=quant_type,

@@ -34,6 +34,26 @@ DEEPSPEED = typer.Option(None, "--deepspeed", help="DeepSpeed JSON (e.g. configs
 RESUME = typer.Option(None, "--resume", help="Continue from the latest complete checkpoint in --output-dir.")
 TEACHER = typer.Option(None, "--teacher", help="Full-precision teacher folder for knowledge distillation.")
 TRUST_REMOTE_CODE = typer.Option(None, "--trust-remote-code", help="Allow the model folder's own Python code.")
+LIST_SETTINGS = typer.Option(False, "--list-settings", help="Show every setting (bitcpm's and every "
+                             "transformers TrainingArguments field) with its default, then exit.")
+
+
+def render_settings(config_class: type) -> None:
+    """Every key=value / recipe setting with its default: one `name = default` line each."""
+    from bitcpm_cli.core.recipe import list_settings
+
+    out.print("# settings: key=value on the command line, or `name: value` in a --config recipe", highlight=False)
+    source = None
+    for row in list_settings(config_class):
+        if row["source"] != source and not row["source"].startswith("refused"):
+            source = row["source"]
+            out.print(f"# {'bitcpm' if source == 'bitcpm' else 'transformers TrainingArguments'}", highlight=False)
+        line = f"{row['name']} = {row['default']!r}"
+        if row["aliases"]:
+            line += f"  (also: {', '.join(row['aliases'])})"
+        if row["source"].startswith("refused"):
+            line += f"  [{row['source']}]"
+        out.print(escape(line), highlight=False, soft_wrap=True)
 
 
 def flags(**values: Any) -> dict[str, Any]:
@@ -57,6 +77,16 @@ def run_with_progress(run: Callable[[Callable[[dict], None]], Any], show: bool) 
         task = bar.add_task("train", total=None, status="starting")
 
         def on_event(event: dict) -> None:
+            if not show:  # other ranks of a multi-process run stay quiet
+                return
+            if "phase" in event:
+                if "lines" in event:
+                    err.print("memory plan: " + "; ".join(event["lines"]), highlight=False, soft_wrap=True)
+                    return
+                bar.update(task, status=event["phase"])
+                if not err.is_terminal:
+                    err.print(f"{event['phase']} ...", highlight=False)
+                return
             status = f"loss {event['loss']:.4f}  lr {event['lr'] or 0:.2e}"
             if event.get("tokens_per_s"):
                 status += f"  {event['tokens_per_s']:,.0f} tok/s"

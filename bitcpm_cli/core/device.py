@@ -24,7 +24,7 @@ BACKENDS = {"npu": "hccl", "cuda": "nccl"}
 VARIABLES = (
     "ASCEND_RT_VISIBLE_DEVICES", "NPU_VISIBLE_DEVICES", "ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH",
     "TORCH_DEVICE_BACKEND_AUTOLOAD", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES",
-    "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+    "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR",
 )
 PACKAGES = ("torch", "torch_npu", "transformers", "accelerate", "safetensors", "gguf", "llama_cpp_python")
 CANN_ENV_HINT = ("source the CANN environment first (e.g. `source /usr/local/Ascend/ascend-toolkit/set_env.sh`), "
@@ -309,5 +309,9 @@ def collect_environment(requested: str = "auto") -> dict[str, Any]:
         report["selection_error"] = exc.message
         if not any(d.message in exc.message for d in diagnoses):
             diagnoses.append(Diagnosis("error", exc.message, exc.hint))
+    from bitcpm_cli.core.distributed import deepspeed_report
+
+    report["deepspeed"], found = deepspeed_report()
+    diagnoses += [Diagnosis(*finding) for finding in found]
     report["diagnoses"] = [asdict(d) for d in diagnoses]
     return report

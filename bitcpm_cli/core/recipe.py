@@ -30,6 +30,7 @@ class TrainConfig:
     lr: float = 1e-4
     lr_scheduler: str = "cosine"
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # of the total steps (transformers 4's setting; 5 takes a float warmup_steps < 1)
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -51,6 +52,9 @@ class TrainConfig:
     kd_temperature: float = 2.0
     kd_weight: float = 0.5
     trust_remote_code: bool = False
+    max_memory_gb: float | None = None  # plan against this much memory per device instead of the detected amount
+    # Every other transformers.TrainingArguments field, under its Hugging Face name (report_to, optim, fsdp, ...)
+    training_args: dict[str, Any] = field(default_factory=dict)
 
     def problems(self) -> list[str]:
         problems = []
@@ -60,7 +64,9 @@ class TrainConfig:
             problems.append("data: no data files; pass --data or set `data:` in the recipe")
         if not self.output_dir:
             problems.append("output_dir: not set; pass --output-dir or set `output_dir:` in the recipe")
-        for name in ("max_steps", "batch_size", "grad_accum", "block_size", "save_steps", "logging_steps"):
+        if self.max_steps < 1 and not (self.max_steps == -1 and "num_train_epochs" in self.training_args):
+            problems.append(f"max_steps: must be at least 1 (or -1 with num_train_epochs), got {self.max_steps}")
+        for name in ("batch_size", "grad_accum", "block_size", "save_steps", "logging_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name}: must be at least 1, got {getattr(self, name)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
@@ -91,6 +97,12 @@ class TrainConfig:
             problems.append(f"kd_temperature: must be positive, got {self.kd_temperature}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             problems.append("save_total_limit: must be at least 1 (or null to keep every checkpoint)")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio: must be within [0, 1), got {self.warmup_ratio}")
+        if self.warmup_ratio and self.warmup_steps:
+            problems.append("warmup_steps and warmup_ratio are both set; keep one")
+        if self.max_memory_gb is not None and self.max_memory_gb <= 0:
+            problems.append(f"max_memory_gb: must be positive, got {self.max_memory_gb}")
         return problems
 
     def to_dict(self) -> dict[str, Any]:
@@ -153,11 +165,46 @@ def _parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
     return values, problems
 
 
+# Hugging Face TrainingArguments names of bitcpm's own settings (both spellings work; bitcpm's is kept as an alias).
+HF_ALIASES = {"learning_rate": "lr", "lr_scheduler_type": "lr_scheduler", "per_device_train_batch_size": "batch_size",
+              "gradient_accumulation_steps": "grad_accum", "activation_checkpointing": "gradient_checkpointing"}
+# TrainingArguments fields bitcpm must set itself, with what to use instead.
+HF_REFUSED = {
+    "remove_unused_columns": "bitcpm's data collators need every column; it is always false",
+    "logging_nan_inf_filter": "bitcpm stops on a NaN/inf loss and keeps the last good checkpoint; it is always false",
+    "use_cpu": "use device=cpu",
+    "resume_from_checkpoint": "use resume=true (continues from the latest complete checkpoint in output_dir)",
+    "local_rank": "the launcher (torchrun, deepspeed, accelerate launch) sets it",
+}
+
+
+def hf_training_fields() -> dict[str, Any]:
+    """Every transformers.TrainingArguments init field -> its dataclass Field (type and default)."""
+    from transformers import TrainingArguments
+
+    return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+def _coerce_hf(name: str, value: Any, annotation: Any, where: str) -> tuple[Any, str | None]:
+    """Scalars are converted like bitcpm's own settings; mappings, lists and enums are passed as written."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if value is None or not all(a in (int, float, bool, str) for a in args) or len(args) > 1:
+        return value, None
+    return _coerce(name, value, args[0] | None, where)
+
+
 def resolve_config(cls: type, recipe: str | Path | None = None, flags: dict[str, Any] | None = None,
                    overrides: list[str] | None = None):
-    """defaults < YAML recipe < flags < key=value; unknown keys and bad values are reported together."""
+    """defaults < YAML recipe < flags < key=value; unknown keys and bad values are reported together.
+
+    Settings take bitcpm's names or, for configs with `training_args`, any transformers.TrainingArguments name
+    (`learning_rate` for `lr`, `report_to`, `fsdp`, ...); naming one setting twice in one layer with two values is
+    reported as a conflict.
+    """
     types_by_name = _field_types(cls)
-    known = list(types_by_name)
+    passthrough = "training_args" in types_by_name
+    hf_fields = hf_training_fields() if passthrough else {}
+    known = list(types_by_name) + (list(HF_ALIASES) + list(hf_fields) if passthrough else [])
     layers: list[tuple[str, dict[str, Any]]] = []
     problems: list[str] = []
     if recipe is not None:
@@ -172,20 +219,86 @@ def resolve_config(cls: type, recipe: str | Path | None = None, flags: dict[str,
     problems += override_problems
     layers.append(("key=value ", parsed))
     values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
     for where, layer in layers:
+        spelled: dict[str, tuple[str, Any]] = {}  # bitcpm name -> (key as written, value) within this layer
         for key, value in layer.items():
-            if key not in types_by_name:
-                problems.append(f"{where}unknown setting {key!r}{did_you_mean(key, known)}")
+            name = HF_ALIASES.get(key, key) if passthrough else key
+            if name == "training_args" and passthrough:
+                layer_extra = value if isinstance(value, dict) else None
+                if layer_extra is None:
+                    problems.append(f"{where}training_args: must be a mapping of TrainingArguments fields")
+                    continue
+                for hf_key, hf_value in layer_extra.items():
+                    _take_hf(str(hf_key), hf_value, hf_fields, types_by_name, where, extra, problems, known)
                 continue
-            coerced, problem = _coerce(key, value, types_by_name[key], where)
+            if name not in types_by_name:
+                if passthrough and key in hf_fields or key in HF_REFUSED:
+                    _take_hf(key, value, hf_fields, types_by_name, where, extra, problems, known)
+                else:
+                    problems.append(f"{where}unknown setting {key!r}{did_you_mean(key, known)}")
+                continue
+            coerced, problem = _coerce(key, value, types_by_name[name], where)
             if problem:
                 problems.append(problem)
-            else:
-                values[key] = coerced
+                continue
+            if name in spelled and spelled[name][1] != coerced:
+                problems.append(f"{where}{spelled[name][0]} and {key} name the same setting with different values "
+                                f"({spelled[name][1]!r} vs {coerced!r}); keep one")
+                continue
+            spelled[name] = (key, coerced)
+            values[name] = coerced
+    if extra:
+        values["training_args"] = extra
+        if "num_train_epochs" in extra and "max_steps" not in values:
+            values["max_steps"] = -1  # the epochs decide, as in transformers
     collect(problems, ConfigError, "invalid training settings", "fix the settings named above")
     config = cls(**values)
     collect(config.problems(), ConfigError, "invalid training settings", "fix the settings named above")
     return config
+
+
+def _take_hf(key: str, value: Any, hf_fields: dict[str, Any], types_by_name: dict[str, Any], where: str,
+             extra: dict[str, Any], problems: list[str], known: list[str]) -> None:
+    """A TrainingArguments field that is not one of bitcpm's own settings, into `training_args`."""
+    if key in HF_REFUSED:
+        problems.append(f"{where}{key}: bitcpm sets this itself; {HF_REFUSED[key]}")
+    elif key in types_by_name or key in HF_ALIASES:
+        problems.append(f"{where}training_args.{key}: set it as a top-level setting ({HF_ALIASES.get(key, key)})")
+    elif key not in hf_fields:
+        problems.append(f"{where}unknown setting {key!r}{did_you_mean(key, known)}")
+    else:
+        coerced, problem = _coerce_hf(key, value, hf_fields[key].type, where)
+        if problem:
+            problems.append(problem)
+        else:
+            extra[key] = coerced
+
+
+def list_settings(cls: type) -> list[dict[str, Any]]:
+    """Every setting a config class accepts: name, default, aliases, and where it goes (bitcpm or TrainingArguments).
+
+    bitcpm's settings come first with bitcpm's defaults; then every other TrainingArguments field with its default.
+    """
+    aliases: dict[str, list[str]] = {}
+    for hf_name, name in HF_ALIASES.items():
+        aliases.setdefault(name, []).append(hf_name)
+    defaults = cls()
+    rows = [{"name": f.name, "default": getattr(defaults, f.name), "aliases": aliases.get(f.name, []),
+             "source": "bitcpm"} for f in dataclasses.fields(cls) if f.name != "training_args"]
+    own = {row["name"] for row in rows}
+    for name, hf_field in hf_training_fields().items():
+        if name in own or name in HF_ALIASES:
+            continue
+        if hf_field.default is not dataclasses.MISSING:
+            default = hf_field.default
+        elif hf_field.default_factory is not dataclasses.MISSING:
+            default = hf_field.default_factory()
+        else:
+            default = None
+        rows.append({"name": name, "default": default, "aliases": [],
+                     "source": "refused: " + HF_REFUSED[name] if name in HF_REFUSED else "TrainingArguments"})
+    return rows
 
 
 def save_config(config: Any, path: Path) -> None:

@@ -22,7 +22,10 @@ from bitcpm_cli.core.checkpoint import dtype_kwarg, hf_loading, load_tokenizer
 from bitcpm_cli.core.config_check import require_consistent_config
 from bitcpm_cli.core.data import PackedBlocks, check_data_files, first_block
 from bitcpm_cli.core.device import distributed_backend, is_main_process, resolve_device
+from bitcpm_cli.core.distributed import (Strategy, check_backend, choose_strategy, enable_fsdp_on_cpu,
+                                         save_final_model)
 from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError
+from bitcpm_cli.core.memory_plan import GIB, MemoryPlan, plan_memory
 from bitcpm_cli.core.outputs import OutputGuard
 from bitcpm_cli.core.readers import iter_text_lines, parse_json
 from bitcpm_cli.core.quant import QuantScheme, load_scheme_file, prepare, qat_layers
@@ -122,11 +125,18 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
     model_dir = Path(config.model)
     if not model_dir.is_dir():
         raise InputError(f"model folder not found ({model_dir})", hint="pass a Hugging Face model folder")
-    require_consistent_config(model_dir)
     device = resolve_device(config.device)
+    notes: list[str] = []
+    strategy = choose_strategy(config.deepspeed, config.training_args, notes)
+    check_backend(device, strategy)
+    memory = check_memory(model_dir, config, strategy, device)  # from config.json alone
+    require_consistent_config(model_dir)
+    emit = on_event or (lambda event: None)
+    emit({"phase": "plan", "plan": memory.to_dict(), "lines": memory.lines()})
+    emit({"phase": "loading the tokenizer and the data"})
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
     plan = data(config, tokenizer)
-    notes: list[str] = []
+    emit({"phase": "loading the model"})
 
     with hf_loading(model_dir):
         model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code,
@@ -138,22 +148,19 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
     scheme = resolve_scheme(config, QuantScheme.from_config(model.config), notes)
     if scheme is not None:
         prepare(model, scheme)
+        if strategy.shards("weights") > 1:
+            for layer in qat_layers(model).values():
+                layer.cache_fused = False
+            notes.append("weights are sharded: metrics.jsonl has no zero_fraction / mean_scale (they are read from "
+                         "cached fused weights, which sharded runs do not keep)")
     teacher = _load_teacher(config, model, device) if config.teacher else None
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    args = TrainingArguments(
-        output_dir=str(output), max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum, learning_rate=config.lr,
-        lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-        adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon,
-        max_grad_norm=config.max_grad_norm, logging_steps=config.logging_steps, logging_first_step=True,
-        save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
-        seed=config.seed, data_seed=config.seed, bf16=config.bf16, deepspeed=config.deepspeed, report_to=[],
-        disable_tqdm=True, logging_nan_inf_filter=False, use_cpu=device.type == "cpu",
-        ddp_backend=distributed_backend(device) if world > 1 else None, dataloader_num_workers=0,
-        remove_unused_columns=False, **_checkpointing_kwarg(config.gradient_checkpointing),
-    )
-    metrics = MetricsLogger(output / METRICS_FILE, model, plan, config, world, on_event)
+    args = training_arguments(config, output, device, strategy)
+    if strategy.deepspeed is not None and config.bf16:
+        notes.append("bf16 under DeepSpeed: final/ holds DeepSpeed's bf16 copy of the latent weights; the fp32 master "
+                     "weights are in the last checkpoint (recover them with its zero_to_fp32.py)")
+    emit({"phase": f"preparing {memory.strategy}"})
+    metrics = MetricsLogger(output / METRICS_FILE, model, plan, config, strategy.world, on_event)
     trainer = QATTrainer(teacher=teacher, kd_temperature=config.kd_temperature, kd_weight=config.kd_weight,
                          model=model, args=args, train_dataset=plan.dataset, data_collator=plan.collator,
                          callbacks=[MetricsCallback(metrics), CompletionMarker()] + list(callbacks))
@@ -195,10 +202,41 @@ def _run_and_save(trainer: Trainer, output: Path, resume_from: Path | None, toke
         kept = latest_complete_checkpoint(output)
         exc.message += f"; the last good checkpoint is kept: {kept}" if kept else "; no checkpoint was saved before"
         raise
+    write_final(trainer, output, tokenizer, extra_files)
+
+
+def training_arguments(config: TrainConfig, output: Path, device: Any, strategy: Strategy) -> TrainingArguments:
+    """bitcpm's settings as TrainingArguments; `training_args` (any other field, by its Hugging Face name) last."""
+    values = dict(
+        output_dir=str(output), max_steps=config.max_steps, per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum, learning_rate=config.lr,
+        lr_scheduler_type=config.lr_scheduler, warmup_steps=config.warmup_steps or config.warmup_ratio,
+        weight_decay=config.weight_decay,
+        adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon,
+        max_grad_norm=config.max_grad_norm, logging_steps=config.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
+        seed=config.seed, data_seed=config.seed, bf16=config.bf16, deepspeed=strategy.deepspeed, report_to=[],
+        disable_tqdm=True, logging_nan_inf_filter=False, use_cpu=device.type == "cpu",
+        ddp_backend=distributed_backend(device) if strategy.world > 1 else None, dataloader_num_workers=0,
+        remove_unused_columns=False, **_checkpointing_kwarg(config.gradient_checkpointing),
+    )
+    values.update(config.training_args)
+    try:
+        return TrainingArguments(**values)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"transformers rejected the training settings: {exc}",
+                          hint="fix the setting named above (see `bitcpm train --list-settings`)") from None
+
+
+def write_final(trainer: Trainer, output: Path, tokenizer: Any, extra_files: Callable[[Path, Any], None] | None) -> Path:
+    """final/: consolidated latent weights + tokenizer, staged then renamed. Every rank calls it (collective)."""
     final = output / "final"
+    staging = output / ".final.tmp"  # the same path on every rank
+    if is_main_process() and staging.exists():
+        shutil.rmtree(staging)
+    trainer.accelerator.wait_for_everyone()
+    save_final_model(trainer, staging)
     if is_main_process():
-        staging = output / f".final.tmp-{os.getpid()}"
-        trainer.save_model(str(staging))
         tokenizer.save_pretrained(staging)
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the settings are in the YAML beside
         if extra_files is not None:
@@ -207,6 +245,20 @@ def _run_and_save(trainer: Trainer, output: Path, resume_from: Path | None, toke
             shutil.rmtree(final)
         os.rename(staging, final)
         plot_losses(output / METRICS_FILE, output / PLOT_FILE)
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def check_memory(model_dir: Path, config: TrainConfig, strategy: Strategy, device: Any) -> MemoryPlan:
+    """The per-rank memory plan; a run that cannot fit stops here, before anything is loaded."""
+    memory = plan_memory(model_dir, config, strategy.kind, strategy.world, device)
+    if not memory.fits:
+        hint = (f"settings that would fit: {'; '.join(memory.suggestions)}" if memory.suggestions else
+                "no change of these settings fits: use a device with more memory, or max_memory_gb if the figure "
+                "above is wrong")
+        raise ConfigError(f"this run needs {memory.total / GIB:.1f} GiB per rank but {memory.available / GIB:.1f} "
+                          f"GiB is available ({memory.available_from})", problems=memory.lines(), hint=hint)
+    return memory
 
 
 def _checkpointing_kwarg(enabled: bool) -> dict[str, bool]:
@@ -258,6 +310,10 @@ class QATTrainer(Trainer):
                  **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.teacher, self.kd_temperature, self.kd_weight = teacher, kd_temperature, kd_weight
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        enable_fsdp_on_cpu(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -345,6 +401,8 @@ class MetricsCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.logger._last_step, self.logger._last_time = state.global_step, time.perf_counter()
+        if state.is_world_process_zero and self.logger.on_event is not None:
+            self.logger.on_event({"phase": f"step {state.global_step + 1} (the first one also builds the graph)"})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "loss" in logs:

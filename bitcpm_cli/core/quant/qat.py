@@ -19,6 +19,11 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
     _optimizer_steps += 1
 
 
+def optimizer_steps() -> int:
+    """How many optimizer steps (of any torch optimizer, DeepSpeed's ZeRO ones included) have run in this process."""
+    return _optimizer_steps
+
+
 def _watch_optimizer_steps() -> None:
     """Fused optimizers (Trainer's default adamw_torch_fused) update weights without bumping their version
     counter, so every optimizer step, of any optimizer, also invalidates the cached fused weights."""
@@ -51,9 +56,16 @@ class QATLinear(nn.Linear):
 
     quant: LayerQuant
     quant_name: str
+    cache_fused = True  # False under weight sharding (see fused_weight)
 
     def fused_weight(self) -> torch.Tensor:
         weight = self.weight
+        if not self.cache_fused:
+            # Sharded weights (ZeRO-3, FSDP): whole only inside forward (gathered by the wrapper's hooks), sharded
+            # again afterwards. Quantize the gathered weight every time and keep no full-size copy between forwards.
+            with torch.no_grad():
+                fused = fake_quantize(weight, self.quant, name=self.quant_name)
+            return _STEFromFused.apply(weight, fused) if torch.is_grad_enabled() and weight.requires_grad else fused
         key = (weight.data_ptr(), weight._version, _optimizer_steps, weight.dtype, weight.device)
         if getattr(self, "_fused_key", None) != key:
             with torch.no_grad():
@@ -156,7 +168,7 @@ def fuse(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         fused = fake_quantize(module.weight, module.quant, dtype=dtype, name=module.quant_name)
         module.weight = nn.Parameter(fused, requires_grad=module.weight.requires_grad)
         module.__class__ = nn.Linear
-        for attribute in ("quant", "quant_name", "_fused", "_fused_key"):
+        for attribute in ("quant", "quant_name", "_fused", "_fused_key", "cache_fused"):
             module.__dict__.pop(attribute, None)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, CONFIG_KEY):
