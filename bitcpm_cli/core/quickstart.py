@@ -80,7 +80,8 @@ def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn) -> None
 
     from bitcpm_cli.core.compare import compare_results
     from bitcpm_cli.core.convert import convert_checkpoint
-    from bitcpm_cli.core.generate import Prompt, load_for_inference, run_generation, write_json
+    from bitcpm_cli.core.engines import generate as engine_generate
+    from bitcpm_cli.core.generate import Prompt, write_json
     from bitcpm_cli.core.recipe import TrainConfig, resolve_config
     from bitcpm_cli.core.sft import SftConfig, fine_tune
     from bitcpm_cli.core.train import METRICS_FILE, plot_losses, train
@@ -129,9 +130,8 @@ def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn) -> None
         return ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in result.sizes.items())
 
     def generate(folder: Path, pairs: list[tuple[str, str]], chat: bool, name: str) -> list[dict[str, Any]]:
-        loaded = load_for_inference(folder, device="cpu", dtype="bfloat16")
         prompts = [Prompt(i, text=p) for i, (p, _) in enumerate(pairs)]
-        document = run_generation(loaded, prompts, max_new_tokens=8, chat=chat)
+        document = engine_generate(folder, prompts, device="cpu", dtype="bfloat16", max_new_tokens=8, chat=chat)
         write_json(document, output / f"results-{name}.json")
         return document["results"]
 
@@ -157,10 +157,9 @@ def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn) -> None
         detail = f"QAT checkpoint vs fused model: {same}/{len(report.prompts)} prompts token-identical"
         gguf_file = output / "model-tq2_0.gguf"
         if gguf_file.exists() and importlib.util.find_spec("llama_cpp") is not None:
-            from bitcpm_cli.core.llamacpp import run_llamacpp
-
             prompts = [Prompt(i, text=p) for i, (p, _) in enumerate(CHATS)]
-            write_json(run_llamacpp(gguf_file, prompts, max_new_tokens=8, chat=True), output / "results-llamacpp.json")
+            write_json(engine_generate(gguf_file, prompts, device="cpu", max_new_tokens=8, chat=True),
+                       output / "results-llamacpp.json")
             engines = compare_results(output / "results-llamacpp.json", output / "results-fused.json")
             write_json(engines.to_dict(), output / "compare-engines.json")
             result.identical = result.identical and engines.ok
