@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from bitcpm_cli.core.errors import InputError
 
@@ -39,7 +39,9 @@ class ModelCard:
     engine: str
     tokens: list[str | None]  # token string of every id the model has logits for (None: no token there)
     max_context: int | None
-    notes: list[str] = field(default_factory=list)
+    encode: Callable[[str], list[int]]  # the model's own tokenizer: text -> ids, without BOS/EOS
+    bos: int | None
+    eos: int | None
 
 
 class Session:
@@ -50,14 +52,6 @@ class Session:
     notes: list[str]
 
     def generate(self, prompts: list, **settings: Any) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def encode(self, text: str) -> list[int]:
-        """The text's token ids, without BOS/EOS."""
-        raise NotImplementedError
-
-    def special_ids(self) -> tuple[int | None, int | None]:
-        """(BOS, EOS) ids."""
         raise NotImplementedError
 
     def score(self, ids: Sequence[int]):
@@ -104,12 +98,6 @@ class _HFSession(Session):
         settings.pop("device", None)
         return run_generation(self.loaded, prompts, **settings)
 
-    def encode(self, text: str) -> list[int]:
-        return self.loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def special_ids(self) -> tuple[int | None, int | None]:
-        return self.loaded.tokenizer.bos_token_id, self.loaded.tokenizer.eos_token_id
-
     def score(self, ids: Sequence[int]):
         import torch
 
@@ -138,7 +126,9 @@ class HFEngine(Engine):
         tokens: list[str | None] = [None] * max(width, len(tokenizer))
         for token, index in tokenizer.get_vocab().items():
             tokens[index] = token
-        return ModelCard(str(path), self.name, tokens, config.get("max_position_embeddings"))
+        return ModelCard(str(path), self.name, tokens, config.get("max_position_embeddings"),
+                         lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+                         tokenizer.bos_token_id, tokenizer.eos_token_id)
 
     def open(self, path: Path, *, device: str = "auto", dtype: str = "bfloat16", trust_remote_code: bool = False,
              qat_forward: bool = False, context: int | None = None, seed: int = 42) -> Session:
@@ -165,12 +155,6 @@ class _LlamaCppSession(Session):
         settings.pop("batch_size", None)
         return run_llamacpp(self.path, prompts, **settings)
 
-    def encode(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode(), add_bos=False, special=False)
-
-    def special_ids(self) -> tuple[int | None, int | None]:
-        return self.llm.token_bos(), self.llm.token_eos()
-
     def score(self, ids: Sequence[int]):
         from bitcpm_cli.core.llamacpp import score_tokens
 
@@ -192,8 +176,10 @@ class LlamaCppEngine(Engine):
         from bitcpm_cli.core.llamacpp import read_vocabulary
 
         self.require()
-        tokens, max_context = read_vocabulary(path)
-        return ModelCard(str(path), self.name, tokens, max_context)
+        tokens, max_context, vocab = read_vocabulary(path)
+        return ModelCard(str(path), self.name, tokens, max_context,
+                         lambda text: vocab.tokenize(text.encode(), add_bos=False, special=False),
+                         vocab.token_bos(), vocab.token_eos())
 
     def open(self, path: Path, *, device: str = "auto", dtype: str = "bfloat16", trust_remote_code: bool = False,
              qat_forward: bool = False, context: int | None = None, seed: int = 42) -> Session:

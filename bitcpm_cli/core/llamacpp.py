@@ -147,16 +147,14 @@ def _open(path: Path, **options: Any):
                          hint="re-create it with `bitcpm convert --format gguf`") from None
 
 
-def read_vocabulary(path: Path) -> tuple[list[str | None], int | None]:
-    """(token string of every id, training context length) of a GGUF file, without loading its weights."""
+def read_vocabulary(path: Path) -> tuple[list[str | None], int | None, Any]:
+    """(token string of every id, training context length, a vocabulary-only Llama that tokenizes) of a GGUF file,
+    without loading its weights."""
     llm = _open(path, vocab_only=True, n_ctx=0)
-    try:
-        tokens = [llm._model.token_get_text(i) for i in range(llm.n_vocab())]
-        architecture = llm.metadata.get("general.architecture")
-        context = llm.metadata.get(f"{architecture}.context_length")
-        return tokens, int(context) if context is not None else None
-    finally:
-        llm.close()
+    tokens = [llm._model.token_get_text(i) for i in range(llm.n_vocab())]
+    architecture = llm.metadata.get("general.architecture")
+    context = llm.metadata.get(f"{architecture}.context_length")
+    return tokens, int(context) if context is not None else None, llm
 
 
 def open_for_scoring(path: Path, context: int):
