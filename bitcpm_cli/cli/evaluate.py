@@ -39,7 +39,7 @@ def evaluate(
 ) -> None:
     """Score every model on the same tokens: perplexity, and against the reference the KL divergence, its 99th
     percentile and maximum, top-token agreement and RMS probability change (llama.cpp's perplexity tool's names)."""
-    from bitcpm_cli.core.evaluation import check_gates, plan_eval, run_eval
+    from bitcpm_cli.core.evaluation import check_gates, plan_eval, run_eval, short_names
     from bitcpm_cli.core.generate import check_output_path, write_json
 
     if output is not None:
@@ -50,54 +50,67 @@ def evaluate(
                      include_path=include_path, max_kld=max_kld, min_top1=min_top1)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
                TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as progress:
-        bars: dict[str, Any] = {}
+    progress = Progress(*columns, console=err, transient=True)
+    bars: dict[str, Any] = {}
 
-        def on_progress(label: str, done: int, total: int) -> None:
-            if label not in bars:
-                bars[label] = progress.add_task(escape(label), total=total)
-            progress.update(bars[label], completed=done)
+    def on_progress(label: str, done: int, total: int) -> None:
+        if not bars:
+            progress.start()  # only once scoring runs: an error before it leaves stderr clean
+        if label not in bars:
+            bars[label] = progress.add_task(escape(label), total=total)
+        progress.update(bars[label], completed=done)
 
+    try:
         report = run_eval(plan, on_progress)
+    finally:
+        if bars:
+            progress.stop()
     if output is not None:
         write_json(report, output)
     if as_json:
         print_json(report)
     else:
-        _render(report, output)
+        _render(report, output, short_names(report))
     check_gates(report)
 
 
-def _render(report: dict, output: Path | None) -> None:
+def _render(report: dict, output: Path | None, name) -> None:
+    """One column a model, one row a figure (fits a terminal for several models)."""
     data = report["data"]
     table = Table(title=f"{data['scored_tokens']:,} tokens of {escape(data['path'])}, context "
-                        f"{report['settings']['context']}, stride {report['settings']['stride']}")
-    for column in ("model", "format", "PPL", "PPL 95 %", "mean KLD", "99 % KLD", "max KLD", "same top %", "RMS Δp %",
-                   "tokens/s"):
-        table.add_column(column, justify="left" if column in ("model", "format") else "right")
-    tasks = report["settings"]["tasks"]
-    for task in tasks:
-        table.add_column(f"{task} (kept %)", justify="right")
+                        f"{report['settings']['context']}, stride {report['settings']['stride']}",
+                  caption="KLD, same top and RMS Δp: against the reference (ref)")
+    table.add_column("")
     for m in report["models"]:
-        low, high = m["ppl_95"]
-        versus = m.get("vs_reference")
-        cells = [escape(m["path"]) + (" (reference)" if m["reference"] else ""), f"{m['format']} {m['dtype']}",
-                 f"{m['ppl']:.4f}", f"{low:.4f}-{high:.4f}"]
-        cells += ([f"{versus['mean_kld']:.6f}", f"{versus['p99_kld']:.6f}", f"{versus['max_kld']:.6f}",
-                   f"{versus['same_top_pct']:.2f}", f"{versus['rms_dp_pct']:.3f}"] if versus else ["-"] * 5)
-        cells.append(f"{m['tokens_per_s']:.0f}" if m["tokens_per_s"] else "-")
-        for task in tasks:
+        table.add_column(escape(name(m["path"])) + (" (ref)" if m["reference"] else ""), justify="right")
+    models = report["models"]
+
+    def versus(key: str, spec: str) -> list[str]:
+        return [format(m["vs_reference"][key], spec) if "vs_reference" in m else "-" for m in models]
+
+    table.add_row("format", *[f"{m['format']} {m['dtype']}" for m in models])
+    table.add_row("PPL", *[f"{m['ppl']:.4g}" for m in models])
+    table.add_row("PPL 95 %", *[f"{m['ppl_95'][0]:.4g}-{m['ppl_95'][1]:.4g}" for m in models])
+    table.add_row("mean KLD", *versus("mean_kld", ".4g"))
+    table.add_row("99 % KLD", *versus("p99_kld", ".4g"))
+    table.add_row("max KLD", *versus("max_kld", ".4g"))
+    table.add_row("same top %", *versus("same_top_pct", ".2f"))
+    table.add_row("RMS Δp %", *versus("rms_dp_pct", ".3g"))
+    table.add_row("tokens/s", *[f"{m['tokens_per_s']:.0f}" if m["tokens_per_s"] else "-" for m in models])
+    for task in report["settings"]["tasks"]:
+        cells = []
+        for m in models:
             scores, kept = m.get("tasks"), (m.get("tasks_kept_pct") or {}).get(task)
             if not scores:
                 cells.append("n/a")
                 continue
             metric, value = next(iter(scores[task].items()))
-            cells.append(f"{metric} {value:.3f}" + (f" ({kept:.1f})" if kept is not None else ""))
-        table.add_row(*cells)
+            cells.append(f"{metric} {value:.3f}" + (f" ({kept:.1f} %)" if kept is not None else ""))
+        table.add_row(f"{escape(task)} (kept)", *cells)
     out.print(table)
     for m in report["models"]:
         for note in m["notes"]:
-            out.print(f"note: {escape(m['path'])}: {escape(note)}", soft_wrap=True)
+            out.print(f"note: {escape(name(m['path']))}: {escape(note)}", soft_wrap=True)
     for note in report["notes"]:
         out.print(f"note: {escape(note)}", soft_wrap=True)
     if output is not None:

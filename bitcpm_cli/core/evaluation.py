@@ -368,6 +368,36 @@ def check_gates(report: dict[str, Any]) -> None:
                           problems=failures)
 
 
+def short_names(report: dict[str, Any]) -> Callable[[str], str]:
+    """Model paths relative to the folder they share (`fused`, `sft/final`), for tables."""
+    import os
+
+    root = os.path.commonpath([str(Path(m["path"]).resolve().parent) for m in report["models"]])
+
+    def name(path: str) -> str:
+        return os.path.relpath(Path(path).resolve(), root)
+
+    return name
+
+
+def markdown_table(report: dict[str, Any]) -> list[str]:
+    """The report as a Markdown table (SUMMARY.md)."""
+    data, settings = report["data"], report["settings"]
+    name = short_names(report)
+    lines = [f"{data['scored_tokens']} tokens of `{Path(data['path']).name}`, context {settings['context']}, stride "
+             f"{settings['stride']}, {settings['dtype']}; reference: `{name(report['reference'])}`.", "",
+             "| model | format | PPL (95 % interval) | mean KLD | 99 % KLD | max KLD | same top % | RMS Δp % |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m in report["models"]:
+        low, high = m["ppl_95"]
+        versus = m.get("vs_reference")
+        figures = (f"{versus['mean_kld']:.6f} | {versus['p99_kld']:.6f} | {versus['max_kld']:.6f} | "
+                   f"{versus['same_top_pct']:.2f} | {versus['rms_dp_pct']:.3f}") if versus else "- | - | - | - | -"
+        lines.append(f"| `{name(m['path'])}` | {m['format']} ({m['engine']}) | {m['ppl']:.3f} ({low:.3f}-{high:.3f}) | "
+                     f"{figures} |")
+    return lines
+
+
 # ---- lm-evaluation-harness --------------------------------------------------------------------------------------
 def run_tasks(session, tasks: list[str], include_path: Path | None) -> dict[str, dict[str, float]] | None:
     """Each task's metrics for a transformers session (a QAT model runs through its fake quantizer), offline;
@@ -385,9 +415,14 @@ def run_tasks(session, tasks: list[str], include_path: Path | None) -> dict[str,
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    # with --include-path only its tasks are indexed (the harness' own tasks download their data)
+    manager = TaskManager(include_path=str(include_path) if include_path else None,
+                          include_defaults=include_path is None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise InputError(f"unknown task(s): {', '.join(unknown)}", hint="name tasks defined by YAML files in "
@@ -399,8 +434,8 @@ def run_tasks(session, tasks: list[str], include_path: Path | None) -> dict[str,
     scores: dict[str, dict[str, float]] = {}
     for task in tasks:
         metrics = results["results"][task]
-        scores[task] = {key.split(",")[0]: float(value) for key, value in metrics.items()
-                        if isinstance(value, (int, float)) and "stderr" not in key and key != "alias"}
+        scores[task] = {key.split(",")[0]: float(value) for key, value in metrics.items()  # "acc,none": 0.75
+                        if "," in key and "_stderr" not in key and isinstance(value, (int, float))}
     return scores
 
 
