@@ -393,7 +393,7 @@ def markdown_table(report: dict[str, Any]) -> list[str]:
         versus = m.get("vs_reference")
         figures = (f"{versus['mean_kld']:.6f} | {versus['p99_kld']:.6f} | {versus['max_kld']:.6f} | "
                    f"{versus['same_top_pct']:.2f} | {versus['rms_dp_pct']:.3f}") if versus else "- | - | - | - | -"
-        lines.append(f"| `{name(m['path'])}` | {m['format']} ({m['engine']}) | {m['ppl']:.3f} ({low:.3f}-{high:.3f}) | "
+        lines.append(f"| {name(m['path'])} | {m['format']} ({m['engine']}) | {m['ppl']:.3f} ({low:.3f}-{high:.3f}) | "
                      f"{figures} |")
     return lines
 

@@ -1,6 +1,8 @@
 """`bitcpm eval` with the llama.cpp engine: a GGUF file scores the same token ids as its transformers source."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -26,10 +28,16 @@ def gguf_models(tmp_path_factory):
 
 def test_gguf_vs_fused_on_the_same_ids(gguf_models, invoke, tmp_path):
     root = gguf_models
+    harness = importlib.util.find_spec("lm_eval") is not None
+    tasks = ["--tasks", "bitcpm_counting", "--include-path", Path(__file__).resolve().parents[2] / "configs" / "eval"]
     result = invoke("eval", "-m", root / "fused", "-m", root / "m.gguf", "-m", root / "qat", "--data", root / "t.txt",
-                    "--context", "128", "--stride", "64", "-o", tmp_path / "r.json", "--device", "cpu")
+                    "--context", "128", "--stride", "64", "-o", tmp_path / "r.json", "--device", "cpu",
+                    *(tasks if harness else []))
     assert result.exit_code == 0, result.output
     fused, gguf, qat = json.loads((tmp_path / "r.json").read_text())["models"]
+    if harness:  # the harness drives transformers models; a GGUF file gets a note, not a silent gap
+        assert "acc" in fused["tasks"]["bitcpm_counting"] and gguf["tasks"] is None
+        assert "tasks not run" in gguf["notes"][-1] and "n/a" in result.output
     assert (gguf["engine"], gguf["format"], gguf["dtype"]) == ("llama.cpp", "gguf", "tq2_0")
     assert gguf["tokens"] == fused["tokens"] > 400
     versus = gguf["vs_reference"]  # llama.cpp quantizes activations to 8 bits: close, not identical
@@ -43,3 +51,10 @@ def test_a_gguf_with_another_vocabulary_is_refused(gguf_models, invoke, tmp_path
                     "--context", "64", "-o", tmp_path / "r.json")
     assert result.exit_code == 2 and "another vocabulary" in result.stderr and "token 6 is" in result.stderr
     assert not (tmp_path / "r.json").exists()
+
+
+def test_infer_picks_the_llamacpp_engine_for_a_gguf_file(gguf_models, invoke, tmp_path):
+    result = invoke("infer", "-m", gguf_models / "m.gguf", "-p", "23 24 25", "-o", tmp_path / "r.json", "-q",
+                    "--max-new-tokens", "3")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["runtime"]["engine"] == "llama.cpp"
