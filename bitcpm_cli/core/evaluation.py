@@ -76,6 +76,7 @@ class EvalPlan:
     include_path: Path | None
     max_kld: float | None
     min_top1: float | None
+    harness: tuple[Any, list[Any]] | None = None  # (lm_eval TaskManager, task configs) with --tasks
 
 
 def plan_eval(models: list[str | Path], data: str | Path, *, reference: str | Path | None = None, context: int = 512,
@@ -129,8 +130,7 @@ def plan_eval(models: list[str | Path], data: str | Path, *, reference: str | Pa
     if problems:
         raise InputError(problems[0], hint="fix the options named above", problems=problems if len(problems) > 1
                          else ())
-    if tasks:
-        require_harness()
+    harness = resolve_tasks(tasks, include_path) if tasks else None
     engines = [engine_for(path) for path in paths]
     for engine in engines:
         engine.require()
@@ -147,7 +147,7 @@ def plan_eval(models: list[str | Path], data: str | Path, *, reference: str | Pa
                                            "within every model's context length",
                          problems=problems if len(problems) > 1 else ())
     return EvalPlan(paths, cards, data, context, stride, max_tokens, device, dtype, trust_remote_code,
-                    list(tasks or []), Path(include_path) if include_path else None, max_kld, min_top1)
+                    list(tasks or []), Path(include_path) if include_path else None, max_kld, min_top1, harness)
 
 
 def vocabulary_mismatch(reference: list[str | None], other: list[str | None]) -> str | None:
@@ -160,11 +160,31 @@ def vocabulary_mismatch(reference: list[str | None], other: list[str | None]) ->
     return None
 
 
-def require_harness() -> None:
+def resolve_tasks(tasks: list[str], include_path: str | Path | None) -> tuple[Any, list[Any]]:
+    """(TaskManager, each task's config), offline; unknown task names are refused here, before any model loads."""
     import importlib.util
+    import os
 
     if importlib.util.find_spec("lm_eval") is None:
         raise InputError("--tasks needs lm-evaluation-harness", hint="pip install -e '.[eval]'")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import logging
+
+    from datasets.utils.logging import disable_progress_bar
+    from lm_eval.tasks import TaskManager
+
+    disable_progress_bar()
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    # with --include-path only its tasks are indexed (the harness' own tasks download their data)
+    manager = TaskManager(include_path=str(include_path) if include_path else None,
+                          include_defaults=include_path is None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise InputError(f"unknown task(s): {', '.join(unknown)}", hint="name tasks defined by YAML files in "
+                                                                        "--include-path (or lm_eval's own)")
+    return manager, [_task_config(manager, task) for task in tasks]
 
 
 # ---- corpus ------------------------------------------------------------------------------------------------
@@ -318,7 +338,7 @@ def run_eval(plan: EvalPlan, on_progress: ProgressFn | None = None) -> dict[str,
                          "tokens_per_s": round(acc.count / elapsed, 3) if elapsed else None,
                          "notes": list(session.notes)}
                 if plan.tasks:
-                    entry["tasks"] = run_tasks(session, plan.tasks, plan.include_path)
+                    entry["tasks"] = run_tasks(session, plan.tasks, plan.harness)
                     if entry["tasks"] is None:
                         entry["notes"].append("tasks not run: lm-evaluation-harness evaluates transformers "
                                               "models, not GGUF files")
@@ -399,35 +419,16 @@ def markdown_table(report: dict[str, Any]) -> list[str]:
 
 
 # ---- lm-evaluation-harness --------------------------------------------------------------------------------------
-def run_tasks(session, tasks: list[str], include_path: Path | None) -> dict[str, dict[str, float]] | None:
+def run_tasks(session, tasks: list[str], harness: tuple[Any, list[Any]]) -> dict[str, dict[str, float]] | None:
     """Each task's metrics for a transformers session (a QAT model runs through its fake quantizer), offline;
     None for an engine the harness cannot drive."""
-    import os
-
     loaded = getattr(session, "loaded", None)
     if loaded is None:
         return None
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import logging
-
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    from datasets.utils.logging import disable_progress_bar
-
-    disable_progress_bar()
-    for name in ("lm_eval", "lm-eval"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    # with --include-path only its tasks are indexed (the harness' own tasks download their data)
-    manager = TaskManager(include_path=str(include_path) if include_path else None,
-                          include_defaults=include_path is None)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise InputError(f"unknown task(s): {', '.join(unknown)}", hint="name tasks defined by YAML files in "
-                                                                        "--include-path (or lm_eval's own)")
-    configs = [_task_config(manager, task) for task in tasks]
+    manager, configs = harness
     model = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=1, device=str(loaded.device))
     results = simple_evaluate(model=model, tasks=configs, task_manager=manager, log_samples=False,
                               bootstrap_iters=0, verbosity="ERROR")
