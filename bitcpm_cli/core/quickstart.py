@@ -224,6 +224,8 @@ def summary_markdown(result: QuickstartResult) -> str:
 
         lines += ["", "## What each step cost (`bitcpm eval` on held-out text)", ""]
         lines += markdown_table(result.evaluation)
+        lines += ["", "The fine-tuned model learned to answer with three numbers and stop, so long counting lines have a "
+                  "high perplexity under it; the KLD and same-top columns show what each conversion cost against it."]
     lines += ["", "## What was produced", "",
               "- `base/`: the tiny model, random weights, with the quickstart tokenizer",
               "- `pretrain/`: `bitcpm train` run (metrics.jsonl, checkpoints, final/ QAT checkpoint, loss.png)",
