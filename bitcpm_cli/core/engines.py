@@ -9,7 +9,7 @@ with an `Engine` subclass and one line in `ENGINES`.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 

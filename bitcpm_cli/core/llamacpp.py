@@ -150,7 +150,10 @@ def _open(path: Path, **options: Any):
 def read_vocabulary(path: Path) -> tuple[list[str | None], int | None, Any]:
     """(token string of every id, training context length, a vocabulary-only Llama that tokenizes) of a GGUF file,
     without loading its weights."""
-    llm = _open(path, vocab_only=True, n_ctx=8, n_batch=8)
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    with suppress_stdout_stderr(disable=False):  # llama.cpp warns that a vocabulary has no training context
+        llm = _open(path, vocab_only=True, n_ctx=8, n_batch=8)
     tokens = [llm._model.token_get_text(i) for i in range(llm.n_vocab())]
     architecture = llm.metadata.get("general.architecture")
     context = llm.metadata.get(f"{architecture}.context_length")
