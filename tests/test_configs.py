@@ -108,8 +108,25 @@ def test_quickstart_corpus_is_what_the_script_generates():
     assert not held_out & set(chats)
 
 
+@pytest.mark.parametrize("path", in_folder("eval"), ids=lambda p: p.name)
+def test_eval_tasks_load_offline(path):
+    """The shipped lm-evaluation-harness task loads from its folder, and its local data fits it."""
+    pytest.importorskip("lm_eval", reason="the eval extra")
+    from lm_eval.tasks import TaskManager
+
+    from bitcpm_cli.core.evaluation import _task_config
+
+    manager = TaskManager(include_path=str(path.parent), include_defaults=False)
+    config = _task_config(manager, "bitcpm_counting")
+    data = Path(config["dataset_kwargs"]["data_files"]["test"])
+    assert data.is_file() and data.parent == path.parent
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert len(rows) >= 10 and all(0 <= r["answer"] < len(r["choices"]) == 4 for r in rows)
+    assert all(r["choices"][r["answer"]] == str(int(r["context"].split()[-1]) + 1) for r in rows)
+
+
 def test_every_config_is_covered():
     quickstart = [p for p in ALL_FILES if "quickstart" in p.parts]
-    covered = set(in_folder("quant") + in_folder("pretrain") + in_folder("sft") + in_folder("deepspeed") + in_folder("fsdp")
-                   + quickstart)
+    covered = set(in_folder("quant") + in_folder("pretrain") + in_folder("sft") + in_folder("deepspeed")
+                  + in_folder("fsdp") + in_folder("eval") + quickstart)
     assert covered == set(ALL_FILES), f"add a loader test for {sorted(set(ALL_FILES) - covered)}"

@@ -9,7 +9,7 @@ import typer
 from typer.core import TyperGroup
 
 from bitcpm_cli import __version__
-from bitcpm_cli.cli import compare, convert, env, fix_config, infer, quickstart, sft, train
+from bitcpm_cli.cli import compare, convert, env, evaluate, fix_config, infer, quickstart, sft, train
 from bitcpm_cli.cli.output import print_error
 from bitcpm_cli.core.errors import BitcpmError, CheckFailed
 
@@ -82,6 +82,7 @@ app.command("fix-config")(fix_config.fix_config)
 app.command("convert")(convert.convert)
 app.command("infer")(infer.infer)
 app.command("compare")(compare.compare)
+app.command("eval")(evaluate.evaluate)
 app.command("train")(train.train)
 app.command("sft")(sft.sft)
 app.command("quickstart")(quickstart.quickstart)

@@ -9,11 +9,11 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from bitcpm_cli.cli.output import LEVEL_STYLE, err, out
+from bitcpm_cli.cli.output import LEVEL_STYLE, out
 
 
 def infer(
-    model: Path = typer.Option(..., "--model", "-m", help="Fused, QAT or packed model folder."),
+    model: Path = typer.Option(..., "--model", "-m", help="Fused, QAT or packed model folder, or a .gguf file."),
     prompt: Optional[List[str]] = typer.Option(None, "--prompt", "-p", help="A prompt (repeatable)."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts", help=".txt (one a line) or .jsonl/.json "
                                                 "(`prompt`, or `messages` with --chat)."),
@@ -27,7 +27,8 @@ def infer(
     chat: bool = typer.Option(False, "--chat", help="Render prompts with the tokenizer's chat template (ChatML if none)."),
     logprobs: int = typer.Option(0, "--logprobs", help="Store the top-K logprobs of every generated token."),
     batch_size: int = typer.Option(1, "--batch-size", help="Prompts per generate() call (left padding)."),
-    engine: str = typer.Option("hf", "--engine", help="hf (transformers) or llama.cpp (a .gguf file, the gguf extra)."),
+    engine: str = typer.Option("auto", "--engine", help="auto (llama.cpp for a .gguf file, hf for a folder), hf "
+                               "(transformers) or llama.cpp (the gguf extra)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model folder's own Python code."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream the generated text."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
@@ -35,19 +36,10 @@ def infer(
                                          "than the model's context allows (default: refuse it)."),
 ) -> None:
     """Generate for each prompt (greedy by default) and write token ids, text, timing and the runtime to JSON."""
-    from bitcpm_cli.core.errors import InputError
-    from bitcpm_cli.core.generate import (
-        check_output_path,
-        check_sampling,
-        load_for_inference,
-        read_prompts,
-        run_generation,
-        write_json,
-    )
+    from bitcpm_cli.core.engines import engine_for, generate
+    from bitcpm_cli.core.generate import check_output_path, check_sampling, read_prompts, write_json
 
-    if engine not in ("hf", "llama.cpp"):
-        raise InputError(f"--engine {engine!r} is not one of hf, llama.cpp", hint="hf for model folders, llama.cpp "
-                                                                                  "for .gguf files")
+    engine_for(model, engine)  # an unknown engine is refused before anything is read
     prompts = read_prompts(prompt, prompts_file)
     inputs = [model, prompts_file]
     check_output_path(output, inputs, overwrite)
@@ -60,16 +52,10 @@ def infer(
             current["id"] = prompt_id
         out.print(text, end="", markup=False, highlight=False, soft_wrap=True)
 
-    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat,
-                    logprobs=logprobs, on_text=None if quiet else show, truncate_prompt=truncate_prompt)
-    if engine == "llama.cpp":
-        from bitcpm_cli.core.llamacpp import run_llamacpp
-
-        document = run_llamacpp(model, prompts, device=device, **settings)
-    else:
-        loaded = load_for_inference(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        err.print(f"model {escape(str(model))} ({loaded.info['format']}, {dtype}) on {loaded.device}", highlight=False)
-        document = run_generation(loaded, prompts, batch_size=batch_size, **settings)
+    document = generate(model, prompts, engine=engine, device=device, dtype=dtype,
+                        trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, seed=seed, chat=chat, logprobs=logprobs, batch_size=batch_size,
+                        on_text=None if quiet else show, truncate_prompt=truncate_prompt)
     if not quiet:
         out.print()
     write_json(document, output, inputs, overwrite)
@@ -86,6 +72,8 @@ def _summary(document: dict, output: Path) -> None:
     table.add_row("all", str(s["total_tokens"]), f"{s['total_time_s']:.3f}", f"{s['tokens_per_s'] or 0:.1f}",
                   style="bold")
     out.print(table)
+    m = document["model"]
+    out.print(f"model {escape(m['path'])} ({m['format']}, {m['dtype']}), engine {document['runtime']['engine']}")
     out.print(f"{s['ms_per_token'] or 0:.2f} ms/token on {document['runtime']['device']} "
               f"({escape(document['runtime']['device_name'])})")
     for note in document["notes"]:

@@ -20,10 +20,10 @@ from bitcpm_cli.core.checkpoint import (
 )
 from bitcpm_cli.core.config_check import require_consistent_config
 from bitcpm_cli.core.device import package_version, cann_version, resolve_device
+from bitcpm_cli.core.engines import RESULTS_SCHEMA, results_document  # noqa: F401 (RESULTS_SCHEMA re-exported)
 from bitcpm_cli.core.errors import InputError
 from bitcpm_cli.core.outputs import check_output, write_text_output
 
-RESULTS_SCHEMA = "bitcpm.results/1"
 DTYPES = ("bfloat16", "float16", "float32")
 TextCallback = Callable[[int, str], None]  # (prompt id, newly generated text)
 
@@ -91,9 +91,10 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | Path | None) -> 
 
 # ---- model loading ---------------------------------------------------------------------------------
 def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfloat16",
-                       trust_remote_code: bool = False) -> LoadedModel:
+                       trust_remote_code: bool = False, fuse_qat: bool = True) -> LoadedModel:
     """Load a fused, float, QAT or packed model for generation; QAT checkpoints are fused on load, exactly as
-    `convert` would, so a QAT checkpoint and its fused conversion generate identical tokens."""
+    `convert` would, so a QAT checkpoint and its fused conversion generate identical tokens. With fuse_qat=False a
+    QAT checkpoint keeps its fake-quantized linears (the forward training optimizes)."""
     import torch
 
     from bitcpm_cli.core.convert import PACKED_SUFFIX
@@ -152,9 +153,13 @@ def _load_model(path: Path, config: dict[str, Any], files, specs, packed: bool, 
                                                      **{dtype_kwarg(): load_dtype})
         if scheme is not None:
             prepare(model, scheme)
-            fuse(model, dtype=torch_dtype)
-            notes.append(f"QAT checkpoint: fake quantizer fused on load ({scheme.quant_type}, group_size "
-                         f"{scheme.group_size}), as `bitcpm convert` does")
+            if fuse_qat:
+                fuse(model, dtype=torch_dtype)
+                notes.append(f"QAT checkpoint: fake quantizer fused on load ({scheme.quant_type}, group_size "
+                             f"{scheme.group_size}), as `bitcpm convert` does")
+            else:
+                notes.append(f"QAT checkpoint: run through the fake quantizer's forward ({scheme.quant_type}, "
+                             f"group_size {scheme.group_size})")
             kind = "qat"
         else:
             linear = next((m for n, m in model.named_modules()
@@ -332,19 +337,9 @@ def run_generation(loaded: LoadedModel, prompts: list[Prompt], *, max_new_tokens
             if streamer is None and on_text is not None:
                 on_text(prompts[index].id, entry["text"])
             results.append(entry)
-    total_tokens = sum(r["num_tokens"] for r in results)
-    return {
-        "schema": RESULTS_SCHEMA,
-        "model": loaded.info,
-        "runtime": describe_runtime(loaded.device),
-        "sampling": {"temperature": temperature, "top_p": top_p, "seed": seed, "max_new_tokens": max_new_tokens,
-                     "chat_template": chat, "batch_size": batch_size, "logprobs": logprobs},
-        "results": results,
-        "summary": {"prompts": len(results), "total_tokens": total_tokens, "total_time_s": round(total_time, 6),
-                    "tokens_per_s": round(total_tokens / total_time, 3) if total_time else None,
-                    "ms_per_token": round(1000 * total_time / total_tokens, 3) if total_tokens else None},
-        "notes": notes,
-    }
+    sampling_info = {"temperature": temperature, "top_p": top_p, "seed": seed, "max_new_tokens": max_new_tokens,
+                     "chat_template": chat, "batch_size": batch_size, "logprobs": logprobs}
+    return results_document(loaded.info, describe_runtime(loaded.device), sampling_info, results, total_time, notes)
 
 
 def check_output_path(output: str | Path, inputs: Iterable[str | Path | None] = (), overwrite: bool = False,

@@ -13,7 +13,8 @@ import numpy as np
 from bitcpm_cli.core.chat import END_OF_TURN_TOKENS
 from bitcpm_cli.core.device import package_version
 from bitcpm_cli.core.errors import InputError
-from bitcpm_cli.core.generate import RESULTS_SCHEMA, Prompt, TextCallback, check_sampling, fit_context
+from bitcpm_cli.core.engines import results_document
+from bitcpm_cli.core.generate import Prompt, TextCallback, check_sampling, fit_context
 
 
 def _load(path: Path, seed: int):
@@ -57,8 +58,6 @@ def _top(logits: np.ndarray, k: int, chosen: int) -> list[list[float]]:
 def run_llamacpp(model: str | Path, prompts: list[Prompt], *, max_new_tokens: int = 128, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 42, chat: bool = False, logprobs: int = 0, device: str = "auto",
                  on_text: TextCallback | None = None, truncate_prompt: bool = False) -> dict[str, Any]:
-    from bitcpm_cli.core.formats import FILE_TYPE_NAMES, sha256_file
-
     path = Path(model)
     check_sampling(max_new_tokens, temperature, top_p, logprobs, seed=seed)
     if temperature != 0 or top_p != 1:
@@ -113,24 +112,67 @@ def run_llamacpp(model: str | Path, prompts: list[Prompt], *, max_new_tokens: in
         if logprobs:
             entry["top_logprobs"] = steps
         results.append(entry)
-    total_tokens = sum(r["num_tokens"] for r in results)
-    file_type = metadata.get("general.file_type")
-    return {
-        "schema": RESULTS_SCHEMA,
-        "model": {"path": str(path), "fingerprint": sha256_file(path),
-                  "dtype": FILE_TYPE_NAMES.get(int(file_type or -1), f"gguf file type {file_type}"),
-                  "format": "gguf"},
-        "runtime": {"engine": "llama.cpp", "device": "cpu", "device_name": platform.processor() or platform.machine(),
-                    "torch": package_version("torch"), "transformers": package_version("transformers"),
-                    "llama_cpp": llama_cpp.__version__, "torch_npu": None, "cann": None, "host": platform.node()},
-        "sampling": {"temperature": 0.0, "top_p": 1.0, "seed": seed, "max_new_tokens": max_new_tokens,
-                     "chat_template": chat, "batch_size": 1, "logprobs": logprobs},
-        "results": results,
-        "summary": {"prompts": len(results), "total_tokens": total_tokens, "total_time_s": round(total_time, 6),
-                    "tokens_per_s": round(total_tokens / total_time, 3) if total_time else None,
-                    "ms_per_token": round(1000 * total_time / total_tokens, 3) if total_tokens else None},
-        "notes": notes,
-    }
+    sampling = {"temperature": 0.0, "top_p": 1.0, "seed": seed, "max_new_tokens": max_new_tokens,
+                "chat_template": chat, "batch_size": 1, "logprobs": logprobs}
+    return results_document(model_info(path, llm), describe_runtime(), sampling, results, total_time, notes)
+
+
+def model_info(path: Path, llm: Any) -> dict[str, Any]:
+    """The results document's `model` entry for a GGUF file."""
+    from bitcpm_cli.core.formats import FILE_TYPE_NAMES, sha256_file
+
+    file_type = llm.metadata.get("general.file_type")
+    return {"path": str(path), "fingerprint": sha256_file(path),
+            "dtype": FILE_TYPE_NAMES.get(int(file_type or -1), f"gguf file type {file_type}"),
+            "format": "gguf"}
+
+
+def describe_runtime() -> dict[str, Any]:
+    import llama_cpp
+
+    return {"engine": "llama.cpp", "device": "cpu", "device_name": platform.processor() or platform.machine(),
+            "torch": package_version("torch"), "transformers": package_version("transformers"),
+            "llama_cpp": llama_cpp.__version__, "torch_npu": None, "cann": None, "host": platform.node()}
+
+
+# ---- scoring (bitcpm eval) ------------------------------------------------------------------------------
+def _open(path: Path, **options: Any):
+    import llama_cpp
+
+    if not path.is_file() or path.suffix != ".gguf":
+        raise InputError(f"not a .gguf file ({path})", hint="make one with `bitcpm convert --format gguf`")
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_gpu_layers=0, verbose=False, **options)
+    except (ValueError, RuntimeError) as exc:
+        raise InputError(f"llama.cpp cannot load {path} ({exc})",
+                         hint="re-create it with `bitcpm convert --format gguf`") from None
+
+
+def read_vocabulary(path: Path) -> tuple[list[str | None], int | None, Any]:
+    """(token string of every id, training context length, a vocabulary-only Llama that tokenizes) of a GGUF file,
+    without loading its weights."""
+    from llama_cpp._utils import suppress_stdout_stderr
+
+    with suppress_stdout_stderr(disable=False):  # llama.cpp warns that a vocabulary has no training context
+        llm = _open(path, vocab_only=True, n_ctx=8, n_batch=8)
+    tokens = [llm._model.token_get_text(i) for i in range(llm.n_vocab())]
+    architecture = llm.metadata.get("general.architecture")
+    context = llm.metadata.get(f"{architecture}.context_length")
+    return tokens, int(context) if context is not None else None, llm
+
+
+def open_for_scoring(path: Path, context: int):
+    """A llama.cpp context that keeps the logits of every position of a window of `context` tokens."""
+    return _open(path, n_ctx=context, n_batch=context, n_ubatch=context, logits_all=True)
+
+
+def score_tokens(llm: Any, ids) -> Any:
+    """float32 logits (len(ids), vocab) for token ids fed as they are (no BOS added, no text round trip)."""
+    import torch
+
+    llm.reset()
+    llm.eval(list(ids))
+    return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
 
 
 def _decode(llm: Any, tokens: list[int]) -> str:

@@ -19,6 +19,7 @@ from bitcpm_cli.core.outputs import OutputGuard
 ASSETS = Path(__file__).resolve().parents[2] / "configs" / "quickstart"
 # Held-out prompts (absent from the shipped corpus and chats) and the answers a working model gives: counting for
 # the pre-trained checkpoint, chats for the fine-tuned one (which has learned to stop after its reply).
+HELD_OUT_STARTS = (23, 88, 141)  # no corpus line starts here (scripts/build_quickstart_assets.py)
 COUNTING = [("23 24 25 26", "27 28 29 30"), ("141 142 143 144", "145 146 147 148")]
 CHATS = [("continue: 47 48 49", "50 51 52"), ("continue: 116 117 118", "119 120 121"),
          ("continue: 170 171 172", "173 174 175")]
@@ -33,6 +34,7 @@ class QuickstartResult:
     sizes: dict[str, int] = field(default_factory=dict)
     losses: dict[str, tuple[float, float]] = field(default_factory=dict)
     identical: bool = False
+    evaluation: dict[str, Any] | None = None  # the eval stage's report (bitcpm.eval/1)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -86,7 +88,8 @@ def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn) -> None
 
     from bitcpm_cli.core.compare import compare_results
     from bitcpm_cli.core.convert import convert_checkpoint
-    from bitcpm_cli.core.generate import Prompt, load_for_inference, run_generation, write_json
+    from bitcpm_cli.core.engines import generate as engine_generate
+    from bitcpm_cli.core.generate import Prompt, write_json
     from bitcpm_cli.core.recipe import TrainConfig, resolve_config
     from bitcpm_cli.core.sft import SftConfig, fine_tune
     from bitcpm_cli.core.train import METRICS_FILE, plot_losses, train
@@ -135,9 +138,8 @@ def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn) -> None
         return ", ".join(f"{name} {size / 2**20:.1f} MiB" for name, size in result.sizes.items())
 
     def generate(folder: Path, pairs: list[tuple[str, str]], chat: bool, name: str) -> list[dict[str, Any]]:
-        loaded = load_for_inference(folder, device="cpu", dtype="bfloat16")
         prompts = [Prompt(i, text=p) for i, (p, _) in enumerate(pairs)]
-        document = run_generation(loaded, prompts, max_new_tokens=8, chat=chat)
+        document = engine_generate(folder, prompts, device="cpu", dtype="bfloat16", max_new_tokens=8, chat=chat)
         write_json(document, output / f"results-{name}.json")
         return document["results"]
 
@@ -163,10 +165,9 @@ def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn) -> None
         detail = f"QAT checkpoint vs fused model: {same}/{len(report.prompts)} prompts token-identical"
         gguf_file = output / "model-tq2_0.gguf"
         if gguf_file.exists() and importlib.util.find_spec("llama_cpp") is not None:
-            from bitcpm_cli.core.llamacpp import run_llamacpp
-
             prompts = [Prompt(i, text=p) for i, (p, _) in enumerate(CHATS)]
-            write_json(run_llamacpp(gguf_file, prompts, max_new_tokens=8, chat=True), output / "results-llamacpp.json")
+            write_json(engine_generate(gguf_file, prompts, device="cpu", max_new_tokens=8, chat=True),
+                       output / "results-llamacpp.json")
             engines = compare_results(output / "results-llamacpp.json", output / "results-fused.json")
             write_json(engines.to_dict(), output / "compare-engines.json")
             result.identical = result.identical and engines.ok
@@ -174,12 +175,31 @@ def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn) -> None
             detail += f"; llama.cpp (TQ2_0) vs transformers: {same}/{len(engines.prompts)} token-identical"
         return detail
 
+    def evaluation() -> str:
+        from bitcpm_cli.core.evaluation import plan_eval, run_eval
+
+        held_out = output / "held-out.txt"
+        held_out.write_text("".join(" ".join(str(n) for n in range(start, start + length)) + "\n"
+                                    for start in HELD_OUT_STARTS for length in (8, 12, 16, 20)))
+        gguf_file = output / "model-tq2_0.gguf"
+        models = [base, sft / "final", fused, packed]
+        if gguf_file.exists() and importlib.util.find_spec("llama_cpp") is not None:
+            models.append(gguf_file)
+        plan = plan_eval(models, held_out, reference=sft / "final", context=64, stride=32, device="cpu")
+        result.evaluation = run_eval(plan)
+        write_json(result.evaluation, output / "eval.json")
+        worst = max(m["vs_reference"]["mean_kld"] for m in result.evaluation["models"][1:]
+                    if m["format"] != "float")
+        return (f"{result.evaluation['data']['scored_tokens']} held-out tokens; conversions vs the QAT checkpoint: "
+                f"mean KLD <= {worst:.4f}")
+
     _stage(result, on_stage, "build tiny model", build)
     _stage(result, on_stage, "train (ternary QAT)", pretraining)
     _stage(result, on_stage, "sft (chat)", fine_tuning)
     _stage(result, on_stage, "convert", conversions)
     _stage(result, on_stage, "infer (QAT and fused)", inference)
     _stage(result, on_stage, "compare", comparison)
+    _stage(result, on_stage, "eval (held-out text)", evaluation)
     plot_losses(pretrain / METRICS_FILE, output / "loss.png",
                 {"pre-training (ternary QAT)": pretrain / METRICS_FILE, "SFT": sft / METRICS_FILE})
     (output / "SUMMARY.md").write_text(summary_markdown(result))
@@ -205,6 +225,13 @@ def summary_markdown(result: QuickstartResult) -> str:
               "extra is installed: `compare-engines.json`).", "", "## Sizes of the weights", "",
               "| format | bytes |", "| --- | --- |"]
     lines += [f"| {name} | {size:,} |" for name, size in result.sizes.items()]
+    if result.evaluation is not None:
+        from bitcpm_cli.core.evaluation import markdown_table
+
+        lines += ["", "## What each step cost (`bitcpm eval` on held-out text)", ""]
+        lines += markdown_table(result.evaluation)
+        lines += ["", "The fine-tuned model learned to answer with three numbers and stop, so long counting lines have a "
+                  "high perplexity under it; the KLD and same-top columns show what each conversion cost against it."]
     lines += ["", "## What was produced", "",
               "- `base/`: the tiny model, random weights, with the quickstart tokenizer",
               "- `pretrain/`: `bitcpm train` run (metrics.jsonl, checkpoints, final/ QAT checkpoint, loss.png)",
@@ -214,6 +241,7 @@ def summary_markdown(result: QuickstartResult) -> str:
               "- `model-tq2_0.gguf`: `bitcpm convert --format gguf` output for llama.cpp (with the `gguf` extra)",
               "- `results-pretrain.json`, `results-qat.json`, `results-fused.json`: `bitcpm infer` results; "
               "`compare.json`: `bitcpm compare` of the last two",
+              "- `held-out.txt`, `eval.json`: held-out counting text and `bitcpm eval`'s report on it",
               "- `loss.png`: the loss curves", ""]
     lines += [f"- note: {note}" for note in result.notes]
     return "\n".join(lines) + "\n"

@@ -22,6 +22,21 @@ def test_quickstart_end_to_end(invoke, tmp_path):
     for line in summary.splitlines():
         if "`" in line and line.startswith("| "):
             assert line.endswith("| yes |"), line
+    # the eval stage: every format scored on the same held-out tokens against the QAT checkpoint
+    report = json.loads((tmp_path / "qs" / "eval.json").read_text())
+    formats = [m["format"] for m in report["models"]]
+    assert formats[:4] == ["qat", "float", "fused", "packed"] and "What each step cost" in summary
+    for converted in report["models"][2:4]:  # bf16 fused / packed weights scored in float32: nearly identical
+        assert converted["vs_reference"]["mean_kld"] < 0.01 and converted["vs_reference"]["same_top_pct"] >= 95
+    assert report["models"][1]["vs_reference"]["mean_kld"] > 1  # the random start point knows nothing
+    if importlib.util.find_spec("llama_cpp") is not None:
+        assert formats[4] == "gguf"
+        qs = tmp_path / "qs"
+        result = invoke("eval", "-m", qs / "fused", "-m", qs / "model-tq2_0.gguf", "--data", qs / "held-out.txt",
+                        "--context", "64", "--device", "cpu", "--json")
+        assert result.exit_code == 0, result.output
+        versus = json.loads(result.stdout)["models"][1]["vs_reference"]  # llama.cpp: 8-bit activations
+        assert 0 < versus["mean_kld"] < 0.05 and versus["same_top_pct"] >= 95, versus
 
 
 def test_quickstart_refuses_a_non_empty_folder(invoke, tmp_path):
