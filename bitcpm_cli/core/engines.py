@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from bitcpm_cli.core.errors import InputError
-
-RESULTS_SCHEMA = "bitcpm.results/1"
+from bitcpm_cli.core.readers import RESULTS_SCHEMA
 
 
 def results_document(model: dict[str, Any], runtime: dict[str, Any], sampling: dict[str, Any],

@@ -20,7 +20,7 @@ from bitcpm_cli.core.checkpoint import (
 )
 from bitcpm_cli.core.config_check import require_consistent_config
 from bitcpm_cli.core.device import package_version, cann_version, resolve_device
-from bitcpm_cli.core.engines import RESULTS_SCHEMA, results_document  # noqa: F401 (RESULTS_SCHEMA re-exported)
+from bitcpm_cli.core.engines import results_document
 from bitcpm_cli.core.errors import InputError
 from bitcpm_cli.core.outputs import check_output, write_text_output
 
@@ -117,14 +117,15 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfl
     hf_logging.disable_progress_bar()  # the CLI draws its own output; keep stderr for errors and notes
     tokenizer = load_tokenizer(path, trust_remote_code, padding_side="left")
     with hf_loading(path):
-        model, kind, notes = _load_model(path, config, files, specs, packed, torch_dtype, trust_remote_code)
+        model, kind, notes = _load_model(path, config, files, specs, packed, torch_dtype, trust_remote_code,
+                                         fuse_qat)
     model.to(device=target, dtype=torch_dtype).eval()
     info = {"path": str(path), "fingerprint": fingerprint(files), "dtype": dtype, "format": kind}
     return LoadedModel(model, tokenizer, target, info, notes)
 
 
 def _load_model(path: Path, config: dict[str, Any], files, specs, packed: bool, torch_dtype,
-                trust_remote_code: bool) -> tuple[Any, str, list[str]]:
+                trust_remote_code: bool, fuse_qat: bool) -> tuple[Any, str, list[str]]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -4,7 +4,8 @@ import pytest
 
 from bitcpm_cli.core.convert import convert_checkpoint
 from bitcpm_cli.core.errors import ConfigError, DeviceError, InputError
-from bitcpm_cli.core.generate import RESULTS_SCHEMA, Prompt, load_for_inference, read_prompts, run_generation
+from bitcpm_cli.core.generate import Prompt, load_for_inference, read_prompts, run_generation
+from bitcpm_cli.core.readers import RESULTS_SCHEMA
 
 from tests.helpers import build_tiny_model
 
