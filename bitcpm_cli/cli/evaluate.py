@@ -36,14 +36,16 @@ def evaluate(
     min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Exit 1 when a model's same-top-token % is "
                                              "below this."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model folders' own Python code."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
 ) -> None:
     """Score every model on the same tokens: perplexity, and against the reference the KL divergence, its 99th
     percentile and maximum, top-token agreement and RMS probability change (llama.cpp's perplexity tool's names)."""
     from bitcpm_cli.core.evaluation import check_gates, plan_eval, run_eval, short_names
     from bitcpm_cli.core.generate import check_output_path, write_json
 
+    inputs = [*model, data, reference, include_path]
     if output is not None:
-        check_output_path(output)
+        check_output_path(output, inputs, overwrite)
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     plan = plan_eval(model, data, reference=reference, context=context, stride=stride, max_tokens=max_tokens,
                      device=device, dtype=dtype, trust_remote_code=trust_remote_code, tasks=task_list,
@@ -66,7 +68,7 @@ def evaluate(
         if bars:
             progress.stop()
     if output is not None:
-        write_json(report, output)
+        write_json(report, output, inputs, overwrite)
     if as_json:
         print_json(report)
     else:

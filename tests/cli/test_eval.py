@@ -66,7 +66,8 @@ def test_gates_exit_1_and_still_write_the_report(models, invoke, tmp_path):
     passed = invoke("eval", "-m", models / "qat", "-m", models / "fused", "--data", models / "t.txt", "--context",
                     "32", "--device", "cpu", "--max-kld", "0", "--min-top1", "100")
     assert passed.exit_code == 0, passed.output
-    assert invoke(*args, "--min-top1", "99.9").exit_code == 1
+    assert invoke(*args, "--min-top1", "99.9").exit_code == 2  # the report exists: --overwrite to replace it
+    assert invoke(*args, "--min-top1", "99.9", "--overwrite").exit_code == 1
 
 
 def refused(invoke, tmp_path, *args):
