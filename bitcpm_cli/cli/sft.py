@@ -32,8 +32,11 @@ def sft(
     packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="Pack short examples together."),
     template: Optional[str] = typer.Option(None, "--template", help="auto (tokenizer's, ChatML if none), chatml, or "
                                                                     "a .jinja file."),
-    data_format: Optional[str] = typer.Option(None, "--format", help="messages, sharegpt or alpaca (default: detected "
-                                                                     "per file)."),
+    data_format: Optional[str] = typer.Option(None, "--format", metavar="FORMAT",
+                                              help="alpaca, sharegpt or openai (default: detected per file)."),
+    columns: Optional[List[str]] = typer.Option(None, "--columns", metavar="KEY=FIELD|dataset_info.json",
+                                                help="LLaMA-Factory column/tag mapping, e.g. prompt=question or "
+                                                     "role_tag=who (repeatable), or a dataset_info.json."),
     preview: int = typer.Option(0, "--preview", help="Print the first N rendered examples with the supervised spans, "
                                                      "then exit."),
     save_steps: Optional[int] = opt.SAVE_STEPS,
@@ -58,7 +61,8 @@ def sft(
     given = opt.flags(
         model=model, data=data, output_dir=output_dir, max_steps=max_steps, quant_type=quant_type,
         group_size=group_size, scheme=scheme, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-        max_length=max_length, packing=packing, template=template, format=data_format, save_steps=save_steps,
+        max_length=max_length, packing=packing, template=template, format=data_format, columns=columns,
+        save_steps=save_steps,
         logging_steps=logging_steps, seed=seed, device=device, bf16=bf16, deepspeed=deepspeed, resume=resume,
         teacher=teacher, trust_remote_code=trust_remote_code,
     )
