@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from bitcpm_cli.core.chat import CHATML_TOKENS, DEFAULT_CHAT_TEMPLATE, end_of_turn_ids, load_template
 from bitcpm_cli.core.chatdata import FORMATS, read_chat_data
@@ -47,6 +48,7 @@ class SftConfig(TrainConfig):
 class Example:
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None  # packed sequences: positions restart at 0 for every example
 
     @property
     def supervised(self) -> int:
@@ -157,17 +159,23 @@ def build_examples(config: SftConfig, tokenizer: Any) -> SftData:
 
 
 def pack(examples: list[Example], max_length: int) -> list[Example]:
-    """Concatenate whole examples, in order, into sequences of at most max_length tokens."""
+    """Concatenate whole examples, in order, into sequences of at most max_length tokens.
+
+    Positions restart at 0 for every example: transformers' attention (eager, sdpa, flex, flash-varlen) reads the
+    restarts as example boundaries when no attention mask is given, so no example attends to another
+    (DataCollatorWithFlattening's convention). check_packing_isolation verifies this for the model being trained.
+    """
     packed: list[Example] = []
-    ids: list[int] = []
-    labels: list[int] = []
+    current = Example([], [], [])
     for example in examples:
-        if ids and len(ids) + len(example.input_ids) > max_length:
-            packed.append(Example(ids, labels))
-            ids, labels = [], []
-        ids, labels = ids + example.input_ids, labels + example.labels
-    if ids:
-        packed.append(Example(ids, labels))
+        if current.input_ids and len(current.input_ids) + len(example.input_ids) > max_length:
+            packed.append(current)
+            current = Example([], [], [])
+        current.input_ids += example.input_ids
+        current.labels += example.labels
+        current.position_ids += list(range(len(example.input_ids)))
+    if current.input_ids:
+        packed.append(current)
     return packed
 
 
@@ -180,18 +188,59 @@ class ExampleDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         example = self.examples[index]
-        return {"input_ids": example.input_ids, "labels": example.labels}
+        item = {"input_ids": example.input_ids, "labels": example.labels}
+        if example.position_ids is not None:
+            item["position_ids"] = example.position_ids
+        return item
 
 
 def collate(pad_id: int):
+    """Pad to the longest sequence; packed sequences get position ids and no attention mask (padding is one more
+    example of its own, with label -100), unpacked ones an attention mask."""
     def collator(batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(item["input_ids"]) for item in batch)
         ids = [item["input_ids"] + [pad_id] * (width - len(item["input_ids"])) for item in batch]
         labels = [item["labels"] + [IGNORE] * (width - len(item["labels"])) for item in batch]
+        if "position_ids" in batch[0]:
+            positions = [item["position_ids"] + list(range(width - len(item["position_ids"]))) for item in batch]
+            return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                    "position_ids": torch.tensor(positions)}
         mask = [[1] * len(item["input_ids"]) + [0] * (width - len(item["input_ids"])) for item in batch]
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
 
     return collator
+
+
+def check_packing_isolation(model: Any) -> None:
+    """Refuse --packing unless this model keeps packed examples apart: the logits of an example packed after another
+    must equal its logits alone (attention implementations that ignore position-id boundaries fail this). Training
+    runs without a KV cache (the Trainer sets use_cache=False), as here: transformers reads packing only then."""
+    parameter = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, model.config.vocab_size, (1, n), generator=generator) for n in (7, 5))
+    positions = torch.tensor([list(range(7)) + list(range(5))])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=second.to(parameter.device), use_cache=False).logits.float()
+            packed = model(input_ids=torch.cat([first, second], 1).to(parameter.device),
+                           position_ids=positions.to(parameter.device), use_cache=False).logits[:, 7:].float()
+    finally:
+        model.train(was_training)
+    if not torch.allclose(alone, packed, atol=2e-3, rtol=1e-3):
+        implementation = getattr(model.config, "_attn_implementation", None) or "unknown"
+        raise InputError(f"--packing: this model ({type(model).__name__}, attention {implementation}) lets packed "
+                         "examples attend to each other (position-id boundaries are ignored)",
+                         hint="train with --no-packing, or use a transformers model class with sdpa, eager or "
+                              "flash attention")
+
+
+class PackingIsolationCheck(TrainerCallback):
+    """Runs check_packing_isolation on the model being trained, before the first step."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        check_packing_isolation(model)
 
 
 def sft_data(config: SftConfig, tokenizer: Any):
@@ -220,7 +269,8 @@ def fine_tune(config: SftConfig, on_event=None, callbacks: list[Any] = ()):
     """`bitcpm sft`: the training stack of `bitcpm train` with chat data and assistant-only loss."""
     from bitcpm_cli.core.train import train
 
-    return train(config, data=sft_data, on_event=on_event, callbacks=callbacks,
+    checks = [PackingIsolationCheck()] if config.packing else []
+    return train(config, data=sft_data, on_event=on_event, callbacks=checks + list(callbacks),
                  extra_files=write_chat_generation_config)
 
 

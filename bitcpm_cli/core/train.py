@@ -244,7 +244,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher: Any, inputs: dict[s
                       temperature: float) -> torch.Tensor:
     """KL(teacher || student) on temperature-softened logits, times T^2, averaged over the real tokens."""
     with torch.no_grad():
-        teacher_logits = teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+        teacher_logits = teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                                 position_ids=inputs.get("position_ids")).logits  # packed: per-example positions
     student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     target = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
     per_token = torch.nn.functional.kl_div(student, target, log_target=True, reduction="none").sum(-1)

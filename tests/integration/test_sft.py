@@ -28,11 +28,11 @@ def test_fine_tune_reaches_near_zero_loss_and_answers_through_infer_chat(setup, 
     result = invoke("sft", "--config", RECIPE, "--model", setup / "float", "--data", setup / "chat.jsonl",
                     "--output-dir", tmp_path / "run")
     assert result.exit_code == 0, result.output
-    assert "supervised tokens" in result.output and "2,000" in result.output
+    assert "supervised tokens" in result.output and "2,200" in result.output
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < 0.05
     summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
-    assert summary["examples_used"] == 200 and summary["supervised_tokens"] == 200 * (len(REPLY) + 1)
+    assert summary["examples_used"] == 200 and summary["supervised_tokens"] == 200 * (len(REPLY) + 2)  # reply, <|im_end|>, "\n" (as LLaMA-Factory)
     final = tmp_path / "run" / "final"
     assert "im_start" in json.loads((final / "tokenizer_config.json").read_text()).get("chat_template", "") or \
         (final / "chat_template.jinja").is_file()
@@ -47,7 +47,7 @@ def test_preview_shows_supervised_spans_and_trains_nothing(setup, tmp_path, invo
     result = invoke("sft", "--config", RECIPE, "--model", setup / "float", "--data", setup / "chat.jsonl",
                     "--output-dir", tmp_path / "run", "--preview", "2")
     assert result.exit_code == 0, result.output
-    assert "example 0:" in result.output and "example 1:" in result.output and "10 supervised" in result.output
+    assert "example 0:" in result.output and "example 1:" in result.output and "11 supervised" in result.output
     assert "OK, done.<|im_end|>" in result.output
     assert not (tmp_path / "run").exists()
 
@@ -66,3 +66,11 @@ def test_help(invoke):
     assert result.exit_code == 0
     for flag in ("--max-length", "--packing", "--template", "--format", "--preview", "--model", "--resume"):
         assert flag in result.output
+
+
+def test_packing_trains_with_examples_kept_apart(setup, tmp_path, invoke):
+    result = invoke("sft", "--config", RECIPE, "--model", setup / "float", "--data", setup / "chat.jsonl",
+                    "--output-dir", tmp_path / "run", "--packing", "--max-steps", "2")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
+    assert summary["packing"] and summary["sequences"] < 200
