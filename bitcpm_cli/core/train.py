@@ -23,6 +23,7 @@ from bitcpm_cli.core.config_check import require_consistent_config
 from bitcpm_cli.core.data import PackedBlocks, check_data_files, first_block
 from bitcpm_cli.core.device import distributed_backend, is_main_process, resolve_device
 from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError
+from bitcpm_cli.core.inference_ready import make_inference_ready
 from bitcpm_cli.core.quant import QuantScheme, load_scheme_file, prepare, qat_layers
 from bitcpm_cli.core.recipe import TrainConfig, save_config
 
@@ -175,6 +176,7 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the settings are in the YAML beside
         if extra_files is not None:
             extra_files(staging, tokenizer)
+        make_inference_ready(staging, model_dir)  # use_cache back on, the input's generation settings
         if final.exists():
             shutil.rmtree(final)
         os.rename(staging, final)

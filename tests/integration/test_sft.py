@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import build_tiny_model
+from tests.unit.test_inference_ready import generates_with_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "sft" / "tiny-cpu.yaml"
@@ -34,6 +35,9 @@ def test_fine_tune_reaches_near_zero_loss_and_answers_through_infer_chat(setup, 
     summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
     assert summary["examples_used"] == 200 and summary["supervised_tokens"] == 200 * (len(REPLY) + 2)  # reply, <|im_end|>, "\n" (as LLaMA-Factory)
     final = tmp_path / "run" / "final"
+    assert json.loads((final / "config.json").read_text())["use_cache"] is True  # training turned it off
+    assert not (final / "training_args.bin").exists()
+    generates_with_cache(final)
     assert "im_start" in json.loads((final / "tokenizer_config.json").read_text()).get("chat_template", "") or \
         (final / "chat_template.jinja").is_file()
     answered = invoke("infer", "-m", final, "--chat", "-p", "48213", "-p", "907", "-o", tmp_path / "r.json",
