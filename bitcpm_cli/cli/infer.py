@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from bitcpm_cli.cli.output import LEVEL_STYLE, err, out
+from bitcpm_cli.cli.output import LEVEL_STYLE, err, out, print_json
 
 
 def infer(
@@ -30,6 +30,8 @@ def infer(
     engine: str = typer.Option("hf", "--engine", help="hf (transformers) or llama.cpp (a .gguf file, the gguf extra)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model folder's own Python code."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream the generated text."),
+    json_output: bool = typer.Option(False, "--json", help="Print the results document as JSON on stdout (no "
+                                                           "streaming, no table); --output is still written."),
 ) -> None:
     """Generate for each prompt (greedy by default) and write token ids, text, timing and the runtime to JSON."""
     from bitcpm_cli.core.errors import InputError
@@ -51,11 +53,14 @@ def infer(
     current = {"id": None}
 
     def show(prompt_id: int, text: str) -> None:
+        if not text:
+            return  # an empty reply gets its marker below
         if current["id"] != prompt_id:
             out.print(f"\n[bold]\\[{prompt_id}][/] ", end="")
             current["id"] = prompt_id
         out.print(text, end="", markup=False, highlight=False, soft_wrap=True)
 
+    quiet = quiet or json_output
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat,
                     logprobs=logprobs, on_text=None if quiet else show)
     if engine == "llama.cpp":
@@ -67,9 +72,23 @@ def infer(
         err.print(f"model {escape(str(model))} ({loaded.info['format']}, {dtype}) on {loaded.device}", highlight=False)
         document = run_generation(loaded, prompts, batch_size=batch_size, **settings)
     if not quiet:
+        for result in document["results"]:
+            if not result["text"]:  # nothing was streamed for it
+                out.print(f"\n[bold]\\[{result['id']}][/] {escape(empty_reply_marker(result))}", end="")
         out.print()
     write_json(document, output)
+    if json_output:
+        print_json(document)
+        return
     _summary(document, output)
+
+
+def empty_reply_marker(result: dict) -> str:
+    """What an empty reply shows instead of nothing: usually the model ended its turn at once (EOS only)."""
+    count = result["num_tokens"]
+    if count <= 1:
+        return "<empty reply: end of sequence at once>"
+    return f"<empty reply: {count} tokens that decode to no text>"
 
 
 def _summary(document: dict, output: Path) -> None:
@@ -77,7 +96,8 @@ def _summary(document: dict, output: Path) -> None:
     for column in ("id", "tokens", "latency s", "tokens/s"):
         table.add_column(column, justify="right")
     for r in document["results"]:
-        table.add_row(str(r["id"]), str(r["num_tokens"]), f"{r['latency_s']:.3f}", f"{r['tokens_per_s'] or 0:.1f}")
+        table.add_row(str(r["id"]), str(r["num_tokens"]) + ("" if r["text"] else " (empty)"), f"{r['latency_s']:.3f}",
+                      f"{r['tokens_per_s'] or 0:.1f}")
     s = document["summary"]
     table.add_row("all", str(s["total_tokens"]), f"{s['total_time_s']:.3f}", f"{s['tokens_per_s'] or 0:.1f}",
                   style="bold")

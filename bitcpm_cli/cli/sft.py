@@ -14,6 +14,8 @@ from bitcpm_cli.cli import training as opt
 from bitcpm_cli.core.device import is_main_process
 from bitcpm_cli.cli.output import out
 
+SUPERVISED_OPEN, SUPERVISED_CLOSE = "[[", "]]"  # --preview off a terminal
+
 
 def sft(
     overrides: Optional[List[str]] = opt.OVERRIDES,
@@ -48,6 +50,7 @@ def sft(
     resume: Optional[bool] = opt.RESUME,
     teacher: Optional[Path] = opt.TEACHER,
     trust_remote_code: Optional[bool] = opt.TRUST_REMOTE_CODE,
+    json_output: bool = opt.JSON,
 ) -> None:
     """Fine-tune on OpenAI messages, ShareGPT or Alpaca data (.json / .jsonl) under the ternary fake quantizer.
 
@@ -73,8 +76,11 @@ def sft(
         _preview(resolve_config(SftConfig, config, given, overrides), preview)
         return
     settings = resolve_config(SftConfig, config, given, overrides)
-    result = opt.run_with_progress(lambda on_event: fine_tune(settings, on_event=on_event), is_main_process())
-    if is_main_process():
+    result = opt.run_with_progress(lambda on_event: fine_tune(settings, on_event=on_event), is_main_process(),
+                                   settings.max_steps)
+    if is_main_process() and json_output:
+        opt.print_result_json(result)
+    elif is_main_process():
         _data_summary(result.data_summary)
         opt.render_result(result, "fine-tuning finished")
 
@@ -100,9 +106,14 @@ def _preview(settings, count: int) -> None:
     for index, example in enumerate(examples):
         out.rule(f"example {index}: {example.tokens} tokens, {example.supervised_tokens} supervised")
         for text, supervised in example.segments:
+            if not out.is_terminal:  # colour is lost in a pipe or file: mark the supervised spans in the text
+                text = f"{SUPERVISED_OPEN}{text}{SUPERVISED_CLOSE}" if supervised else text
             out.print(escape(text), style="bold green" if supervised else "dim", end="", soft_wrap=True)
         out.print()
-    out.print("[bold green]green[/]: supervised (loss); [dim]dim[/]: masked")
+    if out.is_terminal:
+        out.print("[bold green]green[/]: supervised (loss); [dim]dim[/]: masked")
+    else:
+        out.print(f"{SUPERVISED_OPEN}...{SUPERVISED_CLOSE}: supervised (loss); the rest is masked")
     summary["notes"] = notes
     _data_summary(summary)
     out.print(json.dumps({k: summary[k] for k in ("examples_used", "supervised_tokens")}), highlight=False)

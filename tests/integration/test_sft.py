@@ -52,7 +52,8 @@ def test_preview_shows_supervised_spans_and_trains_nothing(setup, tmp_path, invo
                     "--output-dir", tmp_path / "run", "--preview", "2")
     assert result.exit_code == 0, result.output
     assert "example 0:" in result.output and "example 1:" in result.output and "11 supervised" in result.output
-    assert "OK, done.<|im_end|>" in result.output
+    assert "<|im_start|>assistant\n[[OK, done.<|im_end|>\n]]" in result.output  # marked in text off a terminal
+    assert "[[...]]: supervised (loss); the rest is masked" in result.output
     assert not (tmp_path / "run").exists()
 
 
@@ -78,3 +79,13 @@ def test_packing_trains_with_examples_kept_apart(setup, tmp_path, invoke):
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
     assert summary["packing"] and summary["sequences"] < 200
+
+
+def test_json_report_on_stdout(setup, tmp_path, invoke):
+    result = invoke("sft", "--config", RECIPE, "--model", setup / "float", "--data", setup / "chat.jsonl",
+                    "--output-dir", tmp_path / "run", "--max-steps", "2", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["steps"] == 2 and report["data_summary"]["examples_used"] == 200
+    assert report["final_dir"] == str(tmp_path / "run" / "final")
+    assert "step 1/2" in result.stderr and "step 0/None" not in result.stderr
