@@ -35,6 +35,8 @@ def test_infer_then_compare_end_to_end(invoke, model, tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["ok"] is True
     as_json = invoke("compare", tmp_path / "npu.json", tmp_path / "cpu.json", "--json")
     assert as_json.exit_code == 0 and json.loads(as_json.stdout)["ok"] is True  # stdout is the JSON alone
+    old = invoke("compare", tmp_path / "npu.json", tmp_path / "cpu.json", "--json", tmp_path / "old.json")
+    assert old.exit_code == 2 and not (tmp_path / "old.json").exists()  # the old `--json FILE`: a usage error
 
 
 def test_compare_flags_a_flipped_token(invoke, model, tmp_path):
