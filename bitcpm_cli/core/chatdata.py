@@ -70,7 +70,8 @@ class Mapping:
 def parse_columns(items: list[str], data_files: list[str]) -> dict[str, Mapping]:
     """`--columns`: KEY=FIELD pairs (column or tag names) for every file, or a dataset_info.json.
 
-    A dataset_info.json maps each data file by its `file_name`; a file it does not list uses the defaults.
+    A dataset_info.json maps each data file by its `file_name` (a data file it does not list is an error), or is one
+    entry (`columns` / `tags` / `formatting`) for every file. Entry settings bitcpm cannot honour are errors.
     """
     shared, by_file, problems = Mapping(), {}, []
     for item in items:
@@ -95,13 +96,23 @@ def parse_columns(items: list[str], data_files: list[str]) -> dict[str, Mapping]
         except json.JSONDecodeError as exc:
             problems.append(f"columns: {path} is not valid JSON ({exc.msg})")
             continue
-        entries = {name: info} if "columns" in info or "tags" in info or "formatting" in info else info
-        for entry in entries.values():
+        if not isinstance(info, dict):
+            problems.append(f"columns: {path} is not a dataset_info.json (a JSON object)")
+            continue
+        if "columns" in info or "tags" in info or "formatting" in info:  # one entry: it applies to every file
+            shared = Mapping(info.get("formatting"), dict(info.get("columns", {})), dict(info.get("tags", {})))
+            continue
+        for entry in info.values():
             if isinstance(entry, dict) and "file_name" in entry:
+                unsupported = sorted(set(entry) - {"file_name", "formatting", "columns", "tags", "file_sha1"})
+                if unsupported:
+                    problems.append(f"columns: {entry['file_name']}: {', '.join(unsupported)} not supported by bitcpm "
+                                    "sft (text-only supervised data, every record used)")
                 by_file[Path(entry["file_name"]).name] = Mapping(entry.get("formatting"), dict(entry.get("columns", {})),
                                                                  dict(entry.get("tags", {})))
-            elif isinstance(entry, dict) and len(entries) == 1:
-                shared = Mapping(entry.get("formatting"), dict(entry.get("columns", {})), dict(entry.get("tags", {})))
+        unlisted = [name for name in data_files if Path(name).name not in by_file]
+        if unlisted:
+            problems.append(f"columns: {path} has no entry whose file_name is {Path(unlisted[0]).name}")
     for mapping in [shared, *by_file.values()]:
         for key in mapping.columns:
             if key not in COLUMN_KEYS + REFUSED:

@@ -6,9 +6,9 @@ import pytest
 
 from bitcpm_cli.core.chatdata import read_chat_data
 from bitcpm_cli.core.errors import InputError
-from bitcpm_cli.core.sft import IGNORE, encode_conversation, setup_chat_tokenizer
+from bitcpm_cli.core.sft import IGNORE, encode_conversation
 
-from tests.helpers import build_char_tokenizer
+from tests.unit.test_sft import tokenizer, write_jsonl  # noqa: F401 (the fixture)
 
 TOOLS_SYSTEM = (
     "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -19,16 +19,8 @@ TOOLS_SYSTEM = (
 ADD_TOOL = {"name": "add", "parameters": {"a": "int"}}
 
 
-@pytest.fixture
-def tokenizer(tmp_path):
-    tok = build_char_tokenizer(tmp_path / "tok")
-    setup_chat_tokenizer(tok, None)
-    return tok
-
-
 def write(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return str(path)
+    return str(write_jsonl(path, records))
 
 
 def rendered(tokenizer, conversation):
@@ -112,6 +104,11 @@ def test_column_mapping_flags_and_dataset_info(tmp_path, tokenizer):
     assert data.conversations[0].messages == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
     with pytest.raises(InputError, match="'answer_col' is not one of formatting"):
         read_chat_data([path], columns=["answer_col=x"])
+    with pytest.raises(InputError, match="dataset_info.json has no entry whose file_name is q.jsonl"):
+        read_chat_data([path], columns=[str(info)])
+    info.write_text(json.dumps({"pairs": {"file_name": "q.jsonl", "ranking": True, "num_samples": 5}}))
+    with pytest.raises(InputError, match="q.jsonl: num_samples, ranking not supported"):
+        read_chat_data([path], columns=[str(info)])
 
 
 def test_abnormal_records_are_counted_media_refused(tmp_path):
