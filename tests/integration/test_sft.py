@@ -89,3 +89,17 @@ def test_json_report_on_stdout(setup, tmp_path, invoke):
     assert report["steps"] == 2 and report["data_summary"]["examples_used"] == 200
     assert report["final_dir"] == str(tmp_path / "run" / "final")
     assert "step 1/2" in result.stderr and "step 0/None" not in result.stderr
+
+
+def test_columns_mapping_through_the_cli(setup, tmp_path, invoke):
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"question": "2+2?", "answer": "4", "source": "web"}) + "\n")
+    result = invoke("sft", "--config", RECIPE, "--model", setup / "float", "--data", data, "--output-dir",
+                    tmp_path / "run", "--columns", "prompt=question", "--columns", "response=answer", "--preview", "1")
+    assert result.exit_code == 0, result.output
+    assert "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n[[4<|im_end|>\n]]" in result.output
+    assert "note: field 'source' is not used (1 record(s))" in result.output
+    bad = invoke("sft", "--config", RECIPE, "--model", setup / "float", "--data", data, "--output-dir",
+                 tmp_path / "run", "--columns", "answer=answer")
+    assert bad.exit_code == 2 and "error: columns: 'answer' is not one of formatting" in bad.stderr
+    assert not (tmp_path / "run").exists()
