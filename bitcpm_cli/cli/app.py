@@ -10,10 +10,11 @@ from typer.core import TyperGroup
 
 from bitcpm_cli import __version__
 from bitcpm_cli.cli import compare, convert, env, evaluate, fix_config, infer, quickstart, sft, train
-from bitcpm_cli.cli.output import print_error
+from bitcpm_cli.cli.output import install_readable_metavars, print_error
 from bitcpm_cli.core.errors import BitcpmError, CheckFailed
 
-# 0 done / check passed, 1 check found a problem, 2 could not run (bad input), 3 internal error (a bug).
+# Exit codes (README, docs/reference.md): 0 done / check passed, 1 check found a problem, 2 could not run (bad
+# input), 3 internal error (a bug).
 EXIT_CODES: dict[type[BaseException], int] = {CheckFailed: 1, BitcpmError: 2}
 INTERNAL_ERROR_EXIT = 3
 DEBUG_KEY = "bitcpm.debug"
@@ -56,10 +57,12 @@ app = typer.Typer(
     name="bitcpm",
     help="Toolchain for ternary (1.58-bit) LLMs of the BitCPM-CANN family.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # bitcpm --install-completion / --show-completion (bash, zsh, fish, PowerShell)
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+install_readable_metavars()
 
 
 def _version(value: bool) -> None:

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from bitcpm_cli.cli.output import LEVEL_STYLE, out
+from bitcpm_cli.cli.output import LEVEL_STYLE, out, print_json
 
 STATUS_STYLE = {"match": LEVEL_STYLE["ok"], "near-tie": LEVEL_STYLE["warning"], "diverged": LEVEL_STYLE["error"],
                 "only-in-a": LEVEL_STYLE["warning"], "only-in-b": LEVEL_STYLE["warning"]}
@@ -20,7 +20,8 @@ def compare(
     a: Path = typer.Argument(..., help="First results file (e.g. npu.json)."),
     b: Path = typer.Argument(..., help="Second results file (e.g. cpu.json)."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Compare only the first N tokens of each prompt."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report to this file."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the full report (JSON) to this file."),
+    json_output: bool = typer.Option(False, "--json", help="Print the full report as JSON on stdout (no table)."),
     tie_margin: float = typer.Option(0.1, "--tie-margin", help="Top-1/top-2 logprob margin (nats) below which a flip "
                                                                "is a near tie."),
     allow_near_ties: bool = typer.Option(False, "--allow-near-ties", help="Count near-tie flips as matches."),
@@ -38,15 +39,19 @@ def compare(
     from bitcpm_cli.core.generate import check_output_path, write_json
 
     inputs = [a, b, tokenizer]
-    if json_out is not None:
-        check_output_path(json_out, inputs, overwrite, what="--json")
+    if output is not None:
+        check_output_path(output, inputs, overwrite)
     decoder = load_tokenizer(tokenizer, trust_remote_code) if tokenizer is not None else None
     report = compare_results(a, b, max_tokens=max_tokens, tie_margin=tie_margin, allow_near_ties=allow_near_ties,
                              tokenizer=decoder)
-    _render(report)
-    if json_out is not None:
-        write_json(report.to_dict(), json_out, inputs, overwrite, what="--json")
-        out.print(f"wrote {escape(str(json_out))}")
+    if json_output:
+        print_json(report.to_dict())
+    else:
+        _render(report)
+    if output is not None:
+        write_json(report.to_dict(), output, inputs, overwrite)
+        if not json_output:
+            out.print(f"wrote {escape(str(output))}")
     if not report.ok:
         raise typer.Exit(1)
 

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from bitcpm_cli.cli.output import LEVEL_STYLE, out
+from bitcpm_cli.cli.output import LEVEL_STYLE, out, print_json
 
 
 def infer(
@@ -34,6 +34,8 @@ def infer(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
     truncate_prompt: bool = typer.Option(False, "--truncate-prompt", help="Keep the last tokens of a prompt longer "
                                          "than the model's context allows (default: refuse it)."),
+    json_output: bool = typer.Option(False, "--json", help="Print the results document as JSON on stdout (no "
+                                                           "streaming, no table); --output is still written."),
 ) -> None:
     """Generate for each prompt (greedy by default) and write token ids, text, timing and the runtime to JSON."""
     from bitcpm_cli.core.engines import engine_for, generate
@@ -47,19 +49,36 @@ def infer(
     current = {"id": None}
 
     def show(prompt_id: int, text: str) -> None:
+        if not text:
+            return  # an empty reply gets its marker below
         if current["id"] != prompt_id:
             out.print(f"\n[bold]\\[{prompt_id}][/] ", end="")
             current["id"] = prompt_id
         out.print(text, end="", markup=False, highlight=False, soft_wrap=True)
 
+    quiet = quiet or json_output
     document = generate(model, prompts, engine=engine, device=device, dtype=dtype,
                         trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_p=top_p, seed=seed, chat=chat, logprobs=logprobs, batch_size=batch_size,
                         on_text=None if quiet else show, truncate_prompt=truncate_prompt)
     if not quiet:
+        for result in document["results"]:
+            if not result["text"]:  # nothing was streamed for it
+                out.print(f"\n[bold]\\[{result['id']}][/] {escape(empty_reply_marker(result))}", end="")
         out.print()
     write_json(document, output, inputs, overwrite)
+    if json_output:
+        print_json(document)
+        return
     _summary(document, output)
+
+
+def empty_reply_marker(result: dict) -> str:
+    """What an empty reply shows instead of nothing: usually the model ended its turn at once (EOS only)."""
+    count = result["num_tokens"]
+    if count <= 1:
+        return "<empty reply: end of sequence at once>"
+    return f"<empty reply: {count} tokens that decode to no text>"
 
 
 def _summary(document: dict, output: Path) -> None:
@@ -67,7 +86,8 @@ def _summary(document: dict, output: Path) -> None:
     for column in ("id", "tokens", "latency s", "tokens/s"):
         table.add_column(column, justify="right")
     for r in document["results"]:
-        table.add_row(str(r["id"]), str(r["num_tokens"]), f"{r['latency_s']:.3f}", f"{r['tokens_per_s'] or 0:.1f}")
+        table.add_row(str(r["id"]), str(r["num_tokens"]) + ("" if r["text"] else " (empty)"), f"{r['latency_s']:.3f}",
+                      f"{r['tokens_per_s'] or 0:.1f}")
     s = document["summary"]
     table.add_row("all", str(s["total_tokens"]), f"{s['total_time_s']:.3f}", f"{s['tokens_per_s'] or 0:.1f}",
                   style="bold")

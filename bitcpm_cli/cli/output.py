@@ -28,3 +28,36 @@ def print_error(message: str, hint: str | None = None, problems: list[str] | tup
     if hint:
         err.print(f"[bold]hint:[/] {escape(hint)}", soft_wrap=True)
 
+
+
+# ---- help pages: readable metavars -------------------------------------------------------------------------------
+# Typer shows every option's Python type (`<bool>`, `<list[Path]>`); bitcpm's help shows plain flags with no type and
+# values as the usual upper-case metavars (PATH, INT, TEXT ...), a repeatable option with "...".
+METAVARS = {"bool": "", "int": "INT", "float": "FLOAT", "str": "TEXT", "path": "PATH", "Path": "PATH",
+            "file": "FILE", "directory": "DIR", "bytes": "TEXT"}
+
+
+def readable_metavar(typer_label: str) -> str:
+    """`<list[Path]>` -> `PATH...`, `<bool>` -> `` (a flag), `<int>` -> `INT`; other labels unchanged."""
+    if not (typer_label.startswith("<") and typer_label.endswith(">")):
+        return typer_label
+    label = typer_label[1:-1]
+    repeated = label.startswith("list[") and label.endswith("]")
+    label = label[5:-1] if repeated else label
+    name = METAVARS.get(label, label.upper())
+    return f"{name}..." if repeated and name else name
+
+
+def install_readable_metavars() -> None:
+    """Route Typer's type labels through readable_metavar (explicit metavars are kept as written)."""
+    from typer.core import _TyperParameter
+
+    original = _TyperParameter.display_type
+    if getattr(original, "_bitcpm", False):
+        return
+
+    def display_type(self, ctx):
+        return readable_metavar(original(self, ctx))
+
+    display_type._bitcpm = True
+    _TyperParameter.display_type = display_type

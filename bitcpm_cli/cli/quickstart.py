@@ -2,30 +2,41 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from bitcpm_cli.cli.output import LEVEL_STYLE, err, out
+from bitcpm_cli.cli.output import LEVEL_STYLE, err, out, print_json
+from bitcpm_cli.cli.training import TrainingProgress
 
 
 def quickstart(
     output_dir: Path = typer.Option(Path("bitcpm-quickstart"), "--output-dir", "-o", help="Where everything goes."),
+    json_output: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout (progress stays on "
+                                                           "stderr)."),
 ) -> None:
-    """Build a tiny BitCPM-shaped model, train it (ternary QAT), fine-tune it, convert it (fused, packed), run it
-    as QAT checkpoint and as fused model, compare the two, and write SUMMARY.md with the losses and generations."""
+    """Run the whole pipeline on a tiny model on the CPU: build, train, sft, convert, infer, compare.
+
+    Builds a tiny BitCPM-shaped model, trains it (ternary QAT), fine-tunes it, converts it (fused, packed), runs it as
+    QAT checkpoint and as fused model, compares the two, and writes SUMMARY.md with the losses and generations.
+    """
     from bitcpm_cli.core.quickstart import run_quickstart
 
-    with err.status("starting") as status:
+    done_console = err if json_output else out
+    with TrainingProgress(show=True, description="starting") as progress:
         def on_stage(stage: str, detail: str) -> None:
             if detail == "start":
-                status.update(f"{stage} ...")
+                progress.stage(f"{stage} ...")
             else:
-                out.print(f"[{LEVEL_STYLE['ok']}]done[/] {stage}: {escape(detail)}", soft_wrap=True)
+                done_console.print(f"[{LEVEL_STYLE['ok']}]done[/] {stage}: {escape(detail)}", soft_wrap=True)
 
-        result = run_quickstart(output_dir, on_stage)
+        result = run_quickstart(output_dir, on_stage, progress.on_event)
+    if json_output:
+        print_json({**dataclasses.asdict(result), "correct": result.correct})
+        return
     table = Table(title="held-out prompts (greedy)")
     for column in ("model", "prompt", "expected", "generated", "correct"):
         table.add_column(column)

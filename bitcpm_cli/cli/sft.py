@@ -14,6 +14,8 @@ from bitcpm_cli.cli import training as opt
 from bitcpm_cli.core.device import is_main_process
 from bitcpm_cli.cli.output import out
 
+SUPERVISED_OPEN, SUPERVISED_CLOSE = "[[", "]]"  # --preview off a terminal
+
 
 def sft(
     overrides: Optional[List[str]] = opt.OVERRIDES,
@@ -32,8 +34,11 @@ def sft(
     packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help="Pack short examples together."),
     template: Optional[str] = typer.Option(None, "--template", help="auto (tokenizer's, ChatML if none), chatml, or "
                                                                     "a .jinja file."),
-    data_format: Optional[str] = typer.Option(None, "--format", help="messages, sharegpt or alpaca (default: detected "
-                                                                     "per file)."),
+    data_format: Optional[str] = typer.Option(None, "--format", metavar="FORMAT",
+                                              help="alpaca, sharegpt or openai (default: detected per file)."),
+    columns: Optional[List[str]] = typer.Option(None, "--columns", metavar="KEY=FIELD|dataset_info.json",
+                                                help="LLaMA-Factory column/tag mapping, e.g. prompt=question or "
+                                                     "role_tag=who (repeatable), or a dataset_info.json."),
     preview: int = typer.Option(0, "--preview", help="Print the first N rendered examples with the supervised spans, "
                                                      "then exit."),
     save_steps: Optional[int] = opt.SAVE_STEPS,
@@ -46,6 +51,7 @@ def sft(
     teacher: Optional[Path] = opt.TEACHER,
     trust_remote_code: Optional[bool] = opt.TRUST_REMOTE_CODE,
     list_settings: bool = opt.LIST_SETTINGS,
+    json_output: bool = opt.JSON,
 ) -> None:
     """Fine-tune on OpenAI messages, ShareGPT or Alpaca data (.json / .jsonl) under the ternary fake quantizer.
 
@@ -62,7 +68,8 @@ def sft(
     given = opt.flags(
         model=model, data=data, output_dir=output_dir, max_steps=max_steps, quant_type=quant_type,
         group_size=group_size, scheme=scheme, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-        max_length=max_length, packing=packing, template=template, format=data_format, save_steps=save_steps,
+        max_length=max_length, packing=packing, template=template, format=data_format, columns=columns,
+        save_steps=save_steps,
         logging_steps=logging_steps, seed=seed, device=device, bf16=bf16, deepspeed=deepspeed, resume=resume,
         teacher=teacher, trust_remote_code=trust_remote_code,
     )
@@ -73,8 +80,11 @@ def sft(
         _preview(resolve_config(SftConfig, config, given, overrides), preview)
         return
     settings = resolve_config(SftConfig, config, given, overrides)
-    result = opt.run_with_progress(lambda on_event: fine_tune(settings, on_event=on_event), is_main_process())
-    if is_main_process():
+    result = opt.run_with_progress(lambda on_event: fine_tune(settings, on_event=on_event), is_main_process(),
+                                   settings.max_steps)
+    if is_main_process() and json_output:
+        opt.print_result_json(result)
+    elif is_main_process():
         _data_summary(result.data_summary)
         opt.render_result(result, "fine-tuning finished")
 
@@ -100,9 +110,14 @@ def _preview(settings, count: int) -> None:
     for index, example in enumerate(examples):
         out.rule(f"example {index}: {example.tokens} tokens, {example.supervised_tokens} supervised")
         for text, supervised in example.segments:
+            if not out.is_terminal:  # colour is lost in a pipe or file: mark the supervised spans in the text
+                text = f"{SUPERVISED_OPEN}{text}{SUPERVISED_CLOSE}" if supervised else text
             out.print(escape(text), style="bold green" if supervised else "dim", end="", soft_wrap=True)
         out.print()
-    out.print("[bold green]green[/]: supervised (loss); [dim]dim[/]: masked")
+    if out.is_terminal:
+        out.print("[bold green]green[/]: supervised (loss); [dim]dim[/]: masked")
+    else:
+        out.print(f"{SUPERVISED_OPEN}...{SUPERVISED_CLOSE}: supervised (loss); the rest is masked")
     summary["notes"] = notes
     _data_summary(summary)
     out.print(json.dumps({k: summary[k] for k in ("examples_used", "supervised_tokens")}), highlight=False)

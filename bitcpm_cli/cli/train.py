@@ -33,6 +33,7 @@ def train(
     teacher: Optional[Path] = opt.TEACHER,
     trust_remote_code: Optional[bool] = opt.TRUST_REMOTE_CODE,
     list_settings: bool = opt.LIST_SETTINGS,
+    json_output: bool = opt.JSON,
 ) -> None:
     """Continue pre-training under the ternary fake quantizer (STE), on transformers' Trainer.
 
@@ -54,6 +55,7 @@ def train(
         block_size=block_size, save_steps=save_steps, logging_steps=logging_steps, seed=seed, device=device,
         bf16=bf16, deepspeed=deepspeed, resume=resume, teacher=teacher, trust_remote_code=trust_remote_code,
     ), overrides)
-    result = opt.run_with_progress(lambda on_event: run_training(settings, on_event=on_event), is_main_process())
+    result = opt.run_with_progress(lambda on_event: run_training(settings, on_event=on_event), is_main_process(),
+                                   settings.max_steps)
     if is_main_process():
-        opt.render_result(result, "training finished")
+        opt.print_result_json(result) if json_output else opt.render_result(result, "training finished")

@@ -7,10 +7,10 @@ from typing import Any, Callable
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from bitcpm_cli.cli.output import LEVEL_STYLE, err, out
+from bitcpm_cli.cli.output import LEVEL_STYLE, err, out, print_json
 
 # Flags default to None so that only the ones given override the recipe (defaults < YAML < flags < key=value).
 CONFIG = typer.Option(None, "--config", "-c", help="YAML recipe (see configs/).")
@@ -54,6 +54,7 @@ def render_settings(config_class: type) -> None:
         if row["source"].startswith("refused"):
             line += f"  [{row['source']}]"
         out.print(escape(line), highlight=False, soft_wrap=True)
+JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout (progress stays on stderr).")
 
 
 def flags(**values: Any) -> dict[str, Any]:
@@ -70,33 +71,64 @@ def flags(**values: Any) -> dict[str, Any]:
     return out_values
 
 
-def run_with_progress(run: Callable[[Callable[[dict], None]], Any], show: bool) -> Any:
-    """Run a training job with a live line: step, loss, lr, tokens/s, ETA (main process only)."""
-    with Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(), TextColumn("{task.fields[status]}"),
-                  TimeRemainingColumn(), console=err, disable=not show or not err.is_terminal) as bar:
-        task = bar.add_task("train", total=None, status="starting")
+class TrainingProgress:
+    """The live line of every training run (train, sft, quickstart): stage, step n/N, bar, loss, lr, tokens/s, zeros
+    and ETA on stderr; off a terminal, one plain line per logged step instead. Main process only."""
 
-        def on_event(event: dict) -> None:
-            if not show:  # other ranks of a multi-process run stay quiet
+    def __init__(self, show: bool, total: int | None = None, description: str = "train"):
+        self.show = show
+        self.bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TextColumn("{task.fields[steps]}"),
+                            BarColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=err,
+                            disable=not show or not err.is_terminal)
+        self.task = self.bar.add_task(description, total=total, steps=self._steps(0, total), status="starting")
+
+    @staticmethod
+    def _steps(step: int, total: int | None) -> str:
+        return f"step {step}/{total}" if total else ""
+
+    def __enter__(self) -> "TrainingProgress":
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.stop()
+
+    def stage(self, description: str) -> None:
+        self.bar.reset(self.task, total=None, description=description, steps="", status="")
+
+    def on_event(self, event: dict) -> None:
+        if not self.show:  # other ranks of a multi-process run stay quiet
+            return
+        if "phase" in event:  # loading, preparing, the memory plan: shown from the first second
+            if "lines" in event:
+                err.print("memory plan: " + "; ".join(event["lines"]), highlight=False, soft_wrap=True)
                 return
-            if "phase" in event:
-                if "lines" in event:
-                    err.print("memory plan: " + "; ".join(event["lines"]), highlight=False, soft_wrap=True)
-                    return
-                bar.update(task, status=event["phase"])
-                if not err.is_terminal:
-                    err.print(f"{event['phase']} ...", highlight=False)
-                return
-            status = f"loss {event['loss']:.4f}  lr {event['lr'] or 0:.2e}"
-            if event.get("tokens_per_s"):
-                status += f"  {event['tokens_per_s']:,.0f} tok/s"
-            if "zero_fraction" in event:
-                status += f"  zeros {event['zero_fraction']:.3f}"
-            bar.update(task, completed=event["step"], total=event["max_steps"], status=status)
+            self.bar.update(self.task, status=event["phase"])
             if not err.is_terminal:
-                err.print(f"step {event['step']}/{event['max_steps']}  {status}", highlight=False)
+                err.print(f"{event['phase']} ...", highlight=False)
+            return
+        status = f"loss {event['loss']:.4f}  lr {event['lr'] or 0:.2e}"
+        if event.get("tokens_per_s"):
+            status += f"  {event['tokens_per_s']:,.0f} tok/s"
+        if "zero_fraction" in event:
+            status += f"  zeros {event['zero_fraction']:.3f}"
+        steps = self._steps(event["step"], event["max_steps"])
+        self.bar.update(self.task, completed=event["step"], total=event["max_steps"], steps=steps, status=status)
+        if not err.is_terminal:
+            err.print(f"{steps}  {status}", highlight=False)
 
-        return run(on_event)
+
+def run_with_progress(run: Callable[[Callable[[dict], None]], Any], show: bool, total: int | None = None) -> Any:
+    """Run a training job under the live line; `total` (max_steps) is shown from the start."""
+    with TrainingProgress(show, total) as progress:
+        return run(progress.on_event)
+
+
+def print_result_json(result: Any) -> None:
+    """--json: the run's result (a dataclass) on stdout."""
+    import dataclasses
+
+    print_json(dataclasses.asdict(result))
 
 
 def render_result(result: Any, title: str) -> None:

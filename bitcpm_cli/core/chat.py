@@ -4,10 +4,30 @@ from __future__ import annotations
 
 from typing import Any
 
-# ChatML, the format MiniCPM / BitCPM chat models use: <|im_start|>role\ncontent<|im_end|>\n
+# ChatML, the format MiniCPM / BitCPM chat models use: <|im_start|>role\ncontent<|im_end|>\n. Tools, tool calls and
+# tool results are rendered as LLaMA-Factory's `qwen` template renders them (without Qwen's default system prompt):
+# the tool list in the system turn, calls as <tool_call> JSON, results as a user turn of <tool_response> blocks.
+TOOLS_PROMPT_HEAD = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+                     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_PROMPT_TAIL = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments "
+                     "within <tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, "
+                     "\"arguments\": <args-json-object>}\n</tool_call>")
 DEFAULT_CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\\n' }}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}"
+    "{{ " + repr(TOOLS_PROMPT_HEAD) + " }}"
+    "{% for tool in tools %}{{ '\\n' + tool | tojson }}{% endfor %}"
+    "{{ " + repr(TOOLS_PROMPT_TAIL + "<|im_end|>\n") + " }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% if message['role'] == 'system' and tools and loop.first %}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + message['content'] + '\\n</tool_response><|im_end|>\\n' }}"
+    "{% elif message['tool_calls'] is defined and message['tool_calls'] %}{{ '<|im_start|>assistant\\n' }}"
+    "{% for call in message['tool_calls'] %}{% if not loop.first %}{{ '\\n' }}{% endif %}"
+    "{% set function = call['function'] if call['function'] is defined else call %}"
+    "{{ '<tool_call>\\n{\"name\": ' + function['name'] | tojson + ', \"arguments\": ' + function['arguments'] | tojson"
+    " + '}\\n</tool_call>' }}{% endfor %}{{ '<|im_end|>\\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )

@@ -33,6 +33,7 @@ from bitcpm_cli.core.checkpoint import (
 )
 from bitcpm_cli.core.config_check import require_consistent_config
 from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError, QuantError
+from bitcpm_cli.core.inference_ready import make_inference_ready
 from bitcpm_cli.core.outputs import OutputGuard, check_output
 from bitcpm_cli.core.readers import parse_json
 from bitcpm_cli.core.quant import (
@@ -498,6 +499,7 @@ def convert_checkpoint(
         )
         if not single:
             _write_folder_files(source, staging, config, result, fmt, scheme, targets, mode)
+            result.notes += make_inference_ready(staging, source if source.is_dir() else None)
         if verify:
             result.verify = _verify(files, specs, staging, result, targets, mode, packed_shapes, progress)
             if not result.verify.ok:

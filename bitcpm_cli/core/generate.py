@@ -270,7 +270,7 @@ def run_generation(loaded: LoadedModel, prompts: list[Prompt], *, max_new_tokens
                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 42, chat: bool = False,
                    logprobs: int = 0, batch_size: int = 1, on_text: TextCallback | None = None,
                    truncate_prompt: bool = False) -> dict[str, Any]:
-    """Generate for every prompt and return the results document (DESIGN.md section 4)."""
+    """Generate for every prompt and return the results document (docs/reference.md, "Results file")."""
     import torch
     from transformers import GenerationConfig, set_seed
 

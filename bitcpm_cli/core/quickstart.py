@@ -46,7 +46,9 @@ def _weights_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def run_quickstart(output_dir: str | Path, on_stage: StageFn | None = None) -> QuickstartResult:
+def run_quickstart(output_dir: str | Path, on_stage: StageFn | None = None,
+                   on_event: Callable[[dict[str, Any]], None] | None = None) -> QuickstartResult:
+    """The pipeline; on_stage sees each stage start and finish, on_event the training steps (as `train` reports)."""
     output = Path(output_dir)
     if not (ASSETS / "model.yaml").is_file():
         raise InputError(f"the quickstart assets are missing ({ASSETS})",
@@ -59,7 +61,7 @@ def run_quickstart(output_dir: str | Path, on_stage: StageFn | None = None) -> Q
     guard.claim()
     result = QuickstartResult(str(output))
     try:
-        _pipeline(output, result, on_stage or (lambda stage, detail: None))
+        _pipeline(output, result, on_stage or (lambda stage, detail: None), on_event)
     except CheckFailed:
         guard.commit()  # the run completed: its outputs explain what went wrong
         raise
@@ -80,7 +82,8 @@ def _stage(result: QuickstartResult, on_stage: StageFn, name: str, work: Callabl
     on_stage(name, detail)
 
 
-def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn) -> None:
+def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn,
+              on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
     import torch
     import yaml
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -109,14 +112,14 @@ def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn) -> None
     def pretraining() -> str:
         config = resolve_config(TrainConfig, ASSETS / "train.yaml", {
             "model": str(base), "data": [str(ASSETS / "corpus.txt")], "output_dir": str(pretrain)})
-        run = train(config)
+        run = train(config, on_event=on_event)
         result.losses["pretrain"] = (run.first_loss, run.last_loss)
         return f"{run.steps} steps, loss {run.first_loss:.3f} -> {run.last_loss:.3f}"
 
     def fine_tuning() -> str:
         config = resolve_config(SftConfig, ASSETS / "sft.yaml", {
             "model": str(pretrain / "final"), "data": [str(ASSETS / "chat.jsonl")], "output_dir": str(sft)})
-        run = fine_tune(config)
+        run = fine_tune(config, on_event=on_event)
         result.losses["sft"] = (run.first_loss, run.last_loss)
         return f"{run.steps} steps, loss {run.first_loss:.3f} -> {run.last_loss:.3f}"
 

@@ -13,15 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from bitcpm_cli.core.chat import CHATML_TOKENS, DEFAULT_CHAT_TEMPLATE, end_of_turn_ids, load_template
-from bitcpm_cli.core.data import json_records
+from bitcpm_cli.core.chatdata import FORMATS, read_chat_data
 from bitcpm_cli.core.errors import InputError
 from bitcpm_cli.core.recipe import TrainConfig
 
-FORMATS = ("auto", "messages", "sharegpt", "alpaca")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 IGNORE = -100
 
 
@@ -32,7 +30,8 @@ class SftConfig(TrainConfig):
     max_length: int = 512
     packing: bool = False
     template: str | None = None  # auto (the tokenizer's, ChatML if none), chatml, or a .jinja file
-    format: str = "auto"  # auto-detected per file, or messages / sharegpt / alpaca
+    format: str = "auto"  # auto-detected per file, or alpaca / sharegpt / openai (messages)
+    columns: list[str] = field(default_factory=list)  # dataset_info.json-style KEY=FIELD, or a dataset_info.json
     lr: float = 2e-5
     lr_scheduler: str = "constant"
 
@@ -49,6 +48,7 @@ class SftConfig(TrainConfig):
 class Example:
     input_ids: list[int]
     labels: list[int]
+    position_ids: list[int] | None = None  # packed sequences: positions restart at 0 for every example
 
     @property
     def supervised(self) -> int:
@@ -61,69 +61,12 @@ class SftData:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-# ---- reading the formats ---------------------------------------------------------------------------
-def _detect(record: dict[str, Any]) -> str | None:
-    if isinstance(record.get("messages"), list):
-        return "messages"
-    if isinstance(record.get("conversations"), list):
-        return "sharegpt"
-    if "instruction" in record and "output" in record:
-        return "alpaca"
-    return None
-
-
-def _normalise(record: Any, fmt: str, where: str) -> list[dict[str, str]]:
-    """A record as [{role, content}], roles system / user / assistant."""
-    if not isinstance(record, dict):
-        raise InputError(f"{where}: expected a JSON object", hint="one conversation per line (or list item)")
-    fmt = _detect(record) if fmt == "auto" else fmt
-    if fmt == "messages":
-        turns = record.get("messages")
-        if not isinstance(turns, list) or not all(
-                isinstance(t, dict) and t.get("role") in ("system", "user", "assistant")
-                and isinstance(t.get("content"), str) for t in turns):
-            raise InputError(f"{where}: 'messages' must be a list of {{role: system|user|assistant, content}}",
-                             hint='e.g. {"messages": [{"role": "user", "content": "Hi"}, ...]}')
-        return [{"role": t["role"], "content": t["content"]} for t in turns]
-    if fmt == "sharegpt":
-        turns = record.get("conversations")
-        if not isinstance(turns, list) or not all(
-                isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES and isinstance(t.get("value"), str)
-                for t in turns):
-            raise InputError(f"{where}: 'conversations' must be a list of {{from: human|gpt|system, value}}",
-                             hint='e.g. {"conversations": [{"from": "human", "value": "Hi"}, ...]}')
-        return [{"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]} for t in turns]
-    if fmt == "alpaca":
-        if not isinstance(record.get("instruction"), str) or not isinstance(record.get("output"), str):
-            raise InputError(f"{where}: alpaca records need 'instruction' and 'output' strings",
-                             hint='e.g. {"instruction": "...", "input": "", "output": "..."}')
-        prompt = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-        turns = [{"role": "system", "content": record["system"]}] if record.get("system") else []
-        return turns + [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
-    raise InputError(f"{where}: not a chat record (no 'messages', 'conversations' or 'instruction'/'output')",
-                     hint="use OpenAI messages, ShareGPT conversations or Alpaca records, or force --format")
-
-
-def read_conversations(paths: list[str], fmt: str = "auto") -> tuple[list[list[dict[str, str]]], dict[str, str]]:
-    """Every conversation of every file, and the format found in each file."""
-    conversations, formats = [], {}
-    for name in paths:
-        path = Path(name)
-        if not path.is_file():
-            raise InputError(f"data file not found ({path})", hint="pass .json or .jsonl chat data")
-        if path.suffix not in (".json", ".jsonl"):
-            raise InputError(f"data file {path} is not .json or .jsonl", hint="chat data comes as JSON lines or a list")
-        located = json_records(path, "conversations")
-        file_format = fmt
-        if fmt == "auto" and located:
-            first = located[0][1]
-            file_format = _detect(first) if isinstance(first, dict) else None
-            if file_format is None:
-                raise InputError(f"{located[0][0]}: cannot tell the chat format",
-                                 hint="records need 'messages', 'conversations' or 'instruction'/'output'")
-        formats[str(path)] = file_format
-        conversations += [_normalise(record, file_format, where) for where, record in located]
-    return conversations, formats
+# ---- reading the formats (core.chatdata) -----------------------------------------------------------------
+def read_conversations(paths: list[str], fmt: str = "auto",
+                       columns: list[str] = ()) -> tuple[list[list[dict[str, Any]]], dict[str, str]]:
+    """Every conversation's messages, and the format found in each file (see read_chat_data for the counts)."""
+    data = read_chat_data(paths, fmt, columns)
+    return [c.messages for c in data.conversations], data.formats
 
 
 # ---- rendering and masking ---------------------------------------------------------------------------
@@ -147,10 +90,15 @@ def setup_chat_tokenizer(tokenizer: Any, template: str | None) -> list[str]:
     return notes
 
 
-def encode_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> Example | None:
-    """Token ids and labels (assistant spans only); None when the conversation has no assistant turn."""
+def encode_conversation(tokenizer: Any, messages: list[dict[str, Any]],
+                        tools: list[dict[str, Any]] | None = None) -> Example | None:
+    """Token ids and labels (assistant spans only); None when the conversation has no assistant turn.
+
+    As in LLaMA-Factory, an assistant turn's target is everything the template renders for it after the generation
+    prompt: its content (or tool calls), the end-of-turn token and the separator up to the next turn.
+    """
     render = lambda turns, prompt: tokenizer.apply_chat_template(  # noqa: E731
-        turns, tokenize=False, add_generation_prompt=prompt)
+        turns, tools=tools, tokenize=False, add_generation_prompt=prompt)
     text = render(messages, False)
     spans = []
     for k, message in enumerate(messages):
@@ -160,7 +108,7 @@ def encode_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> Examp
         if not (text.startswith(through) and through.startswith(before)):
             raise InputError("the chat template does not render conversations as growing prefixes, so assistant "
                              "turns cannot be located", hint="use --template chatml or a prefix-consistent template")
-        spans.append((len(before), len(through.rstrip())))
+        spans.append((len(before), len(through)))
     if not spans:
         return None
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -170,10 +118,11 @@ def encode_conversation(tokenizer: Any, messages: list[dict[str, str]]) -> Examp
 
 
 def build_examples(config: SftConfig, tokenizer: Any) -> SftData:
-    conversations, formats = read_conversations(config.data, config.format)
+    chat = read_chat_data(config.data, config.format, config.columns)
+    conversations, formats = chat.conversations, chat.formats
     examples, no_assistant, truncated_away, truncated = [], 0, 0, 0
-    for messages in conversations:
-        example = encode_conversation(tokenizer, messages)
+    for conversation in conversations:
+        example = encode_conversation(tokenizer, conversation.messages, conversation.tools)
         if example is None:
             no_assistant += 1
             continue
@@ -191,29 +140,42 @@ def build_examples(config: SftConfig, tokenizer: Any) -> SftData:
         - truncated_away, "skipped_no_assistant_turn": no_assistant, "dropped_by_truncation": truncated_away,
         "truncated": truncated, "sequences": len(examples), "packing": config.packing,
         "tokens": sum(len(e.input_ids) for e in examples), "supervised_tokens": sum(e.supervised for e in examples),
-        "max_length": config.max_length,
+        "max_length": config.max_length, "skipped_abnormal": sum(chat.skipped.values()),
+        "skipped_reasons": chat.skipped, "ignored_fields": chat.ignored_fields,
     }
+    notes = [f"skipped {count} record(s): {reason} (as LLaMA-Factory skips them)"
+             for reason, count in chat.skipped.items()]
+    notes += [f"first skipped: {where}" for where in chat.skipped_where]
+    notes += [f"field {name!r} is not used ({count} record(s))" for name, count in chat.ignored_fields.items()]
+    summary["notes"] = notes
     if not examples:
         raise InputError("no usable training examples: " + ", ".join(
             f"{k.replace('_', ' ')} {v}" for k, v in summary.items() if k in ("conversations",
                                                                               "skipped_no_assistant_turn",
-                                                                              "dropped_by_truncation")),
+                                                                              "dropped_by_truncation",
+                                                                              "skipped_abnormal")),
             hint="every example needs an assistant turn that survives --max-length truncation")
     return SftData(examples, summary)
 
 
 def pack(examples: list[Example], max_length: int) -> list[Example]:
-    """Concatenate whole examples, in order, into sequences of at most max_length tokens."""
+    """Concatenate whole examples, in order, into sequences of at most max_length tokens.
+
+    Positions restart at 0 for every example: transformers' attention (eager, sdpa, flex, flash-varlen) reads the
+    restarts as example boundaries when no attention mask is given, so no example attends to another
+    (DataCollatorWithFlattening's convention). check_packing_isolation verifies this for the model being trained.
+    """
     packed: list[Example] = []
-    ids: list[int] = []
-    labels: list[int] = []
+    current = Example([], [], [])
     for example in examples:
-        if ids and len(ids) + len(example.input_ids) > max_length:
-            packed.append(Example(ids, labels))
-            ids, labels = [], []
-        ids, labels = ids + example.input_ids, labels + example.labels
-    if ids:
-        packed.append(Example(ids, labels))
+        if current.input_ids and len(current.input_ids) + len(example.input_ids) > max_length:
+            packed.append(current)
+            current = Example([], [], [])
+        current.input_ids += example.input_ids
+        current.labels += example.labels
+        current.position_ids += list(range(len(example.input_ids)))
+    if current.input_ids:
+        packed.append(current)
     return packed
 
 
@@ -226,18 +188,59 @@ class ExampleDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
         example = self.examples[index]
-        return {"input_ids": example.input_ids, "labels": example.labels}
+        item = {"input_ids": example.input_ids, "labels": example.labels}
+        if example.position_ids is not None:
+            item["position_ids"] = example.position_ids
+        return item
 
 
 def collate(pad_id: int):
+    """Pad to the longest sequence; packed sequences get position ids and no attention mask (padding is one more
+    example of its own, with label -100), unpacked ones an attention mask."""
     def collator(batch: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(item["input_ids"]) for item in batch)
         ids = [item["input_ids"] + [pad_id] * (width - len(item["input_ids"])) for item in batch]
         labels = [item["labels"] + [IGNORE] * (width - len(item["labels"])) for item in batch]
+        if "position_ids" in batch[0]:
+            positions = [item["position_ids"] + list(range(width - len(item["position_ids"]))) for item in batch]
+            return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                    "position_ids": torch.tensor(positions)}
         mask = [[1] * len(item["input_ids"]) + [0] * (width - len(item["input_ids"])) for item in batch]
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
 
     return collator
+
+
+def check_packing_isolation(model: Any) -> None:
+    """Refuse --packing unless this model keeps packed examples apart: the logits of an example packed after another
+    must equal its logits alone (attention implementations that ignore position-id boundaries fail this). Training
+    runs without a KV cache (the Trainer sets use_cache=False), as here: transformers reads packing only then."""
+    parameter = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    first, second = (torch.randint(0, model.config.vocab_size, (1, n), generator=generator) for n in (7, 5))
+    positions = torch.tensor([list(range(7)) + list(range(5))])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=second.to(parameter.device), use_cache=False).logits.float()
+            packed = model(input_ids=torch.cat([first, second], 1).to(parameter.device),
+                           position_ids=positions.to(parameter.device), use_cache=False).logits[:, 7:].float()
+    finally:
+        model.train(was_training)
+    if not torch.allclose(alone, packed, atol=2e-3, rtol=1e-3):
+        implementation = getattr(model.config, "_attn_implementation", None) or "unknown"
+        raise InputError(f"--packing: this model ({type(model).__name__}, attention {implementation}) lets packed "
+                         "examples attend to each other (position-id boundaries are ignored)",
+                         hint="train with --no-packing, or use a transformers model class with sdpa, eager or "
+                              "flash attention")
+
+
+class PackingIsolationCheck(TrainerCallback):
+    """Runs check_packing_isolation on the model being trained, before the first step."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        check_packing_isolation(model)
 
 
 def sft_data(config: SftConfig, tokenizer: Any):
@@ -246,7 +249,7 @@ def sft_data(config: SftConfig, tokenizer: Any):
 
     notes = setup_chat_tokenizer(tokenizer, config.template)
     data = build_examples(config, tokenizer)
-    data.summary["notes"] = notes
+    data.summary["notes"] = notes + data.summary["notes"]
     average = data.summary["tokens"] // max(len(data.examples), 1)
     return DataPlan(ExampleDataset(data.examples), collate(tokenizer.pad_token_id), data.summary,
                     tokens_per_sample=average)
@@ -266,7 +269,8 @@ def fine_tune(config: SftConfig, on_event=None, callbacks: list[Any] = ()):
     """`bitcpm sft`: the training stack of `bitcpm train` with chat data and assistant-only loss."""
     from bitcpm_cli.core.train import train
 
-    return train(config, data=sft_data, on_event=on_event, callbacks=callbacks,
+    checks = [PackingIsolationCheck()] if config.packing else []
+    return train(config, data=sft_data, on_event=on_event, callbacks=checks + list(callbacks),
                  extra_files=write_chat_generation_config)
 
 
@@ -296,4 +300,4 @@ def preview(config: SftConfig, tokenizer: Any, count: int) -> tuple[list[Preview
         if run:
             segments.append((tokenizer.decode(run), bool(flag)))
         shown.append(PreviewExample(segments, len(example.input_ids), example.supervised))
-    return shown, data.summary, notes
+    return shown, data.summary, notes + data.summary["notes"]

@@ -25,6 +25,7 @@ from bitcpm_cli.core.device import distributed_backend, is_main_process, resolve
 from bitcpm_cli.core.distributed import (Strategy, check_backend, choose_strategy, enable_fsdp_on_cpu,
                                          save_final_model)
 from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError
+from bitcpm_cli.core.inference_ready import make_inference_ready
 from bitcpm_cli.core.memory_plan import GIB, MemoryPlan, plan_memory
 from bitcpm_cli.core.outputs import OutputGuard
 from bitcpm_cli.core.readers import iter_text_lines, parse_json
@@ -174,7 +175,7 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
                 (output / "data_summary.json").write_text(json.dumps(plan.summary, indent=2) + "\n")
             if resume_from is not None:
                 _prepare_resume(output, resume_from, notes)
-        _run_and_save(trainer, output, resume_from, tokenizer, extra_files)
+        _run_and_save(trainer, output, resume_from, tokenizer, extra_files, model_dir)
     except BaseException as exc:
         guard.abort(exc)  # a folder this run created goes, unless it holds a complete checkpoint
         raise
@@ -195,14 +196,14 @@ def output_guard(config: TrainConfig) -> OutputGuard:
 
 
 def _run_and_save(trainer: Trainer, output: Path, resume_from: Path | None, tokenizer: Any,
-                  extra_files: Callable[[Path, Any], None] | None) -> None:
+                  extra_files: Callable[[Path, Any], None] | None, model_dir: Path) -> None:
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except TrainingDiverged as exc:
         kept = latest_complete_checkpoint(output)
         exc.message += f"; the last good checkpoint is kept: {kept}" if kept else "; no checkpoint was saved before"
         raise
-    write_final(trainer, output, tokenizer, extra_files)
+    write_final(trainer, output, tokenizer, extra_files, model_dir)
 
 
 def training_arguments(config: TrainConfig, output: Path, device: Any, strategy: Strategy) -> TrainingArguments:
@@ -228,7 +229,8 @@ def training_arguments(config: TrainConfig, output: Path, device: Any, strategy:
                           hint="fix the setting named above (see `bitcpm train --list-settings`)") from None
 
 
-def write_final(trainer: Trainer, output: Path, tokenizer: Any, extra_files: Callable[[Path, Any], None] | None) -> Path:
+def write_final(trainer: Trainer, output: Path, tokenizer: Any, extra_files: Callable[[Path, Any], None] | None,
+                model_dir: Path) -> Path:
     """final/: consolidated latent weights + tokenizer, staged then renamed. Every rank calls it (collective)."""
     final = output / "final"
     staging = output / ".final.tmp"  # the same path on every rank
@@ -241,6 +243,7 @@ def write_final(trainer: Trainer, output: Path, tokenizer: Any, extra_files: Cal
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the settings are in the YAML beside
         if extra_files is not None:
             extra_files(staging, tokenizer)
+        make_inference_ready(staging, model_dir)  # use_cache back on, the input's generation settings
         if final.exists():
             shutil.rmtree(final)
         os.rename(staging, final)
@@ -330,7 +333,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher: Any, inputs: dict[s
                       temperature: float) -> torch.Tensor:
     """KL(teacher || student) on temperature-softened logits, times T^2, averaged over the real tokens."""
     with torch.no_grad():
-        teacher_logits = teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+        teacher_logits = teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                                 position_ids=inputs.get("position_ids")).logits  # packed: per-example positions
     student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     target = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
     per_token = torch.nn.functional.kl_div(student, target, log_target=True, reduction="none").sum(-1)

@@ -12,7 +12,7 @@ def model(tmp_path_factory):
 
 def test_help(invoke):
     for command, flags in (("infer", ("--model", "--prompt", "--prompts", "--device", "--logprobs", "--chat")),
-                           ("compare", ("--max-tokens", "--json", "--tie-margin", "--allow-near-ties"))):
+                           ("compare", ("--max-tokens", "--json", "--output", "--tie-margin", "--allow-near-ties"))):
         result = invoke(command, "--help")
         assert result.exit_code == 0
         assert all(flag in result.output for flag in flags)
@@ -29,10 +29,14 @@ def test_infer_then_compare_end_to_end(invoke, model, tmp_path):
     doc = json.loads((tmp_path / "cpu.json").read_text())
     assert doc["schema"] == "bitcpm.results/1" and len(doc["results"]) == 2
     assert "[0]" in result.output and doc["results"][1]["text"][:5] in result.output  # streamed text
-    same = invoke("compare", tmp_path / "npu.json", tmp_path / "cpu.json", "--json", tmp_path / "report.json")
+    same = invoke("compare", tmp_path / "npu.json", tmp_path / "cpu.json", "--output", tmp_path / "report.json")
     assert same.exit_code == 0, same.output
     assert "2/2 prompts identical" in same.output
     assert json.loads((tmp_path / "report.json").read_text())["ok"] is True
+    as_json = invoke("compare", tmp_path / "npu.json", tmp_path / "cpu.json", "--json")
+    assert as_json.exit_code == 0 and json.loads(as_json.stdout)["ok"] is True  # stdout is the JSON alone
+    old = invoke("compare", tmp_path / "npu.json", tmp_path / "cpu.json", "--json", tmp_path / "old.json")
+    assert old.exit_code == 2 and not (tmp_path / "old.json").exists()  # the old `--json FILE`: a usage error
 
 
 def test_compare_flags_a_flipped_token(invoke, model, tmp_path):
@@ -77,3 +81,22 @@ def test_compare_bad_input_exit_2(invoke, tmp_path):
     assert result.exit_code == 2 and "not valid JSON" in result.stderr
     (tmp_path / "ok.json").write_text('[{"token_ids": [1]}]')
     assert invoke("compare", tmp_path / "ok.json", tmp_path / "missing.json").exit_code == 2
+
+
+def test_infer_json_on_stdout_and_eos_only_marker(invoke, model, tmp_path):
+    result = invoke("infer", "-m", model, "-p", "Hello", "-o", tmp_path / "a.json", "--max-new-tokens", "4",
+                    "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document == json.loads((tmp_path / "a.json").read_text())
+    silent = build_tiny_model(tmp_path / "silent", kind="float")  # a model whose first token is <unk> (special)
+    from transformers import AutoModelForCausalLM
+
+    weights = AutoModelForCausalLM.from_pretrained(silent)
+    weights.model.norm.weight.data.zero_()  # every logit 0: greedy picks token 0
+    weights.generation_config.eos_token_id = 0
+    weights.save_pretrained(silent)
+    result = invoke("infer", "-m", silent, "-p", "Hello", "-o", tmp_path / "b.json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "b.json").read_text())["results"][0]["text"] == ""
+    assert "[0] <empty reply: end of sequence at once>" in result.stdout

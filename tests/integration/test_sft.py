@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import build_tiny_model
+from tests.unit.test_inference_ready import generates_with_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "configs" / "sft" / "tiny-cpu.yaml"
@@ -28,12 +29,15 @@ def test_fine_tune_reaches_near_zero_loss_and_answers_through_infer_chat(setup, 
     result = invoke("sft", "--config", RECIPE, "--model", setup / "float", "--data", setup / "chat.jsonl",
                     "--output-dir", tmp_path / "run")
     assert result.exit_code == 0, result.output
-    assert "supervised tokens" in result.output and "2,000" in result.output
+    assert "supervised tokens" in result.output and "2,200" in result.output
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < 0.05
     summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
-    assert summary["examples_used"] == 200 and summary["supervised_tokens"] == 200 * (len(REPLY) + 1)
+    assert summary["examples_used"] == 200 and summary["supervised_tokens"] == 200 * (len(REPLY) + 2)  # reply, <|im_end|>, "\n" (as LLaMA-Factory)
     final = tmp_path / "run" / "final"
+    assert json.loads((final / "config.json").read_text())["use_cache"] is True  # training turned it off
+    assert not (final / "training_args.bin").exists()
+    generates_with_cache(final)
     assert "im_start" in json.loads((final / "tokenizer_config.json").read_text()).get("chat_template", "") or \
         (final / "chat_template.jinja").is_file()
     answered = invoke("infer", "-m", final, "--chat", "-p", "48213", "-p", "907", "-o", tmp_path / "r.json",
@@ -47,8 +51,9 @@ def test_preview_shows_supervised_spans_and_trains_nothing(setup, tmp_path, invo
     result = invoke("sft", "--config", RECIPE, "--model", setup / "float", "--data", setup / "chat.jsonl",
                     "--output-dir", tmp_path / "run", "--preview", "2")
     assert result.exit_code == 0, result.output
-    assert "example 0:" in result.output and "example 1:" in result.output and "10 supervised" in result.output
-    assert "OK, done.<|im_end|>" in result.output
+    assert "example 0:" in result.output and "example 1:" in result.output and "11 supervised" in result.output
+    assert "<|im_start|>assistant\n[[OK, done.<|im_end|>\n]]" in result.output  # marked in text off a terminal
+    assert "[[...]]: supervised (loss); the rest is masked" in result.output
     assert not (tmp_path / "run").exists()
 
 
@@ -66,3 +71,35 @@ def test_help(invoke):
     assert result.exit_code == 0
     for flag in ("--max-length", "--packing", "--template", "--format", "--preview", "--model", "--resume"):
         assert flag in result.output
+
+
+def test_packing_trains_with_examples_kept_apart(setup, tmp_path, invoke):
+    result = invoke("sft", "--config", RECIPE, "--model", setup / "float", "--data", setup / "chat.jsonl",
+                    "--output-dir", tmp_path / "run", "--packing", "--max-steps", "2")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "run" / "data_summary.json").read_text())
+    assert summary["packing"] and summary["sequences"] < 200
+
+
+def test_json_report_on_stdout(setup, tmp_path, invoke):
+    result = invoke("sft", "--config", RECIPE, "--model", setup / "float", "--data", setup / "chat.jsonl",
+                    "--output-dir", tmp_path / "run", "--max-steps", "2", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["steps"] == 2 and report["data_summary"]["examples_used"] == 200
+    assert report["final_dir"] == str(tmp_path / "run" / "final")
+    assert "step 1/2" in result.stderr and "step 0/None" not in result.stderr
+
+
+def test_columns_mapping_through_the_cli(setup, tmp_path, invoke):
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"question": "2+2?", "answer": "4", "source": "web"}) + "\n")
+    result = invoke("sft", "--config", RECIPE, "--model", setup / "float", "--data", data, "--output-dir",
+                    tmp_path / "run", "--columns", "prompt=question", "--columns", "response=answer", "--preview", "1")
+    assert result.exit_code == 0, result.output
+    assert "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n[[4<|im_end|>\n]]" in result.output
+    assert "note: field 'source' is not used (1 record(s))" in result.output
+    bad = invoke("sft", "--config", RECIPE, "--model", setup / "float", "--data", data, "--output-dir",
+                 tmp_path / "run", "--columns", "answer=answer")
+    assert bad.exit_code == 2 and "error: columns: 'answer' is not one of formatting" in bad.stderr
+    assert not (tmp_path / "run").exists()

@@ -42,16 +42,16 @@ def config(tmp_path, data, **changes):
 
 
 def test_three_formats_normalise_to_the_same_conversation(tmp_path):
-    expected = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q\n\nI"},
+    expected = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q\nI"},
                 {"role": "assistant", "content": "A"}]
     messages = write_jsonl(tmp_path / "m.jsonl", [{"messages": expected}])
     sharegpt = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [
-        {"from": "system", "value": "S"}, {"from": "human", "value": "Q\n\nI"}, {"from": "gpt", "value": "A"}]}])
+        {"from": "system", "value": "S"}, {"from": "human", "value": "Q\nI"}, {"from": "gpt", "value": "A"}]}])
     alpaca = tmp_path / "a.json"
     alpaca.write_text(json.dumps([{"system": "S", "instruction": "Q", "input": "I", "output": "A"}]))
     conversations, formats = read_conversations([str(messages), str(sharegpt), str(alpaca)])
     assert conversations == [expected, expected, expected]
-    assert list(formats.values()) == ["messages", "sharegpt", "alpaca"]
+    assert list(formats.values()) == ["openai", "sharegpt", "alpaca"]
 
 
 def test_forced_format_and_undetectable_records(tmp_path):
@@ -82,7 +82,7 @@ def test_masks_cover_exactly_the_assistant_turns(tokenizer):
             run = []
     if run:
         supervised_runs.append(tokenizer.decode(run))
-    assert supervised_runs == ["4<|im_end|>", "6, of course.<|im_end|>"]
+    assert supervised_runs == ["4<|im_end|>\n", "6, of course.<|im_end|>\n"]
     masked = tokenizer.decode([t for t, l in zip(example.input_ids, example.labels) if l == IGNORE])
     assert "Be brief." in masked and "2+2?" in masked and "and 3+3?" in masked and "of course" not in masked
 
@@ -90,7 +90,8 @@ def test_masks_cover_exactly_the_assistant_turns(tokenizer):
 def test_no_assistant_turn_is_skipped_and_counted(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "d.jsonl", [{"messages": MULTI_TURN}, {"messages": MULTI_TURN[:2]}])
     data = build_examples(config(tmp_path, [path]), tokenizer)
-    assert data.summary["skipped_no_assistant_turn"] == 1 and data.summary["examples_used"] == 1
+    assert data.summary["skipped_abnormal"] == 1 and data.summary["examples_used"] == 1
+    assert data.summary["notes"][0] == "skipped 1 record(s): the last turn is not an assistant turn (as LLaMA-Factory skips them)"
     only_users = write_jsonl(tmp_path / "u.jsonl", [{"messages": MULTI_TURN[:2]}])
     with pytest.raises(InputError, match="no usable training examples"):
         build_examples(config(tmp_path, [only_users]), tokenizer)
@@ -118,6 +119,6 @@ def test_template_choices(tmp_path):
                       "{% if add_generation_prompt %}assistant: {% endif %}")
     setup_chat_tokenizer(tok, str(custom))
     example = encode_conversation(tok, MULTI_TURN[1:3])
-    assert tok.decode([t for t, l in zip(example.input_ids, example.labels) if l != IGNORE]) == "4"
+    assert tok.decode([t for t, l in zip(example.input_ids, example.labels) if l != IGNORE]) == "4\n"
     with pytest.raises(InputError, match="neither auto, chatml nor a file"):
         setup_chat_tokenizer(tok, "llama9")

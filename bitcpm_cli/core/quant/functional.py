@@ -1,4 +1,4 @@
-"""The quantizer: the single definition of DESIGN.md section 3 that every command uses.
+"""The quantizer: the single definition (README, "Quantization semantics") that every command uses.
 
 Groups run along the input dimension of a weight W[out, in]:
   group_size -1: one group per output row; 0: one group per tensor; N > 0: N consecutive input channels.
@@ -76,7 +76,7 @@ def _codes_and_scales(weight: torch.Tensor, spec: LayerQuant, name: str) -> tupl
 
 
 def quantize(weight: torch.Tensor, spec: LayerQuant, name: str = "weight") -> Quantized:
-    """Codes and scales of `weight` under `spec` (DESIGN.md section 3)."""
+    """Codes and scales of `weight` under `spec` (README, "Quantization semantics")."""
     codes, scales = _codes_and_scales(weight, spec, name)
     return Quantized(codes.to(torch.int8).reshape(weight.shape), scales.squeeze(-1), spec.group_size)
 

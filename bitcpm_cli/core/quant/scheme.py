@@ -1,6 +1,6 @@
 """Quantization schemes: what to quantize, how, and how that is written into config.json.
 
-A scheme is the `bitcpm_quant` block of a QAT checkpoint's config.json (DESIGN.md section 4)::
+A scheme is the `bitcpm_quant` block of a QAT checkpoint's config.json (README, "Quantization semantics")::
 
     {"quant_type": "ternary", "group_size": 128,
      "modules_to_not_convert": ["lm_head", "embed_tokens"], "layers": {}}
