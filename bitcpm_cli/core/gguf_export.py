@@ -41,6 +41,8 @@ from bitcpm_cli.core.formats import (
 BLOCK = 256
 GGUF_TYPES = ("tq2_0", "tq1_0", "auto")
 EMBEDDING_TYPES = ("f16", "bf16", "q8_0")
+NO_REMOTE_CODE_HINT = ("GGUF export never runs a folder's own code: export a folder whose tokenizer is a standard "
+                       "tokenizer.json (no auto_map)")
 AUTO_ORDER = ("TQ2_0", "Q4_0", "Q8_0")
 
 
@@ -157,9 +159,6 @@ def _write_tokenizer(writer: Any, source: Path, vocab_size: int, notes: list[str
     import gguf
     from gguf.vocab import BpeVocab, LlamaHfVocab, SpecialVocab
 
-    # gguf's LlamaHfVocab loads the tokenizer without trust_remote_code, which could prompt for custom code
-    refuse_remote_code(source, hint="GGUF export never runs a folder's own code: export a folder whose tokenizer "
-                                    "is a standard tokenizer.json (no auto_map)")
     try:
         vocab, model, pre, merges = LlamaHfVocab(source), "llama", "default", False  # llama.cpp's SPM: "default"
     except (FileNotFoundError, TypeError):
@@ -320,6 +319,7 @@ def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2
                          hint="pass the QAT, fused or packed model folder")
     if output.suffix != ".gguf":
         raise InputError(f"--output must name a .gguf file ({output})", hint="e.g. --output model-tq2_0.gguf")
+    refuse_remote_code(source, hint=NO_REMOTE_CODE_HINT)  # gguf-py's tokenizer readers could prompt for it
     plan = plan_conversion(source, output, quant_type=quant_type, group_size=group_size, scheme_file=scheme_file,
                            fmt="fused", dtype="bfloat16", overwrite=overwrite)
     config = plan.config or {}

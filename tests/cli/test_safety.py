@@ -56,7 +56,7 @@ def test_infer_output_inside_the_model_folder_is_refused(invoke, model, tmp_path
 def test_compare_report_over_an_input_is_refused(invoke, tmp_path):
     a, b = write(tmp_path / "a.json", results_doc()), write(tmp_path / "b.json", results_doc())
     before = snapshot(tmp_path)
-    result = invoke("compare", a, b, "--json", a)
+    result = invoke("compare", a, b, "--output", a)
     assert result.exit_code == 2 and "is the input" in result.stderr
     assert snapshot(tmp_path) == before
 
@@ -234,7 +234,7 @@ def test_malformed_results_are_exit_2(invoke, tmp_path, content, message):
     bad.write_bytes(content) if isinstance(content, bytes) else write(bad, content)
     good = write(tmp_path / "good.json", results_doc())
     before = snapshot(tmp_path)
-    result = invoke("compare", bad, good, "--json", tmp_path / "report.json")
+    result = invoke("compare", bad, good, "--output", tmp_path / "report.json")
     assert result.exit_code == 2 and message in result.stderr and no_traceback(result), result.stderr
     assert snapshot(tmp_path) == before
 

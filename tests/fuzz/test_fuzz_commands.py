@@ -142,7 +142,7 @@ def test_compare_any_results_file(raw, as_list):
         (inputs / "b.json").write_text(json.dumps(good if as_list else
                                                   {"schema": "bitcpm.results/1", "results": good}))
         out = Path(root) / "report.json"
-        run("compare", inputs / "a.json", inputs / "b.json", "--json", out, inputs=inputs, output=out)
+        run("compare", inputs / "a.json", inputs / "b.json", "--output", out, inputs=inputs, output=out)
 
 
 prompt_lines = st.lists(st.one_of(mangled_json(), st.text(max_size=20),
