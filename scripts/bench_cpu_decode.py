@@ -1,8 +1,11 @@
-"""CPU decode speed of one ternary model: transformers (fused, bf16) against llama.cpp (GGUF TQ2_0 and TQ1_0).
+"""CPU decode speed of one ternary model: transformers (fused, bf16) against llama.cpp (GGUF TQ2_0, TQ1_0, and the
+exact Q4_0 encoding of the same latent weights fused with group size 128), and bitcpm's llama.cpp engine against raw
+llama-cpp-python on the same TQ2_0 file.
 
 Builds a random Llama-shaped QAT model (ternary, per-row scales), fuses it, exports both GGUF types, then greedily
 decodes the same number of tokens with each engine on the CPU (best of a few runs). Prints tokens/s, the ratios and
-the file sizes. Target: llama.cpp >= 5x the transformers bf16 decode speed. Needs the gguf extra.
+the file sizes. Targets: llama.cpp >= 5x the transformers bf16 decode speed; bitcpm's engine >= 0.95x raw
+llama-cpp-python. Needs the gguf extra.
 
     python scripts/bench_cpu_decode.py [--hidden 1024] [--layers 8] [--tokens 64]
 """
@@ -10,6 +13,8 @@ the file sizes. Target: llama.cpp >= 5x the transformers bf16 decode speed. Need
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import sys
 import tempfile
 import time
@@ -68,6 +73,16 @@ def llama_rate(path: Path, prompt: list[int], tokens: int, repeats: int) -> floa
     return best
 
 
+def engine_rate(path: Path, tokens: int, repeats: int) -> float:
+    """bitcpm's llama.cpp engine (`infer --engine llama.cpp`) on the same file: its own tokens/s, best of a few."""
+    from bitcpm_cli.core.generate import Prompt
+    from bitcpm_cli.core.llamacpp import run_llamacpp
+
+    prompts = [Prompt(id=0, text="23 24 25 26 27")] * repeats
+    results = run_llamacpp(path, prompts, max_new_tokens=tokens)["results"]
+    return max(r["tokens_per_s"] for r in results)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=1024)
@@ -93,6 +108,14 @@ def main() -> None:
             export_gguf(root / "qat", path, gguf_type=kind)
             sizes[f"GGUF {kind.upper()}"] = path.stat().st_size
             rates[f"llama.cpp {kind.upper()}"] = llama_rate(path, prompt, args.tokens, args.repeats)
+        shutil.copytree(root / "qat", root / "qat-g128")  # the same latent weights, fused with group size 128
+        config = json.loads((root / "qat-g128" / "config.json").read_text())
+        config["bitcpm_quant"]["group_size"] = 128
+        (root / "qat-g128" / "config.json").write_text(json.dumps(config))
+        export_gguf(root / "qat-g128", root / "model-g128.gguf", gguf_type="auto")
+        sizes["GGUF auto, group 128 (Q4_0)"] = (root / "model-g128.gguf").stat().st_size
+        rates["llama.cpp Q4_0 g128"] = llama_rate(root / "model-g128.gguf", prompt, args.tokens, args.repeats)
+        rates["bitcpm engine TQ2_0"] = engine_rate(root / "model-tq2_0.gguf", args.tokens, args.repeats)
     base = rates["transformers bf16"]
     print(f"model: Llama {args.layers} x {args.hidden} (ternary, per-row scales), {args.tokens} greedy tokens, CPU, "
           f"torch threads {torch.get_num_threads()}")
@@ -101,7 +124,9 @@ def main() -> None:
     for name, size in sizes.items():
         print(f"{name:26} {size / 2**20:8.1f} MiB")
     print(f"target: llama.cpp >= 5x transformers bf16 -> TQ2_0 {rates['llama.cpp TQ2_0'] / base:.2f}x, "
-          f"TQ1_0 {rates['llama.cpp TQ1_0'] / base:.2f}x")
+          f"TQ1_0 {rates['llama.cpp TQ1_0'] / base:.2f}x, Q4_0 g128 {rates['llama.cpp Q4_0 g128'] / base:.2f}x")
+    print(f"target: bitcpm's llama.cpp engine >= 0.95x raw llama-cpp-python on the same TQ2_0 file -> "
+          f"{rates['bitcpm engine TQ2_0'] / rates['llama.cpp TQ2_0']:.2f}x")
 
 
 if __name__ == "__main__":

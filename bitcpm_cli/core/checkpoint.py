@@ -391,11 +391,11 @@ def fingerprint(files: WeightFiles) -> str:
     """sha256 over the bytes of every weight file, in order (what iter_tensors' hasher computes)."""
     import hashlib
 
+    from bitcpm_cli.core.formats import sha256_file
+
     digest = hashlib.sha256()
     for file in files.files:
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(2**24), b""):
-                digest.update(block)
+        sha256_file(file, digest)
     return f"sha256:{digest.hexdigest()}"
 
 

@@ -33,6 +33,7 @@ from bitcpm_cli.core.checkpoint import (
 )
 from bitcpm_cli.core.config_check import require_consistent_config
 from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError, QuantError
+from bitcpm_cli.core.formats import PACKED_SHAPES_KEY, PACKED_SUFFIX, SCALE_SUFFIX
 from bitcpm_cli.core.inference_ready import make_inference_ready
 from bitcpm_cli.core.outputs import OutputGuard, check_output
 from bitcpm_cli.core.readers import parse_json
@@ -53,8 +54,6 @@ from bitcpm_cli.core.quant.scheme import CONFIG_KEY
 
 FORMATS = ("fused", "packed")
 DTYPES = ("bfloat16", "float16", "float32")
-PACKED_SUFFIX, SCALE_SUFFIX = ".weight_packed", ".weight_scale"
-PACKED_SHAPES_KEY = "bitcpm.packed_shapes"
 PROVENANCE_FILE = "bitcpm_convert.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # Files of an input directory that are not copied: weights, indexes, its config (rewritten), old provenance.
@@ -642,7 +641,7 @@ def _verify(files: WeightFiles, specs: dict[str, TensorSpec], staging: Path, res
         if not _identical(written, reference):
             report.mismatches.append(name)
         if name in targets or base in packed_shapes:
-            report.zero_fraction[name] = float((written == 0).float().mean())
+            report.zero_fraction[name] = 1.0 - int(torch.count_nonzero(written)) / max(written.numel(), 1)
             spec = targets.get(name, LayerQuant("ternary", -1))
             groups = [spec.group_size] if mode == "quantize" else FUSED_GROUP_CANDIDATES
             if spec.quant_type == "ternary" and not any(fused_scales(written, g) is not None for g in groups):
