@@ -91,8 +91,8 @@ def sft(
 
 def _data_summary(summary: dict) -> None:
     table = Table(title="data", show_header=False)
-    for key in ("conversations", "examples_used", "skipped_no_assistant_turn", "dropped_by_truncation", "truncated",
-                "sequences", "tokens", "supervised_tokens"):
+    for key in ("conversations", "examples_used", "skipped_abnormal", "skipped_no_assistant_turn",
+                "dropped_by_truncation", "truncated", "sequences", "tokens", "supervised_tokens"):
         table.add_row(key.replace("_", " "), f"{summary.get(key, 0):,}")
     out.print(table)
     for note in summary.get("notes", []):

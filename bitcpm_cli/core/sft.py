@@ -61,14 +61,6 @@ class SftData:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-# ---- reading the formats (core.chatdata) -----------------------------------------------------------------
-def read_conversations(paths: list[str], fmt: str = "auto",
-                       columns: list[str] = ()) -> tuple[list[list[dict[str, Any]]], dict[str, str]]:
-    """Every conversation's messages, and the format found in each file (see read_chat_data for the counts)."""
-    data = read_chat_data(paths, fmt, columns)
-    return [c.messages for c in data.conversations], data.formats
-
-
 # ---- rendering and masking ---------------------------------------------------------------------------
 def setup_chat_tokenizer(tokenizer: Any, template: str | None) -> list[str]:
     """Apply --template (ChatML when the tokenizer has none); add ChatML's special tokens when they are missing."""

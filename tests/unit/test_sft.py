@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from bitcpm_cli.core.chatdata import read_chat_data
 from bitcpm_cli.core.errors import InputError
 from bitcpm_cli.core.recipe import resolve_config
 from bitcpm_cli.core.sft import (
@@ -10,7 +11,6 @@ from bitcpm_cli.core.sft import (
     build_examples,
     encode_conversation,
     pack,
-    read_conversations,
     setup_chat_tokenizer,
 )
 
@@ -49,25 +49,25 @@ def test_three_formats_normalise_to_the_same_conversation(tmp_path):
         {"from": "system", "value": "S"}, {"from": "human", "value": "Q\nI"}, {"from": "gpt", "value": "A"}]}])
     alpaca = tmp_path / "a.json"
     alpaca.write_text(json.dumps([{"system": "S", "instruction": "Q", "input": "I", "output": "A"}]))
-    conversations, formats = read_conversations([str(messages), str(sharegpt), str(alpaca)])
-    assert conversations == [expected, expected, expected]
-    assert list(formats.values()) == ["openai", "sharegpt", "alpaca"]
+    data = read_chat_data([str(messages), str(sharegpt), str(alpaca)])
+    assert [c.messages for c in data.conversations] == [expected, expected, expected]
+    assert list(data.formats.values()) == ["openai", "sharegpt", "alpaca"]
 
 
 def test_forced_format_and_undetectable_records(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
     with pytest.raises(InputError, match=r"x.jsonl:1: alpaca records need"):
-        read_conversations([str(path)], "alpaca")
+        read_chat_data([str(path)], "alpaca")
     other = write_jsonl(tmp_path / "y.jsonl", [{"text": "hi"}])
     with pytest.raises(InputError, match="cannot tell the chat format"):
-        read_conversations([str(other)])
+        read_chat_data([str(other)])
 
 
 def test_malformed_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"messages": []}\n{oops\n')
     with pytest.raises(InputError, match=r"bad.jsonl:2: not valid JSON"):
-        read_conversations([str(path)])
+        read_chat_data([str(path)])
 
 
 def test_masks_cover_exactly_the_assistant_turns(tokenizer):
