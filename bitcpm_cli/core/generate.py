@@ -97,7 +97,7 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfl
     QAT checkpoint keeps its fake-quantized linears (the forward training optimizes)."""
     import torch
 
-    from bitcpm_cli.core.convert import PACKED_SUFFIX
+    from bitcpm_cli.core.formats import PACKED_SUFFIX
 
     path = Path(path)
     if not path.is_dir():
