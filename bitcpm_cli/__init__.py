@@ -11,11 +11,16 @@ _API = {
     "convert_checkpoint": "bitcpm_cli.core.convert",  # bitcpm convert (fused, packed)
     "export_gguf": "bitcpm_cli.core.gguf_export",  # bitcpm convert --format gguf
     "make_inference_ready": "bitcpm_cli.core.inference_ready",
-    "read_prompts": "bitcpm_cli.core.generate",  # bitcpm infer
+    "generate": "bitcpm_cli.core.engines",  # bitcpm infer: any engine (a folder: transformers, a .gguf: llama.cpp)
+    "engine_for": "bitcpm_cli.core.engines",
+    "read_prompts": "bitcpm_cli.core.generate",
     "load_for_inference": "bitcpm_cli.core.generate",
     "run_generation": "bitcpm_cli.core.generate",
     "write_json": "bitcpm_cli.core.generate",
     "compare_results": "bitcpm_cli.core.compare",  # bitcpm compare
+    "plan_eval": "bitcpm_cli.core.evaluation",  # bitcpm eval
+    "run_eval": "bitcpm_cli.core.evaluation",
+    "check_gates": "bitcpm_cli.core.evaluation",
     "TrainConfig": "bitcpm_cli.core.recipe",  # bitcpm train
     "resolve_config": "bitcpm_cli.core.recipe",
     "train": "bitcpm_cli.core.train",

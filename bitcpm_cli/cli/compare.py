@@ -44,13 +44,13 @@ def compare(
     decoder = load_tokenizer(tokenizer, trust_remote_code) if tokenizer is not None else None
     report = compare_results(a, b, max_tokens=max_tokens, tie_margin=tie_margin, allow_near_ties=allow_near_ties,
                              tokenizer=decoder)
+    if output is not None:  # written first: a refused write leaves nothing on stdout either
+        write_json(report.to_dict(), output, inputs, overwrite)
     if json_output:
         print_json(report.to_dict())
     else:
         _render(report)
-    if output is not None:
-        write_json(report.to_dict(), output, inputs, overwrite)
-        if not json_output:
+        if output is not None:
             out.print(f"wrote {escape(str(output))}")
     if not report.ok:
         raise typer.Exit(1)

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from bitcpm_cli.cli import training as opt
 from bitcpm_cli.core.device import is_main_process
-from bitcpm_cli.cli.output import out
+from bitcpm_cli.cli.output import out, print_json
 
 SUPERVISED_OPEN, SUPERVISED_CLOSE = "[[", "]]"  # --preview off a terminal
 
@@ -77,7 +77,7 @@ def sft(
         if preview < 0:
             raise InputError(f"--preview {preview} must be positive", hint="e.g. --preview 3")
         given.setdefault("output_dir", "-")  # preview writes nothing
-        _preview(resolve_config(SftConfig, config, given, overrides), preview)
+        _preview(resolve_config(SftConfig, config, given, overrides), preview, json_output)
         return
     settings = resolve_config(SftConfig, config, given, overrides)
     result = opt.run_with_progress(lambda on_event: fine_tune(settings, on_event=on_event), is_main_process(),
@@ -99,7 +99,9 @@ def _data_summary(summary: dict) -> None:
         out.print(f"note: {escape(note)}", soft_wrap=True)
 
 
-def _preview(settings, count: int) -> None:
+def _preview(settings, count: int, json_output: bool = False) -> None:
+    import dataclasses
+
     from bitcpm_cli.core.checkpoint import load_tokenizer
     from bitcpm_cli.core.errors import InputError
     from bitcpm_cli.core.sft import preview
@@ -107,6 +109,9 @@ def _preview(settings, count: int) -> None:
     if not Path(settings.model).is_dir():
         raise InputError(f"model folder not found ({settings.model})", hint="the tokenizer is read from it")
     examples, summary, notes = preview(settings, load_tokenizer(settings.model, settings.trust_remote_code), count)
+    if json_output:  # --json: the examples (text segments with their supervised flag) and the data summary only
+        print_json({"examples": [dataclasses.asdict(e) for e in examples], "summary": {**summary, "notes": notes}})
+        return
     for index, example in enumerate(examples):
         out.rule(f"example {index}: {example.tokens} tokens, {example.supervised_tokens} supervised")
         for text, supervised in example.segments:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from bitcpm_cli.core.data import json_records
-from bitcpm_cli.core.errors import InputError
+from bitcpm_cli.core.errors import BitcpmError, InputError
+from bitcpm_cli.core.readers import read_json_file
 
 FORMATS = ("auto", "alpaca", "sharegpt", "openai", "messages")  # messages: the OpenAI format's old name here
 COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools")
@@ -92,9 +93,9 @@ def parse_columns(items: list[str], data_files: list[str]) -> dict[str, Mapping]
             problems.append(f"columns: {item!r} is neither KEY=FIELD nor a dataset_info.json file")
             continue
         try:
-            info = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            problems.append(f"columns: {path} is not valid JSON ({exc.msg})")
+            info = read_json_file(path, "dataset_info.json")
+        except BitcpmError as exc:
+            problems.append(f"columns: {exc.message}")
             continue
         if not isinstance(info, dict):
             problems.append(f"columns: {path} is not a dataset_info.json (a JSON object)")

@@ -8,7 +8,6 @@ reading it and never executes pickled code. Time and memory do not grow with the
 from __future__ import annotations
 
 import json
-import os
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -254,19 +253,6 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False, padding_si
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
     return tokenizer
-
-
-@contextmanager
-def atomic_write(destination: str | Path, mode: str = "w", inputs: tuple = ()) -> Iterator[Any]:
-    """Write a file through the output guard (core.outputs): staged beside `destination`, fsynced, renamed into
-    place; an existing file is replaced (callers decide beforehand whether that is allowed)."""
-    from bitcpm_cli.core.outputs import OutputGuard
-
-    with OutputGuard(destination, inputs, overwrite=True, kind="file") as staging:
-        with open(staging, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
 
 
 # ---- streaming tensor I/O -------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from bitcpm_cli.core.checkpoint import (
 from bitcpm_cli.core.config_check import require_consistent_config
 from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError, QuantError
 from bitcpm_cli.core.formats import PACKED_SHAPES_KEY, PACKED_SUFFIX, SCALE_SUFFIX
-from bitcpm_cli.core.inference_ready import make_inference_ready
+from bitcpm_cli.core.inference_ready import make_inference_ready, read_generation_config
 from bitcpm_cli.core.outputs import OutputGuard, check_output
 from bitcpm_cli.core.readers import parse_json
 from bitcpm_cli.core.quant import (
@@ -402,6 +402,7 @@ def plan_conversion(source: Path, output: Path, *, quant_type: str | None, group
         raise InputError("the packed format is written as safetensors", hint="name the output *.safetensors or a folder")
     if config is not None:
         require_consistent_config(source)
+        read_generation_config(source)  # copied at the end: a broken one is refused before any tensor is read
 
     notes: list[str] = []
     recorded = QuantScheme.from_config(config) if config else None

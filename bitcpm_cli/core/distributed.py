@@ -7,7 +7,6 @@ Strategies: plain DDP, DeepSpeed ZeRO-1/2/3 (`deepspeed=FILE.json`) and FSDP (`f
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bitcpm_cli.core.errors import ConfigError, DeviceError
+from bitcpm_cli.core.readers import read_json_file
 
 EXTENSION_LOCK_AGE_S = 600  # a build of DeepSpeed's small CPU extension takes about a minute
 
@@ -45,10 +45,7 @@ def read_deepspeed_config(path: str) -> dict[str, Any]:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"deepspeed: config file not found ({file})", hint="e.g. configs/deepspeed/zero2.json")
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"deepspeed: {file} is not valid JSON ({exc})", hint="fix the file") from None
+    data = read_json_file(file, "deepspeed config", error=ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"deepspeed: {file} must hold a JSON object", hint="see configs/deepspeed/zero2.json")
     return data
@@ -63,8 +60,12 @@ def choose_strategy(deepspeed: str | None, training_args: dict[str, Any], notes:
         raise ConfigError("deepspeed and fsdp are both set", hint="choose one sharding strategy")
     if deepspeed:
         config = read_deepspeed_config(deepspeed)
-        stage = int((config.get("zero_optimization") or {}).get("stage", 0))
-        if stage == 3 and not config["zero_optimization"].get("stage3_gather_16bit_weights_on_model_save"):
+        zero = config.get("zero_optimization") or {}
+        stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+        if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+            raise ConfigError(f"deepspeed: zero_optimization.stage must be 0, 1, 2 or 3 ({deepspeed})",
+                              hint='e.g. "zero_optimization": {"stage": 2}; see configs/deepspeed/zero2.json')
+        if stage == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save"):
             config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
             notes.append("ZeRO-3: stage3_gather_16bit_weights_on_model_save turned on so that checkpoints and final/ "
                          "hold consolidated weights")

@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bitcpm_cli.core.errors import ConfigError
+from bitcpm_cli.core.readers import read_json_file
+
 # Files the Trainer (and bitcpm's checkpoint marker) write that no inference engine reads.
 TRAINING_ONLY_FILES = ("training_args.bin", "trainer_state.json", "optimizer.pt", "optimizer.bin", "scheduler.pt",
                        "scaler.pt", "rng_state.pth", "bitcpm_complete")
@@ -18,7 +21,18 @@ TRAINING_ONLY_CONFIG_KEYS = ("gradient_checkpointing",)
 
 
 def _read(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    """A JSON object file through the careful reader ({} when absent); anything else is exit 2 naming it."""
+    if not path.is_file():
+        return {}
+    data = read_json_file(path, path.name, error=ConfigError)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.name} must hold a JSON object ({path})", hint="fix or remove the file")
+    return data
+
+
+def read_generation_config(model_dir: Path) -> dict:
+    """The model folder's generation_config.json (checked before a long run that will copy it at the end)."""
+    return _read(Path(model_dir) / "generation_config.json")
 
 
 def _write(path: Path, data: dict) -> None:

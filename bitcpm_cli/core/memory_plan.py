@@ -16,7 +16,6 @@ allocator); CPU memory is shared by the ranks on one machine.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -42,12 +41,12 @@ class Shape:
 
     @classmethod
     def from_config(cls, path: Path) -> "Shape":
-        try:
-            values = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read {path} ({exc})", hint="pass a Hugging Face model folder") from None
+        from bitcpm_cli.core.checkpoint import read_config
+
+        values = read_config(path.parent)  # the careful reader: bad JSON, depth, huge numbers are exit 2
         missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                               "intermediate_size") if not isinstance(values.get(k), int)]
+                               "intermediate_size") if not (isinstance(values.get(k), int)
+                                                            and not isinstance(values.get(k), bool) and values[k] > 0)]
         if missing:
             raise InputError(f"{path}: no {', '.join(missing)}; the memory plan needs a decoder's shape",
                              hint="fix config.json (see `bitcpm fix-config`)")

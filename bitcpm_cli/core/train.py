@@ -25,7 +25,7 @@ from bitcpm_cli.core.device import distributed_backend, is_main_process, resolve
 from bitcpm_cli.core.distributed import (Strategy, check_backend, choose_strategy, enable_fsdp_on_cpu,
                                          save_final_model)
 from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError
-from bitcpm_cli.core.inference_ready import make_inference_ready
+from bitcpm_cli.core.inference_ready import make_inference_ready, read_generation_config
 from bitcpm_cli.core.memory_plan import GIB, MemoryPlan, plan_memory
 from bitcpm_cli.core.outputs import OutputGuard
 from bitcpm_cli.core.readers import iter_text_lines, parse_json
@@ -130,8 +130,9 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
     notes: list[str] = []
     strategy = choose_strategy(config.deepspeed, config.training_args, notes)
     check_backend(device, strategy)
-    memory = check_memory(model_dir, config, strategy, device)  # from config.json alone
+    memory = check_memory(model_dir, config, strategy, device)  # from config.json alone (the careful reader)
     require_consistent_config(model_dir)
+    read_generation_config(model_dir)  # a broken generation_config.json fails now, not after training
     emit = on_event or (lambda event: None)
     emit({"phase": "plan", "plan": memory.to_dict(), "lines": memory.lines()})
     emit({"phase": "loading the tokenizer and the data"})
@@ -161,21 +162,23 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
         notes.append("bf16 under DeepSpeed: final/ holds DeepSpeed's bf16 copy of the latent weights; the fp32 master "
                      "weights are in the last checkpoint (recover them with its zero_to_fp32.py)")
     emit({"phase": f"preparing {memory.strategy}"})
-    metrics = MetricsLogger(output / METRICS_FILE, model, plan, config, strategy.world, on_event)
-    trainer = QATTrainer(teacher=teacher, kd_temperature=config.kd_temperature, kd_weight=config.kd_weight,
-                         model=model, args=args, train_dataset=plan.dataset, data_collator=plan.collator,
-                         callbacks=[MetricsCallback(metrics), CompletionMarker()] + list(callbacks))
-    trainer.remove_callback(PrinterCallback)
     if is_main_process():
-        guard.claim()  # only now is the output folder created (settings and inputs were checked above)
+        # only now is the output folder created (settings and inputs were checked above); claimed before the
+        # Trainer exists, since building one creates output_dir, so that a failed run removes what it created
+        guard.claim()
     try:
+        metrics = MetricsLogger(output / METRICS_FILE, model, plan, config, strategy.world, on_event)
+        trainer = QATTrainer(teacher=teacher, kd_temperature=config.kd_temperature, kd_weight=config.kd_weight,
+                             model=model, args=args, train_dataset=plan.dataset, data_collator=plan.collator,
+                             callbacks=[MetricsCallback(metrics), CompletionMarker()] + list(callbacks))
+        trainer.remove_callback(PrinterCallback)
         if is_main_process():
             save_config(config, output / CONFIG_FILE)
             if plan.summary:
                 (output / "data_summary.json").write_text(json.dumps(plan.summary, indent=2) + "\n")
             if resume_from is not None:
                 _prepare_resume(output, resume_from, notes)
-        _run_and_save(trainer, output, resume_from, tokenizer, extra_files, model_dir)
+        _run_and_save(trainer, output, resume_from, tokenizer, extra_files, model_dir, notes)
     except BaseException as exc:
         guard.abort(exc)  # a folder this run created goes, unless it holds a complete checkpoint
         raise
@@ -189,21 +192,24 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
 def output_guard(config: TrainConfig) -> OutputGuard:
     """The output guard for a training folder: never an input or around one, claimed while the run writes."""
     template = getattr(config, "template", None)
+    columns = [c for c in getattr(config, "columns", None) or [] if "=" not in str(c)]  # a dataset_info.json
+    fsdp_config = config.training_args.get("fsdp_config")
     inputs = [config.model, *config.data, config.teacher, config.scheme, config.deepspeed,
-              template if template and Path(template).is_file() else None]
+              template if template and Path(template).is_file() else None, *columns,
+              fsdp_config if isinstance(fsdp_config, str) else None]
     return OutputGuard(config.output_dir, inputs, overwrite=True, kind="dir", what="--output-dir", staged=False,
                        keep_on_error=lambda folder: latest_complete_checkpoint(folder) is not None)
 
 
 def _run_and_save(trainer: Trainer, output: Path, resume_from: Path | None, tokenizer: Any,
-                  extra_files: Callable[[Path, Any], None] | None, model_dir: Path) -> None:
+                  extra_files: Callable[[Path, Any], None] | None, model_dir: Path, notes: list[str]) -> None:
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except TrainingDiverged as exc:
         kept = latest_complete_checkpoint(output)
         exc.message += f"; the last good checkpoint is kept: {kept}" if kept else "; no checkpoint was saved before"
         raise
-    write_final(trainer, output, tokenizer, extra_files, model_dir)
+    write_final(trainer, output, tokenizer, extra_files, model_dir, notes)
 
 
 def training_arguments(config: TrainConfig, output: Path, device: Any, strategy: Strategy) -> TrainingArguments:
@@ -230,7 +236,7 @@ def training_arguments(config: TrainConfig, output: Path, device: Any, strategy:
 
 
 def write_final(trainer: Trainer, output: Path, tokenizer: Any, extra_files: Callable[[Path, Any], None] | None,
-                model_dir: Path) -> Path:
+                model_dir: Path, notes: list[str]) -> Path:
     """final/: consolidated latent weights + tokenizer, staged then renamed. Every rank calls it (collective)."""
     final = output / "final"
     staging = output / ".final.tmp"  # the same path on every rank
@@ -243,7 +249,7 @@ def write_final(trainer: Trainer, output: Path, tokenizer: Any, extra_files: Cal
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the settings are in the YAML beside
         if extra_files is not None:
             extra_files(staging, tokenizer)
-        make_inference_ready(staging, model_dir)  # use_cache back on, the input's generation settings
+        notes += make_inference_ready(staging, model_dir)  # use_cache back on, the input's generation settings
         if final.exists():
             shutil.rmtree(final)
         os.rename(staging, final)

@@ -26,7 +26,7 @@ def test_help_page_has_no_python_type_labels(invoke, command):
 
 
 def test_every_reporting_command_has_json(invoke):
-    for command in ("env", "fix-config", "convert", "infer", "compare", "train", "sft", "quickstart"):
+    for command in ("env", "fix-config", "convert", "infer", "compare", "eval", "train", "sft", "quickstart"):
         assert "--json" in invoke(command, "--help", env={"COLUMNS": "200"}).output, command
 
 

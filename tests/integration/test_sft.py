@@ -54,6 +54,12 @@ def test_preview_shows_supervised_spans_and_trains_nothing(setup, tmp_path, invo
     assert "example 0:" in result.output and "example 1:" in result.output and "11 supervised" in result.output
     assert "<|im_start|>assistant\n[[OK, done.<|im_end|>\n]]" in result.output  # marked in text off a terminal
     assert "[[...]]: supervised (loss); the rest is masked" in result.output
+    as_json = invoke("sft", "--config", RECIPE, "--model", setup / "float", "--data", setup / "chat.jsonl",
+                     "--output-dir", tmp_path / "run", "--preview", "2", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    document = json.loads(as_json.stdout)  # stdout holds the JSON document alone
+    assert len(document["examples"]) == 2 and document["examples"][0]["supervised_tokens"] == 11
+    assert ["OK, done.<|im_end|>\n", True] in document["examples"][0]["segments"]
     assert not (tmp_path / "run").exists()
 
 

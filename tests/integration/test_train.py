@@ -117,6 +117,22 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):
     assert not (tmp_path / "run" / "final").exists()
 
 
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(setup, tmp_path):
+    """Building the Trainer creates output_dir; the guard claims it first, so a failure removes what the run made,
+    and the same command then starts afresh instead of finding "a training run" it cannot resume."""
+    from transformers import TrainerCallback
+
+    class Fail(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            raise InputError("stop before the first step", hint="test")
+
+    output = tmp_path / "nested" / "run"
+    with pytest.raises(InputError, match="stop before the first step"):
+        train(config_for(setup, output, "max_steps=3"), callbacks=[Fail()])
+    assert not (tmp_path / "nested").exists()
+    assert train(config_for(setup, output, "max_steps=3")).steps == 3
+
+
 def test_knowledge_distillation_from_a_teacher(setup, tmp_path):
     result = train(config_for(setup, tmp_path / "kd", "max_steps=10", f"teacher={setup / 'float'}", "kd_weight=0.5"))
     assert result.steps == 10 and result.last_loss < result.first_loss

@@ -61,3 +61,15 @@ def test_helper_restores_the_source_generation_settings(tmp_path):
     assert json.loads((folder / "generation_config.json").read_text()) == {
         "eos_token_id": [2, 5], "temperature": 0.7, "do_sample": True}  # the output's own eos ids win
     assert not (folder / "rng_state_0.pth").exists() and len(notes) == 2
+
+
+@pytest.mark.parametrize("text", ['{"eos_token_id": 2,', "[1, 2]", '{"a": ' * 100 + "1" + "}" * 100])
+def test_a_broken_generation_config_is_exit_2_and_nothing_is_written(tmp_path, text):
+    from bitcpm_cli.core.errors import BitcpmError, CheckFailed
+
+    source = build_tiny_model(tmp_path / "ckpt", kind="qat")
+    (source / "generation_config.json").write_text(text)
+    with pytest.raises(BitcpmError, match="generation_config.json") as info:
+        convert_checkpoint(source, tmp_path / "out", fmt="fused", dtype="float32")
+    assert not isinstance(info.value, CheckFailed)  # exit 2, not 1 (and not an internal error, exit 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
