@@ -76,6 +76,16 @@ def choose_strategy(deepspeed: str | None, training_args: dict[str, Any], notes:
     return Strategy("ddp" if world > 1 else "single", world)
 
 
+def end_distributed() -> None:
+    """Destroy the process group a finished run started, on every rank: a communication thread left running when
+    the interpreter exits ends the process with "terminate called without an active exception" (SIGABRT)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def extension_locks(root: str | None = None) -> list[Path]:
     """`lock` files in torch's C++-extension build folders (DeepSpeed JIT-builds its CPU communication op there).
 

@@ -23,7 +23,7 @@ from bitcpm_cli.core.config_check import require_consistent_config
 from bitcpm_cli.core.data import PackedBlocks, check_data_files, first_block
 from bitcpm_cli.core.device import distributed_backend, is_main_process, resolve_device
 from bitcpm_cli.core.distributed import (Strategy, check_backend, choose_strategy, enable_fsdp_on_cpu,
-                                         save_final_model)
+                                         end_distributed, save_final_model)
 from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError
 from bitcpm_cli.core.inference_ready import make_inference_ready, read_generation_config
 from bitcpm_cli.core.memory_plan import GIB, MemoryPlan, plan_memory
@@ -183,6 +183,7 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
         guard.abort(exc)  # a folder this run created goes, unless it holds a complete checkpoint
         raise
     guard.commit()
+    end_distributed()
     final = output / "final"
     return TrainResult(str(output), str(final), trainer.state.global_step, metrics.first_loss, metrics.last_loss,
                        str(resume_from) if resume_from else None, scheme.to_dict() if scheme else None, notes,
