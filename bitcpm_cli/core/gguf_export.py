@@ -365,7 +365,7 @@ def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2
 
     guard = OutputGuard(output, [source, scheme_file], overwrite=overwrite, kind="file")
     staging = guard.claim()  # .bitcpm-tmp-<pid>-<name>
-    scratch = output.parent / f".bitcpm-tmp-{os.getpid()}-{output.name}.head"  # removed as stale with the staging
+    scratch = guard.scratch_path("head")  # gguf-py writes the header here first
 
     def header() -> bytes:
         quantized = [e.type for e in entries if e.quantized]
@@ -411,10 +411,8 @@ def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2
             handle.seek(0)
             handle.write(final)
         _read_back(staging, final, entries)
-        scratch.unlink(missing_ok=True)
         guard.commit()
     except BaseException as exc:
-        scratch.unlink(missing_ok=True)
         guard.abort(exc)
         raise
     types: dict[str, int] = {}

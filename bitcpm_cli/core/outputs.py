@@ -32,9 +32,8 @@ import errno
 import os
 import re
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 from bitcpm_cli.core.errors import InputError
 
@@ -191,20 +190,12 @@ class OutputGuard:
             return claim
         raise InputError(f"cannot claim {self.output}: another run keeps taking it", hint="try again")
 
-    @contextmanager
-    def scratch(self) -> Iterator[Path]:
-        """A pid-named scratch folder beside the output for intermediate files, removed at the end."""
-        path = self.output.parent / f"{STAGING_PREFIX}{os.getpid()}-{self.output.name}.scratch"
-        _remove(path)
-        path.mkdir()
+    def scratch_path(self, suffix: str) -> Path:
+        """A pid-named path beside the output for an intermediate file: removed by commit() and abort(), and as
+        stale by a later run when this one was killed; disk errors writing it are reported like the output's."""
+        path = self.output.parent / f"{STAGING_PREFIX}{os.getpid()}-{self.output.name}.{suffix}"
         self._scratch.append(path)
-        try:
-            yield path
-        except BaseException as exc:
-            self.abort(exc)  # the claim and the staging path go with the scratch folder
-            raise
-        finally:
-            _remove(path)
+        return path
 
     # ---- finishing --------------------------------------------------------------------------------------
     def commit(self) -> Path:
@@ -215,6 +206,8 @@ class OutputGuard:
         except BaseException as exc:
             self.abort(exc)
             raise
+        for path in self._scratch:
+            _remove(path)
         self._release()
         return self.output
 
