@@ -15,16 +15,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bitcpm_cli.core.errors import ConfigError, InputError
-from bitcpm_cli.core.readers import check_safetensors_header, parse_json, read_json_file
+from bitcpm_cli.core.readers import SAFETENSORS_TYPES, check_safetensors_header, parse_json, read_json_file
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
-SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-    "BOOL": "bool", "U16": "uint16", "U32": "uint32", "U64": "uint64",
-}
+SAFETENSORS_DTYPES = {key: name for key, (name, _) in SAFETENSORS_TYPES.items()}  # safetensors -> torch name
 
 
 @dataclass(frozen=True)

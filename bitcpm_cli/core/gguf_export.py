@@ -38,7 +38,6 @@ from bitcpm_cli.core.formats import (
     reproduces,
 )
 
-BLOCK = 256
 GGUF_TYPES = ("tq2_0", "tq1_0", "auto")
 EMBEDDING_TYPES = ("f16", "bf16", "q8_0")
 NO_REMOTE_CODE_HINT = ("GGUF export never runs a folder's own code: export a folder whose tokenizer is a standard "
@@ -98,7 +97,7 @@ def _plan_type(entry: _Entry, gguf_type: str) -> tuple[str, str | None]:
     """The block type tried first for a quantized linear, and the problem when there is none."""
     columns = entry.shape[1]
     if gguf_type != "auto":
-        problem = block_problem(entry.group_size, columns, BLOCK)
+        problem = block_problem(entry.group_size, columns, GGUF_BLOCKS["TQ2_0"][1])
         return gguf_type.upper(), problem
     for type_name in AUTO_ORDER:
         block = GGUF_BLOCKS[type_name][1]

@@ -65,56 +65,59 @@ def run_llamacpp(model: str | Path, prompts: list[Prompt], *, max_new_tokens: in
     if device not in ("auto", "cpu"):
         raise InputError(f"the llama.cpp engine runs on the CPU, not {device}", hint="use --device cpu (or auto)")
     llama_cpp, llm = _load(path, seed)
-    metadata = llm.metadata
-    eos_ids = {llm.token_eos()}
-    if chat:
-        for token in END_OF_TURN_TOKENS:
-            ids = llm.tokenize(token.encode(), add_bos=False, special=True)
-            if len(ids) == 1:
-                eos_ids.add(ids[0])
-    special = {"bos_token": llm.detokenize([llm.token_bos()], special=True).decode(errors="replace"),
-               "eos_token": llm.detokenize([llm.token_eos()], special=True).decode(errors="replace")}
-    n_vocab = llm.n_vocab()
-    results, total_time, notes = [], 0.0, []
-    for prompt in prompts:
+    try:
+        metadata = llm.metadata
+        eos_ids = {llm.token_eos()}
         if chat:
-            text = _render_chat(metadata.get("tokenizer.chat_template"),
-                                prompt.messages or [{"role": "user", "content": prompt.text}], special)
-            ids = llm.tokenize(text.encode(), add_bos=False, special=True)
-        elif prompt.text is None:
-            raise InputError(f"prompt {prompt.id} has messages but --chat was not given", hint="pass --chat")
-        else:
-            ids = llm.tokenize(prompt.text.encode(), add_bos=True, special=False)
-        ids = fit_context(ids, max_new_tokens, llm.n_ctx(), truncate_prompt, prompt.id, notes)
-        began = time.perf_counter()
-        llm.reset()
-        llm.eval(ids)
-        new, steps, shown = [], [], ""
-        for _ in range(max_new_tokens):
-            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).copy()
-            token = int(np.argmax(logits))
-            new.append(token)
+            for token in END_OF_TURN_TOKENS:
+                ids = llm.tokenize(token.encode(), add_bos=False, special=True)
+                if len(ids) == 1:
+                    eos_ids.add(ids[0])
+        special = {"bos_token": llm.detokenize([llm.token_bos()], special=True).decode(errors="replace"),
+                   "eos_token": llm.detokenize([llm.token_eos()], special=True).decode(errors="replace")}
+        n_vocab = llm.n_vocab()
+        results, total_time, notes = [], 0.0, []
+        for prompt in prompts:
+            if chat:
+                text = _render_chat(metadata.get("tokenizer.chat_template"),
+                                    prompt.messages or [{"role": "user", "content": prompt.text}], special)
+                ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+            elif prompt.text is None:
+                raise InputError(f"prompt {prompt.id} has messages but --chat was not given", hint="pass --chat")
+            else:
+                ids = llm.tokenize(prompt.text.encode(), add_bos=True, special=False)
+            ids = fit_context(ids, max_new_tokens, llm.n_ctx(), truncate_prompt, prompt.id, notes)
+            began = time.perf_counter()
+            llm.reset()
+            llm.eval(ids)
+            new, steps, shown = [], [], ""
+            for _ in range(max_new_tokens):
+                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).copy()
+                token = int(np.argmax(logits))
+                new.append(token)
+                if logprobs:
+                    steps.append(_top(logits, logprobs, token))
+                if on_text is not None:
+                    decoded = _decode(llm, new)
+                    if len(decoded) > len(shown) and not decoded.endswith("\ufffd"):
+                        on_text(prompt.id, decoded[len(shown):])
+                        shown = decoded
+                if token in eos_ids:
+                    break
+                llm.eval([token])
+            elapsed = time.perf_counter() - began
+            total_time += elapsed
+            entry = {"id": prompt.id, "prompt": prompt.label, "prompt_token_ids": ids, "token_ids": new,
+                     "text": _decode(llm, new), "num_tokens": len(new), "latency_s": round(elapsed, 6),
+                     "tokens_per_s": round(len(new) / elapsed, 3) if elapsed else None}
             if logprobs:
-                steps.append(_top(logits, logprobs, token))
-            if on_text is not None:
-                decoded = _decode(llm, new)
-                if len(decoded) > len(shown) and not decoded.endswith("\ufffd"):
-                    on_text(prompt.id, decoded[len(shown):])
-                    shown = decoded
-            if token in eos_ids:
-                break
-            llm.eval([token])
-        elapsed = time.perf_counter() - began
-        total_time += elapsed
-        entry = {"id": prompt.id, "prompt": prompt.label, "prompt_token_ids": ids, "token_ids": new,
-                 "text": _decode(llm, new), "num_tokens": len(new), "latency_s": round(elapsed, 6),
-                 "tokens_per_s": round(len(new) / elapsed, 3) if elapsed else None}
-        if logprobs:
-            entry["top_logprobs"] = steps
-        results.append(entry)
-    sampling = {"temperature": 0.0, "top_p": 1.0, "seed": seed, "max_new_tokens": max_new_tokens,
-                "chat_template": chat, "batch_size": 1, "logprobs": logprobs}
-    return results_document(model_info(path, llm), describe_runtime(), sampling, results, total_time, notes)
+                entry["top_logprobs"] = steps
+            results.append(entry)
+        sampling = {"temperature": 0.0, "top_p": 1.0, "seed": seed, "max_new_tokens": max_new_tokens,
+                    "chat_template": chat, "batch_size": 1, "logprobs": logprobs}
+        return results_document(model_info(path, llm), describe_runtime(), sampling, results, total_time, notes)
+    finally:
+        llm.close()  # the model's memory goes now, not whenever the collector runs
 
 
 def model_info(path: Path, llm: Any) -> dict[str, Any]:

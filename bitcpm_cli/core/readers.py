@@ -216,8 +216,14 @@ def read_structured_file(path: str | Path, what: str) -> Any:
 
 
 # ---- safetensors headers ------------------------------------------------------------------------------
-SAFETENSORS_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                     "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "U16": 2, "U32": 4, "U64": 8}
+# Every safetensors dtype bitcpm reads: (torch dtype name, bytes an element). The one table; checkpoint derives
+# its name mapping from it.
+SAFETENSORS_TYPES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1), "I64": ("int64", 8), "I32": ("int32", 4),
+    "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1), "BOOL": ("bool", 1), "U16": ("uint16", 2),
+    "U32": ("uint32", 4), "U64": ("uint64", 8),
+}
 
 
 def _is_int(value: Any) -> bool:
@@ -240,7 +246,7 @@ def check_safetensors_header(header: Any, data_bytes: int, path: Path) -> dict[s
             continue
         where = f"safetensors header entry {name[:80]!r}"
         if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
-                and entry["dtype"] in SAFETENSORS_SIZES and isinstance(entry.get("shape"), list) and all(_is_int(d) and d >= 0 for d in entry["shape"])
+                and entry["dtype"] in SAFETENSORS_TYPES and isinstance(entry.get("shape"), list) and all(_is_int(d) and d >= 0 for d in entry["shape"])
                 and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
                 and all(_is_int(o) for o in entry["data_offsets"])):
             raise InputError(f"{where} is malformed: needs a known dtype, a shape of non-negative integers and two "
@@ -251,7 +257,7 @@ def check_safetensors_header(header: Any, data_bytes: int, path: Path) -> dict[s
         if end > data_bytes:
             raise InputError(f"safetensors file is truncated: {where} ends at byte {end} of a {data_bytes}-byte "
                              f"data section ({path})", hint=hint)
-        expected = SAFETENSORS_SIZES[entry["dtype"]] * math.prod(entry["shape"])
+        expected = SAFETENSORS_TYPES[entry["dtype"]][1] * math.prod(entry["shape"])
         if expected != end - begin:
             raise InputError(f"{where}: shape {entry['shape']} of {entry['dtype']} needs {expected} bytes, its "
                              f"offsets hold {end - begin} ({path})", hint=hint)
