@@ -172,9 +172,21 @@ class OutputGuard:
 
     def _take_claim(self) -> Path:
         claim = self.claim_path
+        # the claim appears with the pid already in it (a hard link of a finished pid file), so a concurrent run never
+        # reads an empty claim and takes it for one left by a killed run
+        pid_file = self.scratch_path("claim")
+        pid_file.unlink(missing_ok=True)
+        with os.fdopen(os.open(pid_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as handle:
+            handle.write(f"{os.getpid()}\n")
+        try:
+            return self._link_claim(pid_file, claim)
+        finally:
+            pid_file.unlink(missing_ok=True)
+
+    def _link_claim(self, pid_file: Path, claim: Path) -> Path:
         for _ in range(3):
             try:
-                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(pid_file, claim)
             except FileExistsError:
                 try:
                     holder = int(claim.read_text().strip() or 0)
@@ -185,8 +197,13 @@ class OutputGuard:
                                      hint="wait for it to finish, or choose another output path") from None
                 claim.unlink(missing_ok=True)  # left by a killed run
                 continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(f"{os.getpid()}\n")
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                # no hard links on this file system: exclusive create, then the pid (a short window)
+                fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(f"{os.getpid()}\n")
             return claim
         raise InputError(f"cannot claim {self.output}: another run keeps taking it", hint="try again")
 

@@ -179,8 +179,9 @@ def parse_yaml(text: str, where: str, what: str = "YAML") -> Any:
     """Safe YAML; aliases are fine unless they expand the document beyond MAX_YAML_NODES nodes."""
     import yaml
 
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # refuses control characters such as NUL already here
         node = loader.get_single_node()
         if node is None:
             return None
@@ -200,7 +201,8 @@ def parse_yaml(text: str, where: str, what: str = "YAML") -> Any:
         raise ConfigError(f"{what} holds a value that cannot be read ({where}): {str(exc)[:120]}",
                           hint="fix the value") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_yaml_file(path: str | Path, what: str, max_bytes: int = 64 * 2**20) -> Any:
@@ -232,7 +234,8 @@ def _is_int(value: Any) -> bool:
 
 def check_safetensors_header(header: Any, data_bytes: int, path: Path) -> dict[str, dict[str, Any]]:
     """The tensor entries of a parsed header, each checked: known dtype, non-negative integer shape, offsets
-    inside the data section, shape x dtype size equal to the byte range, no two tensors overlapping."""
+    inside the data section, shape x dtype size equal to the byte range, the tensors covering the data section
+    exactly (no overlap, no gap, no trailing bytes: what the safetensors library itself requires)."""
     hint = "the file is corrupt or truncated: download or copy it again"
     if not isinstance(header, dict):
         raise InputError(f"safetensors header is not a JSON object ({path})", hint=hint)
@@ -264,10 +267,18 @@ def check_safetensors_header(header: Any, data_bytes: int, path: Path) -> dict[s
         entries[name] = entry
     spans = sorted((e["data_offsets"][0], e["data_offsets"][1], n) for n, e in entries.items() if
                    e["data_offsets"][1] > e["data_offsets"][0])
-    for (_, end_a, name_a), (begin_b, _, name_b) in zip(spans, spans[1:]):
-        if begin_b < end_a:
-            raise InputError(f"safetensors header entries {name_a[:80]!r} and {name_b[:80]!r} overlap ({path})",
+    covered, last = 0, None  # like safetensors itself: the tensors tile the data section exactly, from byte 0
+    for begin, end, name in spans:
+        if begin < covered:
+            raise InputError(f"safetensors header entries {last[:80]!r} and {name[:80]!r} overlap ({path})",
                              hint=hint)
+        if begin > covered:
+            raise InputError(f"safetensors data bytes {covered}-{begin} belong to no tensor (before "
+                             f"{name[:80]!r}) ({path})", hint=hint)
+        covered, last = end, name
+    if covered != data_bytes:
+        raise InputError(f"safetensors data section has {data_bytes - covered} bytes after the last tensor "
+                         f"({path})", hint=hint)
     return entries
 
 

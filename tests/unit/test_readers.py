@@ -59,6 +59,8 @@ def test_yaml_alias_bomb_is_refused_before_expansion():
         parse_yaml("a: [", "x.yaml")
     with pytest.raises(ConfigError, match="cannot be read"):
         parse_yaml("max_steps: " + "9" * 5000, "x.yaml")
+    with pytest.raises(ConfigError, match="unacceptable character"):  # found by the fuzz suite
+        parse_yaml("\x00", "x.yaml")
 
 
 def safetensors(path, header: dict, data: bytes):
@@ -77,6 +79,9 @@ def safetensors(path, header: dict, data: bytes):
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [True, 8]}}, 8, "malformed"),
     ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, 8, "malformed"),
     ({"__metadata__": {"k": 1}}, 0, "__metadata__"),
+    # found by the fuzz suite: the safetensors library refuses these itself, so they must be exit 2 first
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 16, "8 bytes after the last tensor"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, 16, "bytes 0-8 belong to no tensor"),
 ])
 def test_safetensors_header_checks(tmp_path, header, size, message):
     path = safetensors(tmp_path / "m.safetensors", header, b"\0" * size)
