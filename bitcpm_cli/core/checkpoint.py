@@ -268,13 +268,23 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
     return _safetensors_layout(path)[2]
 
 
-def iter_safetensors(path: Path, hasher=None) -> Iterator[tuple[str, Any]]:
-    """(name, tensor) in file order, one tensor in memory at a time (plain reads, no mmap).
+def tensor_byte_range(path: Path, name: str) -> tuple[int, int]:
+    """(offset in the file, length) of one tensor's data in a safetensors file."""
+    start, header, _ = _safetensors_layout(path)
+    begin, end = header[name]["data_offsets"]
+    return start + begin, end - begin
+
+
+def iter_safetensors(path: Path, hasher=None, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) in file order, one tensor in memory at a time (plain reads, no mmap); tensors named in
+    `skip` are passed over unread.
 
     With `hasher`, every byte of the file is fed to it in order, so its digest is the file's sha256.
     """
     import torch
 
+    if skip and hasher is not None:
+        raise ValueError("a digest of the whole file needs every tensor read")
     read_safetensors_header(path)  # validates sizes and offsets first
     start, header, _ = _safetensors_layout(path)
     entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
@@ -285,11 +295,11 @@ def iter_safetensors(path: Path, hasher=None) -> Iterator[tuple[str, Any]]:
         position = 0
         for name, entry in entries:
             begin, end = entry["data_offsets"]
-            if begin > position:  # padding between tensors: read past it, so the digest covers every byte
-                gap = handle.read(begin - position)
-                if hasher is not None:
-                    hasher.update(gap)
-            elif begin < position:
+            if name in skip:
+                continue
+            if hasher is not None and begin > position:  # padding: read past it, so the digest covers every byte
+                hasher.update(handle.read(begin - position))
+            elif begin != position:
                 handle.seek(start + begin)
             buffer = torch.empty(end - begin, dtype=torch.uint8)
             if end > begin and handle.readinto(memoryview(buffer.numpy())) != end - begin:
@@ -323,10 +333,14 @@ def iter_bin(path: Path, hasher=None) -> Iterator[tuple[str, Any]]:
             yield name, tensor
 
 
-def iter_tensors(files: WeightFiles, hasher=None) -> Iterator[tuple[str, Any]]:
-    """Every tensor of a checkpoint, one at a time; `hasher` sees every byte of every file, in order."""
+def iter_tensors(files: WeightFiles, hasher=None, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, Any]]:
+    """Every tensor of a checkpoint, one at a time, but those in `skip` (safetensors only); `hasher` sees every
+    byte of every file, in order."""
     for file in files.files:
-        yield from (iter_safetensors if files.format == "safetensors" else iter_bin)(file, hasher)
+        if files.format == "safetensors":
+            yield from iter_safetensors(file, hasher, skip)
+        else:
+            yield from iter_bin(file, hasher)
 
 
 def tensor_order(files: WeightFiles, specs: dict[str, TensorSpec]) -> list[str]:
@@ -367,18 +381,6 @@ class TensorReader:
         if self.files.format == "safetensors":
             return handle.get_tensor(name)  # a copy, not a view of the file
         return handle[name].clone()  # detach from the memory map
-
-
-def fingerprint(files: WeightFiles) -> str:
-    """sha256 over the bytes of every weight file, in order (what iter_tensors' hasher computes)."""
-    import hashlib
-
-    from bitcpm_cli.core.formats import sha256_file
-
-    digest = hashlib.sha256()
-    for file in files.files:
-        sha256_file(file, digest)
-    return f"sha256:{digest.hexdigest()}"
 
 
 class SafetensorsStreamWriter:
@@ -422,3 +424,115 @@ class SafetensorsStreamWriter:
         self._handle.close()
         if self._next != len(self._expected):
             raise RuntimeError(f"safetensors stream {self.path}: {len(self._expected) - self._next} tensors unwritten")
+
+
+class BackgroundIO:
+    """Runs file writes and digest updates on one background thread, in the order they are submitted, while the
+    caller reads and quantizes the next tensor (both release the GIL: the syscalls and OpenSSL's sha256 run while
+    torch computes). At most `max_pending_bytes` of buffers wait (plus the one just submitted), so memory stays
+    bounded; a failure in the background is raised in the caller at its next submit or at the end.
+
+        with BackgroundIO() as io:
+            for name, tensor in iter_tensors(files, io.hasher(digest)):
+                io.submit(writer.write, name, transform(tensor), nbytes=...)
+    """
+
+    def __init__(self, max_pending_bytes: int = 128 * 2**20):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitcpm-io")
+        self._pending: deque = deque()
+        self._pending_bytes, self._limit = 0, max_pending_bytes
+
+    def submit(self, fn, *args, nbytes: int = 0) -> None:
+        self._pending.append((self._pool.submit(fn, *args), nbytes))
+        self._pending_bytes += nbytes
+        while self._pending and (self._pending[0][0].done() or self._pending_bytes > self._limit):
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        future, nbytes = self._pending.popleft()
+        self._pending_bytes -= nbytes
+        future.result()
+
+    def drain(self) -> None:
+        """Wait for everything submitted (raising the first failure)."""
+        while self._pending:
+            self._wait_oldest()
+
+    def hasher(self, digest) -> "_BackgroundDigest":
+        """A stand-in for `digest` whose update() runs in the background, in order with the writes."""
+        return _BackgroundDigest(self, digest)
+
+    def __enter__(self) -> "BackgroundIO":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.drain()
+        finally:
+            for future, _ in self._pending:
+                future.cancel()
+            self._pool.shutdown(wait=True)  # nothing runs on once the caller moves on (to clean up, say)
+
+
+class _BackgroundDigest:
+    def __init__(self, io: BackgroundIO, digest):
+        self._io, self._digest = io, digest
+
+    def update(self, data) -> None:
+        self._io.submit(self._digest.update, data, nbytes=memoryview(data).nbytes)
+
+
+def prefetched(items: Iterator[tuple[str, Any]], max_bytes: int = 64 * 2**20) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) pairs of `items`, read ahead on a background thread (file reads release the GIL) while the
+    caller works on the previous ones. Reading stops while more than `max_bytes` of tensors wait, so at most that
+    plus one tensor is held ahead. A failure while reading is raised in the caller, in its place in the order."""
+    import threading
+    from collections import deque
+
+    ready: deque = deque()
+    state = {"bytes": 0, "stop": False, "done": False, "error": None}
+    changed = threading.Condition()
+
+    def read() -> None:
+        try:
+            for name, tensor in items:
+                with changed:
+                    ready.append((name, tensor))
+                    state["bytes"] += tensor.nbytes
+                    changed.notify_all()
+                    changed.wait_for(lambda: state["stop"] or state["bytes"] <= max_bytes)
+                    if state["stop"]:
+                        return
+        except BaseException as exc:  # handed to the caller, raised there
+            state["error"] = exc
+        finally:
+            with changed:
+                state["done"] = True
+                changed.notify_all()
+
+    reader = threading.Thread(target=read, name="bitcpm-read", daemon=True)
+    reader.start()
+    try:
+        while True:
+            with changed:
+                changed.wait_for(lambda: ready or state["done"])
+                if not ready:
+                    if state["error"] is not None:
+                        raise state["error"]
+                    return
+                name, tensor = ready.popleft()
+                state["bytes"] -= tensor.nbytes
+                changed.notify_all()
+            yield name, tensor
+    finally:
+        with changed:
+            state["stop"] = True
+            changed.notify_all()
+        reader.join()
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()

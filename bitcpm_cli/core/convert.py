@@ -21,34 +21,43 @@ import torch
 
 from bitcpm_cli import __version__
 from bitcpm_cli.core.checkpoint import (
+    BackgroundIO,
     SafetensorsStreamWriter,
     TensorReader,
     TensorSpec,
     WeightFiles,
     iter_tensors,
+    prefetched,
     read_config,
     read_tensor_specs,
-    safetensors_metadata,
+    tensor_byte_range,
     tensor_order,
 )
 from bitcpm_cli.core.config_check import require_consistent_config
 from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError, QuantError
-from bitcpm_cli.core.formats import PACKED_SHAPES_KEY, PACKED_SUFFIX, SCALE_SUFFIX
+from bitcpm_cli.core.formats import (
+    PACKED_SHAPES_KEY,
+    PACKED_SUFFIX,
+    SCALE_SUFFIX,
+    PackedPairs,
+    packed_base,
+    read_packed_shapes,
+    unpack_weight,
+)
 from bitcpm_cli.core.inference_ready import make_inference_ready, read_generation_config
 from bitcpm_cli.core.outputs import OutputGuard, check_output
-from bitcpm_cli.core.readers import parse_json
 from bitcpm_cli.core.quant import (
+    FUSED_GROUP_CANDIDATES,
     LayerQuant,
     QuantScheme,
-    Quantized,
     fake_quantize,
     fused_scales,
     load_scheme_file,
     pack_ternary,
     plan_state_dict,
     quantize,
+    scale_shape,
     ternary_codes_from_fused,
-    unpack_ternary,
 )
 from bitcpm_cli.core.quant.scheme import CONFIG_KEY
 
@@ -59,7 +68,6 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # Files of an input directory that are not copied: weights, indexes, its config (rewritten), old provenance.
 NOT_COPIED = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt)$|.*\.index\.json$|config\.json(\.bak.*)?$|"
                         + re.escape(PROVENANCE_FILE) + "$")
-FUSED_GROUP_CANDIDATES = (0, -1, 256, 128, 64, 32)
 ProgressFn = Callable[[str, int, int], None]  # (stage, bytes just done, total bytes of the stage)
 
 
@@ -141,13 +149,6 @@ def _resolve_scheme(recorded: QuantScheme | None, quant_type: str | None, group_
     return base.replace(quant_type=quant_type, group_size=group_size), warnings
 
 
-def _group_shape(shape: tuple[int, ...], group_size: int) -> tuple[int, int]:
-    out_features, in_features = shape
-    if group_size == 0:
-        return 1, 1
-    return out_features, 1 if group_size == -1 else in_features // group_size
-
-
 # ---- the per-tensor transform -------------------------------------------------------------------
 class _Transform:
     """Maps input tensors to output tensors; `plan` does the same on specs so the output header is known first."""
@@ -158,13 +159,14 @@ class _Transform:
         self.dtype_name = dtype
         self.targets, self.packed_shapes = targets, packed_shapes
         self._pending: dict[str, dict[str, Any]] = {}
+        self._unpacker = PackedPairs(packed_shapes, self.dtype)
 
     def _cast_name(self, dtype: str) -> str:
         return self.dtype_name if dtype.startswith(("float", "bfloat")) else dtype
 
     def plan(self, name: str, spec: TensorSpec) -> list[tuple[str, str, tuple[int, ...]]]:
         if self.mode == "unpack":
-            base = _packed_base(name)
+            base = packed_base(name)
             if base is None:
                 return [(name, self._cast_name(spec.dtype), spec.shape)]
             pending = self._pending.setdefault(base, {})
@@ -180,20 +182,11 @@ class _Transform:
         base = name.removesuffix(".weight")
         out_features, in_features = spec.shape
         return [(base + PACKED_SUFFIX, "uint8", (out_features, math.ceil(in_features / 4))),
-                (base + SCALE_SUFFIX, self.dtype_name, _group_shape(spec.shape, self.targets[name].group_size))]
+                (base + SCALE_SUFFIX, self.dtype_name, scale_shape(spec.shape, self.targets[name].group_size))]
 
     def apply(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         if self.mode == "unpack":
-            base = _packed_base(name)
-            if base is None:
-                return [(name, self._cast(tensor))]
-            pending = self._pending.setdefault(base, {})
-            pending[name] = tensor
-            if len(pending) < 2:
-                return []
-            del self._pending[base]
-            return [(base + ".weight", unpack_weight(pending[base + PACKED_SUFFIX], pending[base + SCALE_SUFFIX],
-                                                     self.packed_shapes[base], self.dtype))]
+            return self._unpacker.add(name, tensor)
         if name not in self.targets:
             return [(name, self._cast(tensor))]
         spec = self.targets[name]
@@ -222,68 +215,6 @@ class _Transform:
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
-
-
-def _packed_base(name: str) -> str | None:
-    for suffix in (PACKED_SUFFIX, SCALE_SUFFIX):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
-def read_packed_shapes(files: WeightFiles, specs: dict[str, TensorSpec]) -> dict[str, list[int]]:
-    """The [out, in] shape of every packed linear, from the safetensors metadata bitcpm writes, each checked
-    against the packed codes and scales it describes."""
-    hint = "the packed checkpoint was not written by bitcpm or is damaged"
-    shapes: dict[str, list[int]] = {}
-    for file in files.files:
-        if files.format == "safetensors":
-            raw = safetensors_metadata(file).get(PACKED_SHAPES_KEY, "{}")
-            recorded = parse_json(raw, f"{file} metadata {PACKED_SHAPES_KEY}", "packed metadata")
-            if not isinstance(recorded, dict):
-                raise InputError(f"{PACKED_SHAPES_KEY} metadata must map layer names to [out, in] ({file})", hint=hint)
-            shapes.update(recorded)
-    missing = [n for n in specs if n.endswith(PACKED_SUFFIX) and _packed_base(n) not in shapes]
-    if missing:
-        raise InputError(f"packed tensor {missing[0]} has no recorded shape ({PACKED_SHAPES_KEY} metadata)",
-                         hint=hint)
-    for base, shape in shapes.items():
-        problem = _packed_problem(base, shape, specs)
-        if problem:
-            raise InputError(f"packed layer {base[:80]!r}: {problem} ({PACKED_SHAPES_KEY} metadata)", hint=hint)
-    return shapes
-
-
-def _packed_problem(base: str, shape: Any, specs: dict[str, TensorSpec]) -> str | None:
-    if not (isinstance(shape, list) and len(shape) == 2
-            and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
-        return f"recorded shape {str(shape)[:60]} is not [out, in] with positive integers"
-    codes, scales = specs.get(base + PACKED_SUFFIX), specs.get(base + SCALE_SUFFIX)
-    if codes is None or scales is None:
-        return "the packed codes or the scales are missing"
-    out_features, in_features = shape
-    if codes.dtype != "uint8" or codes.shape != (out_features, math.ceil(in_features / 4)):
-        return f"codes {codes.dtype} {list(codes.shape)} do not hold a {shape} weight"
-    rows, groups = scales.shape if len(scales.shape) == 2 else (0, 0)
-    if rows not in (1, out_features) or groups < 1 or in_features % groups or (rows == 1 and groups != 1):
-        return f"scales of shape {list(scales.shape)} do not fit a {shape} weight"
-    return None
-
-
-def unpacked_state_dict(files: WeightFiles, specs: dict[str, TensorSpec], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """A packed checkpoint as a fused state dict in `dtype` (exactly what `convert --format fused` writes)."""
-    transform = _Transform("unpack", "fused", str(dtype).removeprefix("torch."), {}, read_packed_shapes(files, specs))
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in iter_tensors(files):
-        state.update(transform.apply(name, tensor))
-    return state
-
-
-def unpack_weight(packed: torch.Tensor, scales: torch.Tensor, shape: list[int] | tuple[int, int],
-                  dtype: torch.dtype) -> torch.Tensor:
-    """The fused weight of a packed linear: codes * scale per group, in float32, cast once."""
-    codes = unpack_ternary(packed, shape[1])
-    return Quantized(codes, scales.to(torch.float32), group_size=0).dequantize(dtype)
 
 
 # ---- output writing ------------------------------------------------------------------------------
@@ -319,7 +250,7 @@ class _ShardedWriter:
 
     def _open_next(self) -> None:
         shard = self.shards[self._index]
-        shapes = {b: self.packed_shapes[b] for b in (_packed_base(s[0]) for s in shard) if b in self.packed_shapes}
+        shapes = {b: self.packed_shapes[b] for b in (packed_base(s[0]) for s in shard) if b in self.packed_shapes}
         metadata = {"format": "pt"}
         if shapes:
             metadata[PACKED_SHAPES_KEY] = json.dumps(shapes, separators=(",", ":"))
@@ -469,25 +400,28 @@ def convert_checkpoint(
         bytes_in = sum(f.stat().st_size for f in files.files)
         if single and single.endswith(".bin"):
             state: dict[str, torch.Tensor] = {}
-            for name, tensor in iter_tensors(files, hasher):
-                state.update(transform.apply(name, tensor))
-                _tick(progress, "convert", tensor, bytes_in)
+            with BackgroundIO() as io:
+                for name, tensor in iter_tensors(files, io.hasher(hasher)):
+                    state.update(transform.apply(name, tensor))
+                    _tick(progress, "convert", tensor, bytes_in)
             torch.save(state, staging)
             del state
             shards, written = 1, [staging]
         else:
             writer = _ShardedWriter(folder, out_specs, max_shard_bytes, packed_shapes,
                                     staging.name if single else None)
-            for name, tensor in iter_tensors(files, hasher):
-                for out_name, out_tensor in transform.apply(name, tensor):
-                    writer.write(out_name, out_tensor)
-                _tick(progress, "convert", tensor, bytes_in)
+            # Reading and quantizing here, hashing the input and writing the output in the background.
+            with BackgroundIO() as io:
+                for name, tensor in iter_tensors(files, io.hasher(hasher)):
+                    for out_name, out_tensor in transform.apply(name, tensor):
+                        io.submit(writer.write, out_name, out_tensor, nbytes=out_tensor.nbytes)
+                    _tick(progress, "convert", tensor, bytes_in)
             writer.write_index()
             shards = len(writer.names)
             written = [folder / n for n in writer.names]
         quantized_shapes = list(packed_shapes.values()) or [specs[n].shape for n in targets]
         quantized_bytes = sum(_nbytes(dt, shape) for name, dt, shape in out_specs
-                              if name in targets or _packed_base(name) is not None
+                              if name in targets or packed_base(name) is not None
                               or name.removesuffix(".weight") in packed_shapes)
         result = ConvertResult(
             input=str(source), output=str(output), format=fmt, dtype=dtype, input_kind=input_kind,
@@ -582,8 +516,54 @@ def _write_folder_files(source: Path, staging: Path, config: dict | None, result
 
 def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same dtype, shape and bytes (so -0.0 differs from +0.0, and a NaN equals itself)."""
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of a tensor as integers of its own width (comparing int16 is twice as fast as comparing bytes)."""
+    flat = tensor.contiguous().reshape(-1)
+    width = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}.get(flat.element_size())
+    return flat.view(width) if width is not None and not flat.dtype.is_complex else flat.view(torch.uint8)
+
+
+def _zero_count(tensor: torch.Tensor) -> int:
+    """How many values are +0.0 or -0.0 (on the bits: counting floats directly is 8x slower for bf16)."""
+    if not tensor.is_floating_point() or tensor.element_size() not in (2, 4):
+        return tensor.numel() - int(torch.count_nonzero(tensor))
+    return tensor.numel() - int(torch.count_nonzero(_bits(tensor) << 1))  # the sign bit shifted out
+
+
+class _Files:
+    """Open files for comparing byte ranges, each opened once."""
+
+    BLOCK = 16 * 2**20
+
+    def __init__(self):
+        self._handles: dict[Path, Any] = {}
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            self._handles[path] = path.open("rb")
+        return self._handles[path]
+
+    def same_bytes(self, a: Path, a_range: tuple[int, int], b: Path, b_range: tuple[int, int]) -> bool:
+        if a_range[1] != b_range[1]:
+            return False
+        first, second = self._handle(a), self._handle(b)
+        first.seek(a_range[0])
+        second.seek(b_range[0])
+        for done in range(0, a_range[1], self.BLOCK):
+            size = min(self.BLOCK, a_range[1] - done)
+            if first.read(size) != second.read(size):
+                return False
+        return True
+
+    def __enter__(self) -> "_Files":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles.values():
+            handle.close()
 
 
 class _InOrder:
@@ -614,37 +594,62 @@ def _verify(files: WeightFiles, specs: dict[str, TensorSpec], staging: Path, res
     """Reread the written output and compare every tensor with a reference recomputed from the input.
 
     Both are streamed side by side (plain reads, no memory map): the output holds its tensors in input order, so
-    at most one input and one output tensor (two for a packed pair) are in memory at a time.
+    at most one input and one output tensor (two for a packed pair) are in memory at a time, plus what the two
+    background readers hold ahead (`prefetched`).
     """
-    written_tensors = _InOrder(iter_tensors(read_tensor_specs(staging)[0]))
-    dtype = getattr(torch, result.dtype)
-    report = VerifyReport()
-    pending: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in iter_tensors(files):
-        _tick(progress, "verify", tensor, result.bytes_in)
-        if mode == "unpack":
-            base = _packed_base(name)
-            if base is not None:
-                pending.setdefault(base, {})[name] = tensor
-                if len(pending[base]) < 2:
+    out_files, out_specs = read_tensor_specs(staging)
+    copied = frozenset(
+        name for name, spec in specs.items()
+        if files.format == out_files.format == "safetensors" and name not in targets and packed_base(name) is None
+        and name in out_specs and (out_specs[name].dtype, out_specs[name].shape) == (spec.dtype, spec.shape))
+    outputs, inputs = prefetched(iter_tensors(out_files, skip=copied)), prefetched(iter_tensors(files, skip=copied))
+    written_tensors = _InOrder(outputs)
+    try:
+        dtype = getattr(torch, result.dtype)
+        report = VerifyReport()
+        unpacker = PackedPairs(packed_shapes, dtype)
+        for name, tensor in inputs:
+            _tick(progress, "verify", tensor, result.bytes_in)
+            if mode == "unpack":
+                fused = unpacker.add(name, tensor)
+                if not fused:
                     continue
-                pair = pending.pop(base)
-                name = base + ".weight"
-                tensor = unpack_weight(pair[base + PACKED_SUFFIX], pair[base + SCALE_SUFFIX], packed_shapes[base], dtype)
-        reference = _reference(name, tensor, targets, mode, dtype)
-        base = name.removesuffix(".weight")
-        if result.format == "packed" and name in targets:
-            written = unpack_weight(written_tensors[base + PACKED_SUFFIX], written_tensors[base + SCALE_SUFFIX],
-                                    specs[name].shape, dtype)
-        else:
-            written = written_tensors[name]
-        report.tensors_checked += 1
-        if not _identical(written, reference):
-            report.mismatches.append(name)
-        if name in targets or base in packed_shapes:
-            report.zero_fraction[name] = 1.0 - int(torch.count_nonzero(written)) / max(written.numel(), 1)
-            spec = targets.get(name, LayerQuant("ternary", -1))
-            groups = [spec.group_size] if mode == "quantize" else FUSED_GROUP_CANDIDATES
-            if spec.quant_type == "ternary" and not any(fused_scales(written, g) is not None for g in groups):
-                report.not_ternary.append(name)
-    return report
+                ((name, tensor),) = fused
+            reference = _reference(name, tensor, targets, mode, dtype)
+            base = name.removesuffix(".weight")
+            if result.format == "packed" and name in targets:
+                written = unpack_weight(written_tensors[base + PACKED_SUFFIX], written_tensors[base + SCALE_SUFFIX],
+                                        specs[name].shape, dtype)
+            else:
+                written = written_tensors[name]
+            report.tensors_checked += 1
+            identical = _identical(written, reference)
+            if not identical:
+                report.mismatches.append(name)
+            if name in targets or base in packed_shapes:
+                report.zero_fraction[name] = _zero_count(written) / max(written.numel(), 1)
+                spec = targets.get(name, LayerQuant("ternary", -1))
+                # A tensor identical to its reference holds {-a, 0, +a} per group by construction (the quantizer's
+                # output, unpacked codes, or a fused input checked while converting); any other is checked here.
+                groups = [spec.group_size] if mode == "quantize" else FUSED_GROUP_CANDIDATES
+                if (spec.quant_type == "ternary" and not identical
+                        and not any(fused_scales(written, g) is not None for g in groups)):
+                    report.not_ternary.append(name)
+        # Tensors written unchanged (same dtype, not quantized): their bytes are compared in the files, a slice at a
+        # time, so an embedding matrix is never held twice in memory.
+        paths = {path.name: path for path in files.files}
+        written_paths = {path.name: path for path in out_files.files}
+        with _Files() as handles:
+            for name in tensor_order(files, specs):
+                if name in copied:
+                    report.tensors_checked += 1
+                    source = paths[specs[name].file], written_paths[out_specs[name].file]
+                    ranges = tensor_byte_range(source[0], name), tensor_byte_range(source[1], name)
+                    if not handles.same_bytes(source[0], ranges[0], source[1], ranges[1]):
+                        report.mismatches.append(name)
+                    if progress is not None:
+                        progress("verify", ranges[0][1], result.bytes_in)
+        return report
+    finally:
+        outputs.close()
+        inputs.close()

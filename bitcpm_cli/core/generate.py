@@ -12,7 +12,6 @@ from typing import Any, Callable, Iterable
 
 from bitcpm_cli.core.checkpoint import (
     dtype_kwarg,
-    fingerprint,
     hf_loading,
     load_tokenizer,
     read_config,
@@ -97,7 +96,7 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfl
     QAT checkpoint keeps its fake-quantized linears (the forward training optimizes)."""
     import torch
 
-    from bitcpm_cli.core.formats import PACKED_SUFFIX
+    from bitcpm_cli.core.formats import PACKED_SUFFIX, fingerprint
 
     path = Path(path)
     if not path.is_dir():
@@ -129,8 +128,8 @@ def _load_model(path: Path, config: dict[str, Any], files, specs, packed: bool, 
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from bitcpm_cli.core.convert import FUSED_GROUP_CANDIDATES, unpacked_state_dict
-    from bitcpm_cli.core.quant import QuantScheme, fuse, fused_scales, prepare
+    from bitcpm_cli.core.formats import unpacked_state_dict
+    from bitcpm_cli.core.quant import FUSED_GROUP_CANDIDATES, QuantScheme, fuse, fused_scales, prepare
 
     notes: list[str] = []
     scheme = QuantScheme.from_config(config)

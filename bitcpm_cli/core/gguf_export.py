@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from bitcpm_cli.core.checkpoint import refuse_remote_code
+from bitcpm_cli.core.checkpoint import BackgroundIO, refuse_remote_code
 from bitcpm_cli.core.errors import CheckFailed, InputError
 from bitcpm_cli.core.formats import (
     GGUF_ALIGNMENT,
@@ -380,30 +380,30 @@ def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2
             handle.write(head)  # with the planned types; rewritten once the written types are known
             extra_data = dict(extra)
             fused = plan.stream()
-            for entry in entries:
-                if entry.source:
-                    name, tensor = next(fused)
-                    if name != entry.source:
-                        raise CheckFailed(f"GGUF export expected tensor {entry.source}, got {name}",
+            with BackgroundIO() as io:  # fuse and encode here; hash and write the previous tensor meanwhile
+                for entry in entries:
+                    if entry.source:
+                        name, tensor = next(fused)
+                        if name != entry.source:
+                            raise CheckFailed(f"GGUF export expected tensor {entry.source}, got {name}",
+                                              hint="report this as a bug; nothing was written")
+                        raw, error = _tensor_bytes(entry, arch.prepare(name, tensor), gguf_type, allow_lossy)
+                        del tensor
+                        if error:
+                            if not allow_lossy:
+                                raise CheckFailed(f"cannot export {name} exactly as {gguf_type.upper()} blocks: "
+                                                  f"{error}", hint="re-fuse from bfloat16 or float16 weights with "
+                                                                   "group size -1 or a multiple of 32; nothing was "
+                                                                   "written")
+                            lossy.append(name)
+                        worst = max(worst, entry.error)
+                    else:
+                        raw = _bytes_view(extra_data[entry.name])
+                    if raw.nbytes != entry.nbytes:
+                        raise CheckFailed(f"{entry.name}: {raw.nbytes} bytes encoded, {entry.nbytes} expected",
                                           hint="report this as a bug; nothing was written")
-                    raw, error = _tensor_bytes(entry, arch.prepare(name, tensor), gguf_type, allow_lossy)
-                    del tensor
-                    if error:
-                        if not allow_lossy:
-                            raise CheckFailed(f"cannot export {name} exactly as {gguf_type.upper()} blocks: {error}",
-                                              hint="re-fuse from bfloat16 or float16 weights with group size -1 or "
-                                                   "a multiple of 32; nothing was written")
-                        lossy.append(name)
-                    worst = max(worst, entry.error)
-                else:
-                    raw = _bytes_view(extra_data[entry.name])
-                if raw.nbytes != entry.nbytes:
-                    raise CheckFailed(f"{entry.name}: {raw.nbytes} bytes encoded, {entry.nbytes} expected",
-                                      hint="report this as a bug; nothing was written")
-                entry.digest = hashlib.sha256(raw).hexdigest()
-                handle.write(raw)
-                handle.write(bytes((-raw.nbytes) % GGUF_ALIGNMENT))
-                del raw
+                    io.submit(_write_entry, handle, entry, raw, nbytes=raw.nbytes)
+                    del raw
             final = header()
             if len(final) != len(head):
                 raise CheckFailed("the GGUF header changed length after writing", hint="report this as a bug")
@@ -427,6 +427,13 @@ def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2
     if lossy:
         result.warnings.append(f"--allow-lossy: {len(lossy)} tensor(s) are not exact; max abs error {worst:g}")
     return result
+
+
+def _write_entry(handle: Any, entry: _Entry, raw: memoryview) -> None:
+    """Record the digest the read-back checks, then write the tensor and its padding."""
+    entry.digest = hashlib.sha256(raw).hexdigest()
+    handle.write(raw)
+    handle.write(bytes((-raw.nbytes) % GGUF_ALIGNMENT))
 
 
 def _bytes_view(array: Any) -> memoryview:

@@ -81,12 +81,17 @@ def test_fusion_matches_independent_reference(tmp_path, quant_type, group_size, 
             assert torch.equal(fused[name], w.to(fused[name].dtype)), name
 
 
-def test_stock_transformers_loads_fused_output_with_qat_logits(tmp_path):
+@pytest.mark.parametrize("blocks", [False, True], ids=["one-pass", "row-blocks"])
+def test_stock_transformers_loads_fused_output_with_qat_logits(tmp_path, monkeypatch, blocks):
     from transformers import AutoModelForCausalLM
+
+    from bitcpm_cli.core.quant import functional
 
     qat = make_qat(tmp_path / "qat").eval()
     with torch.no_grad():
-        expected = qat(IDS).logits
+        expected = qat(IDS).logits  # the QAT forward quantizes each weight in one pass
+    if blocks:  # convert quantizes in blocks of 16 rows, as it does for weights of real size
+        monkeypatch.setattr(functional, "BLOCK_ELEMENTS", 16)
     convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32")
     config = json.loads((tmp_path / "fused" / "config.json").read_text())
     assert "bitcpm_quant" not in config and config.get("torch_dtype", config.get("dtype")) == "float32"
@@ -189,6 +194,45 @@ def test_verify_compares_bytes_so_a_negative_zero_is_a_mismatch(tmp_path, monkey
     with pytest.raises(convert_module.CheckFailed, match="verification failed"):
         convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True)
     assert not (tmp_path / "fused").exists()
+
+
+def _corrupt_while_converting(monkeypatch, target: str, change):
+    real = convert_module._Transform.apply
+
+    def apply(self, name, tensor):
+        return [(n, change(t) if n == target else t) for n, t in real(self, name, tensor)]
+
+    monkeypatch.setattr(convert_module._Transform, "apply", apply)
+
+
+def test_verify_finds_a_changed_copied_tensor_in_the_files(tmp_path, monkeypatch):
+    make_qat(tmp_path / "qat")
+    embedding = "model.embed_tokens.weight"
+    _corrupt_while_converting(monkeypatch, embedding, lambda t: t.clone().index_fill_(0, torch.tensor([7]), 1.0))
+    compared, real_same_bytes = [], convert_module._Files.same_bytes
+
+    def same_bytes(self, *args):
+        compared.append(args[1])
+        return real_same_bytes(self, *args)
+
+    monkeypatch.setattr(convert_module._Files, "same_bytes", same_bytes)
+    with pytest.raises(convert_module.CheckFailed, match="first: model.embed_tokens.weight"):  # float32 in and out:
+        convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32", verify=True)  # copied unchanged
+    assert len(compared) == 21 - 2 * len(LINEARS)  # compared in the files, not loaded
+    assert not (tmp_path / "fused").exists()
+
+
+def test_verify_finds_a_written_weight_that_is_not_ternary(tmp_path, monkeypatch):
+    make_qat(tmp_path / "qat")
+    name = "model.layers.1.mlp.up_proj.weight"
+    _corrupt_while_converting(monkeypatch, name, lambda t: t + (1e-3 * torch.arange(t.numel()).reshape(t.shape)).to(t.dtype))
+    report = {}
+    real_verify = convert_module._verify
+    monkeypatch.setattr(convert_module, "_verify", lambda *a: report.setdefault("verify", real_verify(*a)))
+    with pytest.raises(convert_module.CheckFailed, match="verification failed"):
+        convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True)
+    assert report["verify"].mismatches == report["verify"].not_ternary == [name]
+    assert report["verify"].tensors_checked == 21
 
 
 def test_fused_input_packs_exactly(tmp_path):

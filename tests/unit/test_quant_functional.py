@@ -121,3 +121,38 @@ def test_requantizing_a_fused_weight_rescales_it():
     torch.manual_seed(4)
     fused = fake_quantize(torch.randn(4, 64), LayerQuant("ternary", -1))
     assert not torch.equal(fake_quantize(fused, LayerQuant("ternary", -1)), fused)
+
+
+@pytest.mark.parametrize("quant_type", ["ternary", "binary", "int4", "int8"])
+@pytest.mark.parametrize("group_size", [-1, 0, 32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_blocks_of_rows_give_the_one_pass_result_bit_for_bit(monkeypatch, quant_type, group_size, dtype):
+    from bitcpm_cli.core.quant import functional
+
+    torch.manual_seed(0)
+    weight = (torch.randn(203, 96) * 0.02).to(dtype)  # 203 rows: the last block is short
+    spec = LayerQuant(quant_type, group_size)
+    threads = torch.get_num_threads()
+    one_pass = fake_quantize(weight, spec, dtype=torch.bfloat16), quantize(weight, spec)
+    monkeypatch.setattr(functional, "BLOCK_ELEMENTS", 16 * 96)  # 16 rows a block: 13 blocks
+    assert len(functional._row_blocks(weight, group_size)) == (1 if group_size == 0 else 13)
+    blocks = fake_quantize(weight, spec, dtype=torch.bfloat16), quantize(weight, spec)
+    assert torch.equal(blocks[0].view(torch.int16), one_pass[0].view(torch.int16))  # bits, so -0.0 != +0.0
+    assert torch.equal(blocks[1].codes, one_pass[1].codes)
+    assert torch.equal(blocks[1].scales.view(torch.int32), one_pass[1].scales.view(torch.int32))
+    assert torch.get_num_threads() == threads  # the blocks ran on one thread; the setting is restored
+
+
+def test_blocks_restore_the_thread_setting_when_a_block_fails(monkeypatch):
+    from bitcpm_cli.core.quant import functional
+
+    monkeypatch.setattr(functional, "BLOCK_ELEMENTS", 16 * 4)
+    threads = torch.get_num_threads()
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(functional, "_codes_and_scales", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        fake_quantize(torch.randn(64, 4), LayerQuant("ternary", -1))
+    assert torch.get_num_threads() == threads

@@ -1,10 +1,12 @@
 """Quantization: schemes, the fake quantizer (STE), QAT modules, fusion and 2-bit packing."""
 
 from bitcpm_cli.core.quant.functional import (
+    FUSED_GROUP_CANDIDATES,
     Quantized,
     fake_quantize,
     fused_scales,
     quantize,
+    scale_shape,
     ternary_codes_from_fused,
 )
 from bitcpm_cli.core.quant.packing import pack_ternary, unpack_ternary
@@ -12,7 +14,7 @@ from bitcpm_cli.core.quant.qat import QATLinear, fuse, plan, plan_state_dict, pr
 from bitcpm_cli.core.quant.scheme import LayerQuant, QuantScheme, load_scheme_file
 
 __all__ = [
-    "LayerQuant", "QATLinear", "QuantScheme", "Quantized", "fake_quantize", "fuse",
+    "FUSED_GROUP_CANDIDATES", "LayerQuant", "QATLinear", "QuantScheme", "Quantized", "fake_quantize", "fuse",
     "fused_scales", "load_scheme_file", "pack_ternary", "plan", "plan_state_dict", "prepare", "qat_layers", "quantize",
-    "ternary_codes_from_fused", "unpack_ternary",
+    "scale_shape", "ternary_codes_from_fused", "unpack_ternary",
 ]
