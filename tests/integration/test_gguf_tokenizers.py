@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-gguf = pytest.importorskip("gguf", reason="GGUF tests need the gguf extra: pip install -e '.[gguf]'")
+pytest.importorskip("gguf", reason="GGUF tests need the gguf extra: pip install -e '.[gguf]'")
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama.cpp tests need llama-cpp-python (the gguf extra)")
 
 from tests.integration.test_gguf import qat_model  # noqa: E402

@@ -46,7 +46,8 @@ def pretokenizers(source: str, names: set[str]) -> dict[str, dict]:
             found = [c_string(s) for s in re.findall(r'"((?:[^"\\]|\\.)*)"', "\n".join(lines))]
             for kind in re.findall(r"case (LLAMA_VOCAB_PRE_TYPE_\w+):", block):
                 regexes[kind] = found
-    return {name: {"regexes": regexes[kind], "ignore_merges": ignore} for name, (kind, ignore) in sorted(settings.items())}
+    return {name: {"regexes": regexes[kind], "ignore_merges": ignore}
+            for name, (kind, ignore) in sorted(settings.items())}
 
 
 def main(llama_cpp: Path) -> None:
