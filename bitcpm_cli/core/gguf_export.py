@@ -185,6 +185,7 @@ def _write_tokenizer(writer: Any, source: Path, vocab_size: int, notes: list[str
     from transformers import AutoTokenizer
 
     hf = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    _added_token_types(hf, tokens, types)
     if model == "llama":
         scores = _merge_scores(source, scores)
     else:
@@ -203,23 +204,50 @@ def _write_tokenizer(writer: Any, source: Path, vocab_size: int, notes: list[str
     special.add_to_gguf(writer)
 
 
+def _added_token_types(tokenizer: Any, tokens: list[bytes], types: list[Any]) -> None:
+    """Each added token as transformers matches it: under its own text, CONTROL when special (llama.cpp matches it
+    in a prompt parsed with specials, as transformers does), else USER_DEFINED (matched in any text, as transformers
+    does). gguf-py's readers leave an added token that is also in the BPE vocabulary NORMAL (StarCoder's
+    `<repo_name>`, Falcon's `>>TITLE<<`, Phi-3's `<|assistant|>`: llama.cpp then splits it into pieces) and make
+    every other one of a byte-level BPE CONTROL (DeepSeek's non-special added tokens: llama.cpp then never matches
+    them in plain text)."""
+    import gguf
+
+    special_ids = set(tokenizer.all_special_ids)
+    for index, added in tokenizer.added_tokens_decoder.items():
+        if index < len(tokens) and types[index] not in (gguf.TokenType.BYTE, gguf.TokenType.UNUSED):
+            tokens[index] = added.content.encode()
+            types[index] = (gguf.TokenType.CONTROL if added.special or index in special_ids else
+                            gguf.TokenType.USER_DEFINED)
+
+
 def detect_pretokenizer(source: Path, tokenizer: Any) -> str:
     """llama.cpp's name for a byte-level BPE tokenizer's pre-tokenizer, found as `convert_hf_to_gguf.py` finds it
     (sha256 of the ids of a probe text); a tokenizer that is not in its table but whose pre-tokenizer is GPT-2's
-    (ByteLevel with its regex) is `gpt-2`; anything else is refused (llama.cpp would split text differently)."""
+    (ByteLevel with its regex) is `gpt-2`; anything else is refused (llama.cpp would split text differently), and so
+    is a tokenizer whose BPE `ignore_merges` is not the one llama.cpp uses under that name (a word that is one token
+    whole but that the merges build otherwise, like Llama 3's `Việt`, would then come out differently)."""
     import json
 
-    from bitcpm_cli.core.gguf_pretokenizers import PRETOKENIZERS, PROBE
+    from bitcpm_cli.core.gguf_pretokenizers import IGNORE_MERGES, PRETOKENIZERS, PROBE
 
     digest = hashlib.sha256(str(tokenizer.encode(PROBE)).encode()).hexdigest()
-    if digest in PRETOKENIZERS:
-        return PRETOKENIZERS[digest]
-    pre = json.loads((source / "tokenizer.json").read_text(encoding="utf-8")).get("pre_tokenizer") or {}
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"
-    raise InputError(f"llama.cpp does not know this tokenizer's pre-tokenizer ({pre.get('type')}, probe hash "
-                     f"{digest[:12]}...): it would split text differently from transformers",
-                     hint="GGUF export supports the pre-tokenizers llama.cpp's convert_hf_to_gguf.py knows")
+    name = PRETOKENIZERS.get(digest)
+    if name is None:
+        pre = json.loads((source / "tokenizer.json").read_text(encoding="utf-8")).get("pre_tokenizer") or {}
+        if not (pre.get("type") == "ByteLevel" and pre.get("use_regex", True)):
+            raise InputError(f"llama.cpp does not know this tokenizer's pre-tokenizer ({pre.get('type')}, probe hash "
+                             f"{digest[:12]}...): it would split text differently from transformers",
+                             hint="GGUF export supports the pre-tokenizers llama.cpp's convert_hf_to_gguf.py knows")
+        name = "gpt-2"
+    ignore = bool(getattr(tokenizer.backend_tokenizer.model, "ignore_merges", False))
+    if ignore != (name in IGNORE_MERGES):
+        raise InputError(f"this tokenizer's pre-tokenizer is llama.cpp's {name!r}, which "
+                         f"{'ignores' if name in IGNORE_MERGES else 'applies'} the BPE merges to a word that is one "
+                         f"token whole, but tokenizer.json says \"ignore_merges\": {str(ignore).lower()}: llama.cpp "
+                         "would tokenize some words differently from transformers",
+                         hint="export a tokenizer whose ignore_merges matches the pre-tokenizer llama.cpp detects")
+    return name
 
 
 def _merge_scores(source: Path, scores: list[float]) -> list[float]:

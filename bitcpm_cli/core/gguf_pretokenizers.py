@@ -2,7 +2,8 @@
 the token ids a tokenizer gives for one probe text, looked up in the table of known tokenizers.
 
 Table and probe text copied from llama.cpp (MIT licence, Copyright (c) 2023-2026 The ggml authors), file
-`conversion/base.py` of the tree vendored in the llama-cpp-python 0.3.36 sdist, `get_vocab_base_pre`.
+`conversion/base.py` of the tree vendored in the llama-cpp-python 0.3.36 sdist, `get_vocab_base_pre` (a chain of
+`if`s, so where two entries share a hash the later one wins, as here), and `IGNORE_MERGES` from `src/llama-vocab.cpp`.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ PRETOKENIZERS = {
     "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": "deepseek-llm",
     "347715f544604f9118bb75ed199f68779f423cabb20db6de6f31b908d04d7821": "deepseek-coder",
     "8aeee3860c56296a157a1fe2fad249ec40aa59b1bb5709f4ade11c4e6fe652ed": "falcon",
-    "0876d13b50744004aa9aeae05e7b0647eac9d801b5ba4668afc01e709c15e19f": "bert-bge",
+    "0876d13b50744004aa9aeae05e7b0647eac9d801b5ba4668afc01e709c15e19f": "jina-v2-en",
     "9d032fcbd5501f4a38150912590928bfb36091efb5df11b8e2124b0390e3fb1e": "falcon3",
     "8e62295832751ca1e8f92f2226f403dea30dc5165e448b5bfa05af5340c64ec7": "bert-bge-large",
-    "b6dc8df998e1cfbdc4eac8243701a65afe638679230920b50d6f17d81c098166": "mpt",
+    "b6dc8df998e1cfbdc4eac8243701a65afe638679230920b50d6f17d81c098166": "olmo",
     "35d91631860c815f952d711435f48d356ebac988362536bed955d43bfa436e34": "starcoder",
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
     "32d85c31273f8019248f2559fed492d929ea28b17e51d81d3bb36fff23ca72b3": "stablelm2",
@@ -108,3 +109,9 @@ PRETOKENIZERS = {
     "653660222fb704f61cbf2b618a8ae6502b7f8b20c980f9a5de07ed78e13319cd": "ufakzeka",
 }
 # fmt: on
+
+# the names for which llama.cpp takes a pre-tokenized word that is one token whole, without applying the merges
+IGNORE_MERGES = frozenset({
+    "minicpm5", "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+    "jina-v5-nano", "youtu", "glm4", "glm5", "tekken", "granite-embed-multi-97m",
+})

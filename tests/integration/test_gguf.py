@@ -17,17 +17,18 @@ from bitcpm_cli.core.gguf_export import export_gguf  # noqa: E402
 TOKENIZER = Path(__file__).resolve().parents[2] / "configs" / "quickstart" / "tokenizer"
 
 
-def qat_model(folder: Path, group_size: int, vocab_size: int = 512) -> Path:
-    """A random QAT model with 256-multiple dims and the quickstart's SentencePiece-style tokenizer."""
+def qat_model(folder: Path, group_size: int, vocab_size: int = 512, **config) -> Path:
+    """A random QAT model with 256-multiple dims (unless `config` overrides them) and the quickstart's
+    SentencePiece-style tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from bitcpm_cli.core.quant import QuantScheme, prepare
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(LlamaConfig(**{
+        "vocab_size": vocab_size, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 256,
+        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, **config}))
     with torch.no_grad():  # logits with clear winners, so that two engines' rounding cannot flip a greedy choice
         model.lm_head.weight.mul_(20)
     prepare(model, QuantScheme(group_size=group_size))
