@@ -6,7 +6,7 @@ The checkpoint: vocab 73,448, hidden 2,048, 28 layers, 16 heads, 2 KV heads, int
 weights, ternary with per-row scales (exact as TQ2_0); `--group-size 128` makes it a group-wise model (written as
 Q4_0 by `--gguf-type auto`). The tokenizer is the quickstart's (the remaining embedding rows become [PAD] tokens).
 
-    python scripts/bench_gguf.py [--layers 28] [--group-size -1] [--gguf-type tq2_0]
+    python scripts/bench_gguf.py [--layers 28] [--group-size -1] [--gguf-type tq2_0] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_convert import build_checkpoint, peak_rss_mb, run_child_idle, shape  # noqa: E402
+from bench_convert import build_checkpoint, peak_rss_mb, print_rounds, rounds, run_child_idle, shape  # noqa: E402
 
 
 def child_copy(source: Path, output: Path, gguf_type: str) -> None:
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, help="decoder layers (default 28, the 1B's)")
     parser.add_argument("--group-size", type=int, default=-1)
     parser.add_argument("--gguf-type", default="tq2_0")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of both contenders (medians are reported)")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -75,17 +76,13 @@ def main() -> None:
         dims = shape("1b", args.layers)
         size_mb = build_checkpoint(source, dims, group_size=args.group_size) / 2**20
         shutil.copytree(ROOT / "configs" / "quickstart" / "tokenizer", source, dirs_exist_ok=True)
-        results = {}
-        for kind in CHILDREN:
-            results[kind] = run_child(kind, source, Path(tmp) / "out", args.gguf_type)
-            shutil.rmtree(Path(tmp) / "out")
+        results = rounds(CHILDREN, args.repeats, lambda kind: run_child(kind, source, Path(tmp) / "out",
+                                                                         args.gguf_type), Path(tmp) / "out")
     idle = run_child_idle()
     budget = 0.25 * size_mb + 400
     copy, export = results["copy"], results["gguf export"]
     print(f"checkpoint: {size_mb:,.0f} MiB bf16 in 4 safetensors shards ({dims}, group size {args.group_size})")
-    print(f"{'':14}{'wall s':>9}{'peak RSS MiB':>15}")
-    for kind, r in results.items():
-        print(f"{kind:14}{r['wall_s']:9.2f}{r['peak_rss_mb']:15.0f}")
+    print_rounds(results)
     print(f"(a Python process that imports torch and does nothing peaks at {idle:.0f} MiB)")
     print(f"GGUF: {export['bytes_out'] / 2**20:,.0f} MiB, {export['bits_per_weight']} bits/weight, types "
           f"{export['types']}")

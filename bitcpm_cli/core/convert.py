@@ -411,8 +411,8 @@ def convert_checkpoint(
             writer = _ShardedWriter(folder, out_specs, max_shard_bytes, packed_shapes,
                                     staging.name if single else None)
             # Reading and quantizing here, hashing the input and writing the output in the background.
-            with BackgroundIO() as io:
-                for name, tensor in iter_tensors(files, io.hasher(hasher)):
+            with BackgroundIO() as hashing, BackgroundIO() as io:
+                for name, tensor in iter_tensors(files, hashing.hasher(hasher)):
                     for out_name, out_tensor in transform.apply(name, tensor):
                         io.submit(writer.write, out_name, out_tensor, nbytes=out_tensor.nbytes)
                     _tick(progress, "convert", tensor, bytes_in)
