@@ -145,6 +145,9 @@ def main() -> None:
             size = sum(p.stat().st_size for p in source.glob("*.safetensors"))
         else:
             if args.checkpoint and source.exists():
+                if any(source.iterdir()) and not recorded.is_file():
+                    raise SystemExit(f"--checkpoint {source} is not empty and not a checkpoint this script built: "
+                                     "name a new folder")
                 shutil.rmtree(source)
             size = build_checkpoint(source, dims)
             recorded.write_text(json.dumps(dims))

@@ -268,11 +268,11 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
     return _safetensors_layout(path)[2]
 
 
-def tensor_byte_range(path: Path, name: str) -> tuple[int, int]:
-    """(offset in the file, length) of one tensor's data in a safetensors file."""
+def tensor_byte_ranges(path: Path) -> dict[str, tuple[int, int]]:
+    """(offset in the file, length) of every tensor's data in a safetensors file."""
     start, header, _ = _safetensors_layout(path)
-    begin, end = header[name]["data_offsets"]
-    return start + begin, end - begin
+    return {name: (start + entry["data_offsets"][0], entry["data_offsets"][1] - entry["data_offsets"][0])
+            for name, entry in header.items()}
 
 
 def iter_safetensors(path: Path, hasher=None, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, Any]]:
@@ -444,9 +444,19 @@ class BackgroundIO:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitcpm-io")
         self._pending: deque = deque()
         self._pending_bytes, self._limit = 0, max_pending_bytes
+        self._failed = False  # set by the background thread: what was queued after a failure does not run
+
+    def _run(self, fn, args) -> None:
+        if self._failed:
+            return
+        try:
+            fn(*args)
+        except BaseException:
+            self._failed = True
+            raise
 
     def submit(self, fn, *args, nbytes: int = 0) -> None:
-        self._pending.append((self._pool.submit(fn, *args), nbytes))
+        self._pending.append((self._pool.submit(self._run, fn, args), nbytes))
         self._pending_bytes += nbytes
         while self._pending and (self._pending[0][0].done() or self._pending_bytes > self._limit):
             self._wait_oldest()

@@ -30,7 +30,7 @@ from bitcpm_cli.core.checkpoint import (
     prefetched,
     read_config,
     read_tensor_specs,
-    tensor_byte_range,
+    tensor_byte_ranges,
     tensor_order,
 )
 from bitcpm_cli.core.config_check import require_consistent_config
@@ -208,8 +208,8 @@ class _Transform:
                 raise InputError(f"{name} is already fused while the first linear was not: the input mixes fused "
                                  "and latent weights", hint="convert from the QAT checkpoint instead")
             if self.fmt == "fused":
-                return [(name, fake_quantize(tensor, spec, dtype=self.dtype, name=module))]
-            quantized = quantize(tensor, spec, name=module)
+                return [(name, fake_quantize(tensor, spec, dtype=self.dtype, name=module, finite=True))]
+            quantized = quantize(tensor, spec, name=module, finite=True)
         return [(module + PACKED_SUFFIX, pack_ternary(quantized.codes)),
                 (module + SCALE_SUFFIX, quantized.scales.to(self.dtype))]
 
@@ -534,27 +534,30 @@ def _zero_count(tensor: torch.Tensor) -> int:
 
 
 class _Files:
-    """Open files for comparing byte ranges, each opened once."""
+    """Safetensors files whose tensors are compared as byte ranges: each opened and its header read once."""
 
-    BLOCK = 16 * 2**20
+    BLOCK = 16 * 2**20  # compared a slice at a time
 
     def __init__(self):
         self._handles: dict[Path, Any] = {}
+        self._ranges: dict[Path, dict[str, tuple[int, int]]] = {}
 
-    def _handle(self, path: Path):
+    def place(self, path: Path, name: str) -> tuple[Any, int, int]:
+        """(open file, offset, length) of a tensor's bytes."""
         if path not in self._handles:
+            self._ranges[path] = tensor_byte_ranges(path)
             self._handles[path] = path.open("rb")
-        return self._handles[path]
+        return (self._handles[path], *self._ranges[path][name])
 
-    def same_bytes(self, a: Path, a_range: tuple[int, int], b: Path, b_range: tuple[int, int]) -> bool:
-        if a_range[1] != b_range[1]:
+    def same_bytes(self, a: tuple[Any, int, int], b: tuple[Any, int, int]) -> bool:
+        (first, a_start, size), (second, b_start, b_size) = a, b
+        if size != b_size:
             return False
-        first, second = self._handle(a), self._handle(b)
-        first.seek(a_range[0])
-        second.seek(b_range[0])
-        for done in range(0, a_range[1], self.BLOCK):
-            size = min(self.BLOCK, a_range[1] - done)
-            if first.read(size) != second.read(size):
+        for done in range(0, size, self.BLOCK):
+            chunk = min(self.BLOCK, size - done)
+            first.seek(a_start + done)
+            second.seek(b_start + done)
+            if first.read(chunk) != second.read(chunk):
                 return False
         return True
 
@@ -637,18 +640,17 @@ def _verify(files: WeightFiles, specs: dict[str, TensorSpec], staging: Path, res
                     report.not_ternary.append(name)
         # Tensors written unchanged (same dtype, not quantized): their bytes are compared in the files, a slice at a
         # time, so an embedding matrix is never held twice in memory.
-        paths = {path.name: path for path in files.files}
-        written_paths = {path.name: path for path in out_files.files}
+        sources, outputs_by_name = ({path.name: path for path in f.files} for f in (files, out_files))
         with _Files() as handles:
             for name in tensor_order(files, specs):
                 if name in copied:
                     report.tensors_checked += 1
-                    source = paths[specs[name].file], written_paths[out_specs[name].file]
-                    ranges = tensor_byte_range(source[0], name), tensor_byte_range(source[1], name)
-                    if not handles.same_bytes(source[0], ranges[0], source[1], ranges[1]):
+                    source = handles.place(sources[specs[name].file], name)
+                    written = handles.place(outputs_by_name[out_specs[name].file], name)
+                    if not handles.same_bytes(source, written):
                         report.mismatches.append(name)
                     if progress is not None:
-                        progress("verify", ranges[0][1], result.bytes_in)
+                        progress("verify", source[2], result.bytes_in)
         return report
     finally:
         outputs.close()

@@ -106,8 +106,11 @@ class PackedPairs:
         if len(pending) < 2:
             return []
         del self._pending[base]
-        return [(base + ".weight", unpack_weight(pending[base + PACKED_SUFFIX], pending[base + SCALE_SUFFIX],
-                                                 self.shapes[base], self.dtype))]
+        scales = pending[base + SCALE_SUFFIX]
+        if scales.is_floating_point() and not bool(torch.isfinite(scales).all()):
+            raise InputError(f"packed layer {base[:80]!r} has NaN or infinite scales", hint=_PACKED_HINT)
+        return [(base + ".weight", unpack_weight(pending[base + PACKED_SUFFIX], scales, self.shapes[base],
+                                                 self.dtype))]
 
 
 def unpacked_state_dict(files: WeightFiles, specs: dict[str, TensorSpec], dtype: torch.dtype) -> dict[str, torch.Tensor]:

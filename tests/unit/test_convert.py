@@ -212,14 +212,42 @@ def test_verify_finds_a_changed_copied_tensor_in_the_files(tmp_path, monkeypatch
     compared, real_same_bytes = [], convert_module._Files.same_bytes
 
     def same_bytes(self, *args):
-        compared.append(args[1])
+        compared.append(args)
         return real_same_bytes(self, *args)
 
     monkeypatch.setattr(convert_module._Files, "same_bytes", same_bytes)
+    monkeypatch.setattr(convert_module._Files, "BLOCK", 1000)  # many slices: the changed row is in one of them
     with pytest.raises(convert_module.CheckFailed, match="first: model.embed_tokens.weight"):  # float32 in and out:
         convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32", verify=True)  # copied unchanged
     assert len(compared) == 21 - 2 * len(LINEARS)  # compared in the files, not loaded
     assert not (tmp_path / "fused").exists()
+
+
+def test_verify_reads_ahead_and_passes_an_unchanged_copy_compared_in_slices(tmp_path, monkeypatch):
+    make_qat(tmp_path / "qat")
+    streams, real_prefetched = [], convert_module.prefetched
+
+    def prefetched(items):
+        streams.append(items)
+        return real_prefetched(items)
+
+    monkeypatch.setattr(convert_module, "prefetched", prefetched)
+    monkeypatch.setattr(convert_module._Files, "BLOCK", 1000)
+    result = convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32", verify=True)
+    assert result.verify.ok and result.verify.tensors_checked == 21
+    assert len(streams) == 2  # the written output and the input, each read ahead on its own thread
+
+
+def test_non_finite_latent_weights_are_refused_naming_the_layer(tmp_path):
+    make_qat(tmp_path / "qat")
+    weights = load_file(tmp_path / "qat" / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(weights, tmp_path / "qat" / "model.safetensors", metadata={"format": "pt"})
+    before = (tmp_path / "qat" / "model.safetensors").read_bytes()
+    with pytest.raises(QuantError, match="model.layers.0.mlp.up_proj: the weight holds NaN"):
+        convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True)
+    assert not (tmp_path / "fused").exists()
+    assert (tmp_path / "qat" / "model.safetensors").read_bytes() == before
 
 
 def test_verify_finds_a_written_weight_that_is_not_ternary(tmp_path, monkeypatch):

@@ -130,11 +130,12 @@ def test_blocks_of_rows_give_the_one_pass_result_bit_for_bit(monkeypatch, quant_
     from bitcpm_cli.core.quant import functional
 
     torch.manual_seed(0)
-    weight = (torch.randn(203, 96) * 0.02).to(dtype)  # 203 rows: the last block is short
+    # 203 rows (the last block is short) x 384: 78k values, so the one pass runs on torch's threads (> 32k values)
+    weight = (torch.randn(203, 384) * 0.02).to(dtype)
     spec = LayerQuant(quant_type, group_size)
     threads = torch.get_num_threads()
     one_pass = fake_quantize(weight, spec, dtype=torch.bfloat16), quantize(weight, spec)
-    monkeypatch.setattr(functional, "BLOCK_ELEMENTS", 16 * 96)  # 16 rows a block: 13 blocks
+    monkeypatch.setattr(functional, "BLOCK_ELEMENTS", 16 * 384)  # 16 rows a block: 13 blocks
     assert len(functional._row_blocks(weight, group_size)) == (1 if group_size == 0 else 13)
     blocks = fake_quantize(weight, spec, dtype=torch.bfloat16), quantize(weight, spec)
     assert torch.equal(blocks[0].view(torch.int16), one_pass[0].view(torch.int16))  # bits, so -0.0 != +0.0
@@ -156,3 +157,65 @@ def test_blocks_restore_the_thread_setting_when_a_block_fails(monkeypatch):
     with pytest.raises(RuntimeError, match="out of memory"):
         fake_quantize(torch.randn(64, 4), LayerQuant("ternary", -1))
     assert torch.get_num_threads() == threads
+
+
+def test_a_non_contiguous_weight_is_quantized_in_one_pass(monkeypatch):
+    from bitcpm_cli.core.quant import functional
+
+    torch.manual_seed(0)
+    weight = (torch.randn(512, 200) * 0.02).t()  # a strided reduction's order depends on the rows it is given
+    spec = LayerQuant("ternary", -1)
+    one_pass = fake_quantize(weight, spec)
+    monkeypatch.setattr(functional, "BLOCK_ELEMENTS", 16)
+    assert functional._row_blocks(weight, -1) == [slice(0, 200)]
+    assert torch.equal(fake_quantize(weight, spec).view(torch.int32), one_pass.view(torch.int32))
+
+
+def test_blocks_are_written_on_the_weight_s_device_whatever_the_default(monkeypatch):
+    from bitcpm_cli.core.quant import functional
+
+    monkeypatch.setattr(functional, "BLOCK_ELEMENTS", 16)
+    weight = torch.randn(64, 8)
+    with torch.device("meta"):
+        fused, quantized = fake_quantize(weight, LayerQuant("ternary", -1)), quantize(weight, LayerQuant("ternary", -1))
+    assert fused.device.type == quantized.codes.device.type == quantized.scales.device.type == "cpu"
+    assert torch.equal(fused, fake_quantize(weight, LayerQuant("ternary", -1)))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("blocks", [False, True])
+def test_finite_refuses_a_weight_with_nan_or_infinity(monkeypatch, bad, blocks):
+    from bitcpm_cli.core.quant import functional
+
+    if blocks:
+        monkeypatch.setattr(functional, "BLOCK_ELEMENTS", 16)
+    weight = torch.randn(64, 8)
+    weight[40, 3] = bad
+    spec = LayerQuant("ternary", -1)
+    assert torch.isnan(fake_quantize(weight, spec)[40]).all()  # without `finite` the NaN group is what it is
+    for call in (lambda: fake_quantize(weight, spec, name="layers.1.up", finite=True),
+                 lambda: quantize(weight, spec, name="layers.1.up", finite=True)):
+        with pytest.raises(QuantError, match="layers.1.up: the weight holds NaN or infinite values"):
+            call()
+
+
+def test_threads_quantizing_at_once_restore_the_thread_setting(monkeypatch):
+    import threading
+
+    from bitcpm_cli.core.quant import functional
+
+    monkeypatch.setattr(functional, "BLOCK_ELEMENTS", 16)
+    threads = torch.get_num_threads()
+    weight = torch.randn(2048, 8)
+    workers = [threading.Thread(target=lambda: [fake_quantize(weight, LayerQuant("ternary", -1)) for _ in range(5)])
+               for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert torch.get_num_threads() == threads
+    fresh = []
+    later = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert fresh == [threads]

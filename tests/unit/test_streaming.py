@@ -34,7 +34,7 @@ def test_background_io_raises_a_failure_in_the_caller_and_runs_nothing_after_it(
             for i in range(100):
                 io.submit(ran.append, i)
     assert not any(t.name.startswith("bitcpm-io") for t in threading.enumerate())
-    assert len(ran) < 100
+    assert ran == []  # queued behind the failure: skipped
 
 
 def test_prefetched_keeps_the_order_and_raises_where_the_reader_failed():

@@ -7,6 +7,7 @@ Scale arithmetic runs in float32; the fused weight is cast once to the output dt
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -86,46 +87,74 @@ def _codes_and_scales(weight: torch.Tensor, spec: LayerQuant, name: str) -> tupl
 BLOCK_ELEMENTS = 1 << 18
 
 
+_THREADS = threading.Lock()
+_one_thread_users = 0
+_threads_before = 0
+
+
 @contextmanager
 def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    """torch on one intra-op thread while any caller is inside (the setting is process-wide: callers on several
+    threads share one save and one restore, so none restores another's 1)."""
+    global _one_thread_users, _threads_before
+    with _THREADS:
+        if _one_thread_users == 0:
+            _threads_before = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _one_thread_users += 1
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        with _THREADS:
+            _one_thread_users -= 1
+            if _one_thread_users == 0:
+                torch.set_num_threads(_threads_before)
 
 
 def _row_blocks(weight: torch.Tensor, group_size: int) -> list[slice]:
-    """Row ranges to quantize one at a time: one block for a per-tensor group, an accelerator, or a small weight."""
+    """Row ranges to quantize one at a time: one block for a per-tensor group, an accelerator, a small weight or a
+    non-contiguous one (a strided reduction sums in an order that depends on the rows it is given)."""
     rows = weight.shape[0]
     per_block = max(16, BLOCK_ELEMENTS // max(weight.shape[1], 1) // 16 * 16)  # >= 16 rows: many groups per block
-    if group_size == 0 or weight.device.type != "cpu" or rows <= per_block:
+    if group_size == 0 or weight.device.type != "cpu" or not weight.is_contiguous() or rows <= per_block:
         return [slice(0, rows)]
     return [slice(start, min(start + per_block, rows)) for start in range(0, rows, per_block)]
 
 
-def quantize(weight: torch.Tensor, spec: LayerQuant, name: str = "weight") -> Quantized:
-    """Codes and scales of `weight` under `spec` (README, "Quantization semantics")."""
+def _require_finite(scales: torch.Tensor, name: str) -> None:
+    """A NaN or an infinity anywhere in a group makes its scale non-finite: checking the scales checks the weight."""
+    if not bool(torch.isfinite(scales).all()):
+        raise QuantError(f"{name}: the weight holds NaN or infinite values; its fused weight would be NaN",
+                         hint="the checkpoint is damaged or training diverged: convert an earlier checkpoint")
+
+
+def quantize(weight: torch.Tensor, spec: LayerQuant, name: str = "weight", finite: bool = False) -> Quantized:
+    """Codes and scales of `weight` under `spec` (README, "Quantization semantics"); with `finite`, a weight holding
+    NaN or infinity is a QuantError naming `name`."""
     check_groupable(weight.shape, spec.group_size, name)
     blocks = _row_blocks(weight, spec.group_size)
     if len(blocks) == 1:
         codes, scales = _codes_and_scales(weight, spec, name)
-        return Quantized(codes.to(torch.int8).reshape(weight.shape), scales.squeeze(-1), spec.group_size)
-    codes = torch.empty(weight.shape, dtype=torch.int8)
-    rows, groups = scale_shape(weight.shape, spec.group_size)
-    scales = torch.empty(rows, groups, dtype=torch.float32)
-    with _one_thread():
-        for block in blocks:
-            block_codes, block_scales = _codes_and_scales(weight[block], spec, name)
-            codes[block] = block_codes.reshape(codes[block].shape)
-            scales[block] = block_scales.squeeze(-1)
-    return Quantized(codes, scales, spec.group_size)
+        quantized = Quantized(codes.to(torch.int8).reshape(weight.shape), scales.squeeze(-1), spec.group_size)
+    else:
+        codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+        rows, groups = scale_shape(weight.shape, spec.group_size)
+        all_scales = torch.empty(rows, groups, dtype=torch.float32, device=weight.device)
+        with _one_thread():
+            for block in blocks:
+                block_codes, block_scales = _codes_and_scales(weight[block], spec, name)
+                codes[block] = block_codes.reshape(codes[block].shape)
+                all_scales[block] = block_scales.squeeze(-1)
+        quantized = Quantized(codes, all_scales, spec.group_size)
+    if finite:
+        _require_finite(quantized.scales, name)
+    return quantized
 
 
 def fake_quantize(weight: torch.Tensor, spec: LayerQuant, dtype: torch.dtype | None = None,
-                  name: str = "weight") -> torch.Tensor:
-    """The fused weight `q * s`, computed in float32 and cast once to `dtype` (default: the weight's dtype).
+                  name: str = "weight", finite: bool = False) -> torch.Tensor:
+    """The fused weight `q * s`, computed in float32 and cast once to `dtype` (default: the weight's dtype); with
+    `finite`, a weight holding NaN or infinity is a QuantError naming `name`.
 
     A code of zero gives +0.0 (never -0.0, which rounding a small negative weight would give), so the fused weight
     is byte for byte what unpacking its integer codes gives.
@@ -137,11 +166,15 @@ def fake_quantize(weight: torch.Tensor, spec: LayerQuant, dtype: torch.dtype | N
     blocks = _row_blocks(weight, spec.group_size)
     if len(blocks) == 1:
         codes, scales = _codes_and_scales(weight, spec, name)
+        if finite:
+            _require_finite(scales, name)
         return (codes.add_(0.0) * scales).reshape(weight.shape).to(dtype)
-    fused = torch.empty(weight.shape, dtype=dtype)
+    fused = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     with _one_thread():
         for block in blocks:
             codes, scales = _codes_and_scales(weight[block], spec, name)
+            if finite:
+                _require_finite(scales, name)
             fused[block] = codes.add_(0.0).mul_(scales).reshape(fused[block].shape)  # cast once, on assignment
     return fused
 
