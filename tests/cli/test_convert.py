@@ -69,3 +69,21 @@ def test_bad_format_and_size(invoke, tmp_path):
     bad = invoke("convert", "-i", tmp_path / "qat", "-o", tmp_path / "o", "--max-shard-size", "lots")
     assert bad.exit_code == 2 and "is not a size" in bad.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_nan_latent_weight_is_exit_2_naming_the_layer_and_nothing_written(invoke, tmp_path):
+    from safetensors.torch import save_file
+
+    make_qat(tmp_path / "qat")
+    weights = load_file(tmp_path / "qat" / "model.safetensors")
+    weights["model.layers.1.self_attn.q_proj.weight"][0, 0] = float("inf")
+    save_file(weights, tmp_path / "qat" / "model.safetensors", metadata={"format": "pt"})
+    before = {p.name: p.read_bytes() for p in (tmp_path / "qat").iterdir()}
+    result = invoke("convert", "-i", tmp_path / "qat", "-o", tmp_path / "fused", "--verify")
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert lines == ["error: model.layers.1.self_attn.q_proj: the weight holds NaN or infinite values; its fused "
+                     "weight would be NaN"]
+    assert "hint:" in result.output and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qat"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "qat").iterdir()} == before
