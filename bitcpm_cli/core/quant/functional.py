@@ -8,7 +8,7 @@ Scale arithmetic runs in float32; the fused weight is cast once to the output dt
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -128,27 +128,28 @@ def _require_finite(scales: torch.Tensor, name: str) -> None:
                          hint="the checkpoint is damaged or training diverged: convert an earlier checkpoint")
 
 
+def _blocks(weight: torch.Tensor, spec: LayerQuant, name: str, finite: bool
+            ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """(rows, float32 codes, scales) of each block of rows (one block, on torch's threads, unless blocks pay)."""
+    blocks = _row_blocks(weight, spec.group_size)
+    with _one_thread() if len(blocks) > 1 else nullcontext():
+        for block in blocks:
+            codes, scales = _codes_and_scales(weight[block], spec, name)
+            if finite:
+                _require_finite(scales, name)
+            yield block, codes, scales
+
+
 def quantize(weight: torch.Tensor, spec: LayerQuant, name: str = "weight", finite: bool = False) -> Quantized:
     """Codes and scales of `weight` under `spec` (README, "Quantization semantics"); with `finite`, a weight holding
     NaN or infinity is a QuantError naming `name`."""
     check_groupable(weight.shape, spec.group_size, name)
-    blocks = _row_blocks(weight, spec.group_size)
-    if len(blocks) == 1:
-        codes, scales = _codes_and_scales(weight, spec, name)
-        quantized = Quantized(codes.to(torch.int8).reshape(weight.shape), scales.squeeze(-1), spec.group_size)
-    else:
-        codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-        rows, groups = scale_shape(weight.shape, spec.group_size)
-        all_scales = torch.empty(rows, groups, dtype=torch.float32, device=weight.device)
-        with _one_thread():
-            for block in blocks:
-                block_codes, block_scales = _codes_and_scales(weight[block], spec, name)
-                codes[block] = block_codes.reshape(codes[block].shape)
-                all_scales[block] = block_scales.squeeze(-1)
-        quantized = Quantized(codes, all_scales, spec.group_size)
-    if finite:
-        _require_finite(quantized.scales, name)
-    return quantized
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(scale_shape(weight.shape, spec.group_size), dtype=torch.float32, device=weight.device)
+    for block, block_codes, block_scales in _blocks(weight, spec, name, finite):
+        codes[block] = block_codes.reshape(codes[block].shape)
+        scales[block] = block_scales.reshape(scales[block].shape)
+    return Quantized(codes, scales, spec.group_size)
 
 
 def fake_quantize(weight: torch.Tensor, spec: LayerQuant, dtype: torch.dtype | None = None,
@@ -162,20 +163,9 @@ def fake_quantize(weight: torch.Tensor, spec: LayerQuant, dtype: torch.dtype | N
     if not spec.enabled:
         return weight if dtype is None else weight.to(dtype)
     check_groupable(weight.shape, spec.group_size, name)
-    dtype = dtype or weight.dtype
-    blocks = _row_blocks(weight, spec.group_size)
-    if len(blocks) == 1:
-        codes, scales = _codes_and_scales(weight, spec, name)
-        if finite:
-            _require_finite(scales, name)
-        return (codes.add_(0.0) * scales).reshape(weight.shape).to(dtype)
-    fused = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    with _one_thread():
-        for block in blocks:
-            codes, scales = _codes_and_scales(weight[block], spec, name)
-            if finite:
-                _require_finite(scales, name)
-            fused[block] = codes.add_(0.0).mul_(scales).reshape(fused[block].shape)  # cast once, on assignment
+    fused = torch.empty(weight.shape, dtype=dtype or weight.dtype, device=weight.device)
+    for block, codes, scales in _blocks(weight, spec, name, finite):
+        fused[block] = codes.add_(0.0).mul_(scales).reshape(fused[block].shape)  # cast once, on assignment
     return fused
 
 
