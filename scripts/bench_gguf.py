@@ -17,14 +17,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench_convert import build_checkpoint, peak_rss_mb, print_rounds, rounds, run_child_idle, shape  # noqa: E402
+from bench_convert import build_checkpoint, print_rounds, rounds, run_child_idle, shape, timed  # noqa: E402
 
 
 def child_copy(source: Path, output: Path, gguf_type: str) -> None:
@@ -64,11 +63,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         kind, source, output, gguf_type = args.child
-        start = time.perf_counter()
-        if kind != "copy":
-            Path(output).mkdir()
-        CHILDREN[kind](Path(source), Path(output), gguf_type)
-        print(json.dumps({"wall_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}))
+        def work() -> None:
+            if kind != "copy":
+                Path(output).mkdir()
+            CHILDREN[kind](Path(source), Path(output), gguf_type)
+
+        print(json.dumps(timed(work)))
         return
 
     with tempfile.TemporaryDirectory(dir=ROOT.parent if ROOT.parent.is_dir() else None) as tmp:

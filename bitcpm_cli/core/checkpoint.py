@@ -7,7 +7,9 @@ reading it and never executes pickled code. Time and memory do not grow with the
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -275,9 +277,13 @@ def tensor_byte_ranges(path: Path) -> dict[str, tuple[int, int]]:
             for name, entry in header.items()}
 
 
-def iter_safetensors(path: Path, hasher=None, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, Any]]:
+READ_SLICE = 2**20  # bytes read (and hashed) at a time: fits in a core's L2 cache
+
+
+def iter_safetensors(path: Path, hasher=None, skip: frozenset[str] = frozenset(),
+                     direct: bool = False) -> Iterator[tuple[str, Any]]:
     """(name, tensor) in file order, one tensor in memory at a time (plain reads, no mmap); tensors named in
-    `skip` are passed over unread.
+    `skip` are passed over unread. With `direct`, the file is read with direct I/O (`DirectReader`).
 
     With `hasher`, every byte of the file is fed to it in order, so its digest is the file's sha256.
     """
@@ -288,7 +294,7 @@ def iter_safetensors(path: Path, hasher=None, skip: frozenset[str] = frozenset()
     read_safetensors_header(path)  # validates sizes and offsets first
     start, header, _ = _safetensors_layout(path)
     entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-    with path.open("rb") as handle:
+    with open_for_reading(path, direct) as handle:
         prefix = handle.read(start)
         if hasher is not None:
             hasher.update(prefix)
@@ -302,11 +308,16 @@ def iter_safetensors(path: Path, hasher=None, skip: frozenset[str] = frozenset()
             elif begin != position:
                 handle.seek(start + begin)
             buffer = torch.empty(end - begin, dtype=torch.uint8)
-            if end > begin and handle.readinto(memoryview(buffer.numpy())) != end - begin:
-                raise InputError(f"safetensors file is truncated while reading {name!r} ({path})",
-                                 hint="download or copy the file again")
-            if hasher is not None:
-                hasher.update(memoryview(buffer.numpy()))
+            view = memoryview(buffer.numpy())
+            # Read a slice at a time and hash it while it is still in the CPU cache, rather than streaming the
+            # whole tensor through memory a second time for the digest.
+            for offset in range(0, end - begin, READ_SLICE):
+                part = view[offset:offset + READ_SLICE]
+                if handle.readinto(part) != len(part):
+                    raise InputError(f"safetensors file is truncated while reading {name!r} ({path})",
+                                     hint="download or copy the file again")
+                if hasher is not None:
+                    hasher.update(part)
             position = end
             dtype = getattr(torch, SAFETENSORS_DTYPES[entry["dtype"]])
             yield name, buffer.view(dtype).reshape(entry["shape"])
@@ -333,12 +344,13 @@ def iter_bin(path: Path, hasher=None) -> Iterator[tuple[str, Any]]:
             yield name, tensor
 
 
-def iter_tensors(files: WeightFiles, hasher=None, skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, Any]]:
+def iter_tensors(files: WeightFiles, hasher=None, skip: frozenset[str] = frozenset(),
+                 direct: bool = False) -> Iterator[tuple[str, Any]]:
     """Every tensor of a checkpoint, one at a time, but those in `skip` (safetensors only); `hasher` sees every
-    byte of every file, in order."""
+    byte of every file, in order; `direct` reads safetensors files with direct I/O."""
     for file in files.files:
         if files.format == "safetensors":
-            yield from iter_safetensors(file, hasher, skip)
+            yield from iter_safetensors(file, hasher, skip, direct)
         else:
             yield from iter_bin(file, hasher)
 
@@ -383,6 +395,172 @@ class TensorReader:
         return handle[name].clone()  # detach from the memory map
 
 
+DIRECT_READS = hasattr(os, "O_DIRECT") and hasattr(os, "preadv")  # Linux
+
+
+class _Direct:
+    """A file opened for direct I/O (O_DIRECT, Linux) where the filesystem takes it, with one page-aligned buffer:
+    direct I/O moves whole aligned blocks between that buffer and the disk, bypassing the page cache. On a
+    filesystem that refuses direct I/O (tmpfs before Linux 6.6, some network filesystems), at open or at the first
+    transfer, and where there is no O_DIRECT, the file is used through the page cache instead: the bytes are the
+    same either way, only the speed differs."""
+
+    ALIGN = 4096  # a multiple of every device's logical block size: what direct I/O needs of offsets and lengths
+
+    def __init__(self, path: Path, flags: int, buffer_bytes: int = 8 * 2**20):
+        import mmap
+
+        self._fd = None
+        self._buffer = mmap.mmap(-1, buffer_bytes)  # page-aligned
+        self._view = memoryview(self._buffer)
+        flags |= getattr(os, "O_BINARY", 0)
+        self.direct = bool(getattr(os, "O_DIRECT", 0))
+        if self.direct:
+            try:
+                self._fd = os.open(path, flags | os.O_DIRECT, 0o666)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.direct = False
+        if self._fd is None:
+            self._fd = os.open(path, flags, 0o666)
+
+    def _transfer(self, call) -> int:
+        try:
+            return call()
+        except OSError as exc:
+            if not (self.direct and exc.errno == errno.EINVAL):
+                raise
+        self._buffered()  # opened for direct I/O, but the filesystem refuses the transfer itself
+        return call()
+
+    def _buffered(self) -> None:
+        import fcntl
+
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
+
+    def abort(self) -> None:
+        """Close the file without writing what is buffered (after a failure: the file is being thrown away)."""
+        fd, self._fd = self._fd, None
+        self._view = self._buffer = None  # unmapped once no slice is left (a traceback may hold one)
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            self.abort()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class DirectFile(_Direct):
+    """A new file of gigabytes written with direct I/O: bytes are gathered in the aligned buffer and go from there
+    to the disk, instead of being copied into as much freshly allocated page cache for the kernel to write back
+    later (DeepSpeed's FastPersist writes checkpoints the same way; converting a 1B-shaped model took a third less
+    wall time). The unaligned tail is written through the page cache. After a failed write the file only closes."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        self._used = 0
+        self._failed = False
+
+    def write(self, data) -> None:
+        data = memoryview(data).cast("B")
+        while len(data):
+            take = min(len(data), len(self._view) - self._used)
+            self._view[self._used:self._used + take] = data[:take]
+            self._used += take
+            data = data[take:]
+            if self._used == len(self._view):
+                self._write_all(self._view)
+                self._used = 0
+
+    def _write_all(self, data: memoryview) -> None:
+        if self._failed:
+            raise OSError(errno.EIO, "an earlier write to this file failed")
+        try:
+            while len(data):
+                data = data[self._transfer(lambda: os.write(self._fd, data)):]
+        except BaseException:
+            self._failed = True
+            raise
+
+    def close(self) -> None:
+        if self._fd is None:
+            return
+        if self._failed:
+            self.abort()
+            raise OSError(errno.EIO, "closing a file whose earlier write failed: it is incomplete")
+        try:
+            aligned = self._used - self._used % self.ALIGN
+            self._write_all(self._view[:aligned])
+            if self._used > aligned:
+                if self.direct:
+                    self._buffered()
+                self._write_all(self._view[aligned:self._used])
+        finally:
+            self.abort()  # everything is written: this only closes
+
+
+class DirectReader(_Direct):
+    """A file read with direct I/O through the aligned buffer, one window at a time: for reading back a file just
+    written by DirectFile, which the page cache does not hold (direct reads come in whole windows, the page
+    cache's read-ahead in small steps: twice as fast here). A minimal binary file object: read, readinto, seek."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, os.O_RDONLY)
+        self._start = self._length = self._position = 0  # the window holds [start, start + length)
+
+    def seek(self, position: int) -> int:
+        self._position = position
+        return position
+
+    def _fill(self) -> None:
+        """Read the window holding the current position, as far as the end of the file."""
+        self._start, self._length = self._position - self._position % self.ALIGN, 0
+        while self._length < len(self._view):
+            got = self._transfer(lambda: os.preadv(self._fd, [self._view[self._length:]], self._start + self._length))
+            self._length += got
+            if got == 0 or (self.direct and self._length % self.ALIGN):
+                break  # the end of the file (a direct read short of a block boundary ends there)
+
+    def readinto(self, out) -> int:
+        out = memoryview(out).cast("B")
+        done = 0
+        while done < len(out):
+            offset = self._position - self._start
+            if not 0 <= offset < self._length:
+                self._fill()
+                offset = self._position - self._start
+                if offset >= self._length:
+                    break  # end of file
+            take = min(len(out) - done, self._length - offset)
+            out[done:done + take] = self._view[offset:offset + take]
+            done += take
+            self._position += take
+        return done
+
+    def read(self, size: int) -> bytes:
+        data = bytearray(size)
+        return bytes(data[:self.readinto(data)])
+
+    def close(self) -> None:
+        self.abort()
+
+
+def open_for_reading(path: Path, direct: bool = False):
+    """A binary file object: a DirectReader with `direct` where direct reads exist (Linux), else a plain one."""
+    return DirectReader(path) if direct and DIRECT_READS else path.open("rb")
+
+
 class SafetensorsStreamWriter:
     """Write a safetensors file tensor by tensor: the header is laid out first from the known specs."""
 
@@ -405,7 +583,7 @@ class SafetensorsStreamWriter:
         raw += b" " * ((-len(raw)) % 8)
         self.path = path
         self.nbytes = 8 + len(raw) + offset
-        self._handle = path.open("wb")
+        self._handle = DirectFile(path)
         self._handle.write(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
 
@@ -420,6 +598,10 @@ class SafetensorsStreamWriter:
         self._handle.write(memoryview(data.numpy()))
         self._next += 1
 
+    def abort(self) -> None:
+        """Close the file, unfinished, after a failure (it is being thrown away)."""
+        self._handle.abort()
+
     def close(self) -> None:
         self._handle.close()
         if self._next != len(self._expected):
@@ -427,13 +609,13 @@ class SafetensorsStreamWriter:
 
 
 class BackgroundIO:
-    """Runs file writes and digest updates on one background thread, in the order they are submitted, while the
-    caller reads and quantizes the next tensor (both release the GIL: the syscalls and OpenSSL's sha256 run while
-    torch computes). At most `max_pending_bytes` of buffers wait (plus the one just submitted), so memory stays
-    bounded; a failure in the background is raised in the caller at its next submit or at the end.
+    """Runs file writes (or any calls) on one background thread, in the order they are submitted, while the caller
+    quantizes the next tensor (the write syscalls and OpenSSL's sha256 release the GIL while torch computes). At most
+    `max_pending_bytes` of buffers wait (plus the one just submitted), so memory stays bounded; a failure in the
+    background is raised in the caller at its next submit or at the end, and what was queued after it does not run.
 
         with BackgroundIO() as io:
-            for name, tensor in iter_tensors(files, io.hasher(digest)):
+            for name, tensor in prefetched(iter_tensors(files, digest)):
                 io.submit(writer.write, name, transform(tensor), nbytes=...)
     """
 
@@ -471,10 +653,6 @@ class BackgroundIO:
         while self._pending:
             self._wait_oldest()
 
-    def hasher(self, digest) -> "_BackgroundDigest":
-        """A stand-in for `digest` whose update() runs in the background, in order with the writes."""
-        return _BackgroundDigest(self, digest)
-
     def __enter__(self) -> "BackgroundIO":
         return self
 
@@ -486,14 +664,6 @@ class BackgroundIO:
             for future, _ in self._pending:
                 future.cancel()
             self._pool.shutdown(wait=True)  # nothing runs on once the caller moves on (to clean up, say)
-
-
-class _BackgroundDigest:
-    def __init__(self, io: BackgroundIO, digest):
-        self._io, self._digest = io, digest
-
-    def update(self, data) -> None:
-        self._io.submit(self._digest.update, data, nbytes=memoryview(data).nbytes)
 
 
 def prefetched(items: Iterator[tuple[str, Any]], max_bytes: int = 64 * 2**20) -> Iterator[tuple[str, Any]]:

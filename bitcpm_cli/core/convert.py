@@ -13,6 +13,7 @@ import math
 import re
 import shutil
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -27,6 +28,7 @@ from bitcpm_cli.core.checkpoint import (
     TensorSpec,
     WeightFiles,
     iter_tensors,
+    open_for_reading,
     prefetched,
     read_config,
     read_tensor_specs,
@@ -270,6 +272,12 @@ class _ShardedWriter:
             self._writer = None
             self._index += 1
 
+    def abort(self) -> None:
+        """Close the shard being written, unfinished (after a failure: the staging folder is removed)."""
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
     def write_index(self) -> None:
         if len(self.names) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
@@ -312,10 +320,10 @@ class ConversionPlan:
                                        -1 if groups == 1 else in_features // groups)
         return sizes
 
-    def stream(self, hasher=None) -> Iterator[tuple[str, torch.Tensor]]:
+    def stream(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every output tensor in turn, one input tensor in memory at a time."""
         transform = self.transform()
-        for name, tensor in iter_tensors(self.files, hasher):
+        for name, tensor in iter_tensors(self.files):
             yield from transform.apply(name, tensor)
 
 
@@ -398,10 +406,12 @@ def convert_checkpoint(
         if not single:
             staging.mkdir()
         bytes_in = sum(f.stat().st_size for f in files.files)
+        # Read and hashed a slice at a time on a thread of its own, while this one quantizes.
+        tensors = prefetched(iter_tensors(files, hasher))
         if single and single.endswith(".bin"):
             state: dict[str, torch.Tensor] = {}
-            with BackgroundIO() as io:
-                for name, tensor in iter_tensors(files, io.hasher(hasher)):
+            with closing(tensors):
+                for name, tensor in tensors:
                     state.update(transform.apply(name, tensor))
                     _tick(progress, "convert", tensor, bytes_in)
             torch.save(state, staging)
@@ -410,12 +420,16 @@ def convert_checkpoint(
         else:
             writer = _ShardedWriter(folder, out_specs, max_shard_bytes, packed_shapes,
                                     staging.name if single else None)
-            # Reading and quantizing here, hashing the input and writing the output in the background.
-            with BackgroundIO() as hashing, BackgroundIO() as io:
-                for name, tensor in iter_tensors(files, hashing.hasher(hasher)):
-                    for out_name, out_tensor in transform.apply(name, tensor):
-                        io.submit(writer.write, out_name, out_tensor, nbytes=out_tensor.nbytes)
-                    _tick(progress, "convert", tensor, bytes_in)
+            # Quantizing here, writing the output in the background.
+            try:
+                with closing(tensors), BackgroundIO() as io:
+                    for name, tensor in tensors:
+                        for out_name, out_tensor in transform.apply(name, tensor):
+                            io.submit(writer.write, out_name, out_tensor, nbytes=out_tensor.nbytes)
+                        _tick(progress, "convert", tensor, bytes_in)
+            except BaseException:
+                writer.abort()  # the background writes have stopped: close the open shard before it is removed
+                raise
             writer.write_index()
             shards = len(writer.names)
             written = [folder / n for n in writer.names]
@@ -465,7 +479,9 @@ def _plan_dense(files: WeightFiles, specs: dict[str, TensorSpec], scheme: QuantS
     first = next(n for n in tensor_order(files, specs) if n in probe_targets)
     sample = TensorReader(files, specs)[first]
     candidates = ([scheme.group_size] if scheme else []) + [g for g in FUSED_GROUP_CANDIDATES]
-    fused_at = next((g for g in candidates if fused_scales(sample, g) is not None), None)
+    # One row first: a latent row never holds just {-a, 0, +a}, so a latent input costs a row per candidate.
+    fused_at = next((g for g in candidates
+                     if fused_scales(sample[:1], g) is not None and fused_scales(sample, g) is not None), None)
     if fused_at is not None:
         # Layers the scheme keeps in full precision stay so; every other linear must be fused too.
         keep_float = {p: o for p, o in (scheme.layers.items() if scheme else ()) if o.get("quant_type") == "none"}
@@ -542,11 +558,11 @@ class _Files:
         self._handles: dict[Path, Any] = {}
         self._ranges: dict[Path, dict[str, tuple[int, int]]] = {}
 
-    def place(self, path: Path, name: str) -> tuple[Any, int, int]:
-        """(open file, offset, length) of a tensor's bytes."""
+    def place(self, path: Path, name: str, direct: bool = False) -> tuple[Any, int, int]:
+        """(open file, offset, length) of a tensor's bytes; `direct` reads the file with direct I/O."""
         if path not in self._handles:
             self._ranges[path] = tensor_byte_ranges(path)
-            self._handles[path] = path.open("rb")
+            self._handles[path] = open_for_reading(path, direct)
         return (self._handles[path], *self._ranges[path][name])
 
     def same_bytes(self, a: tuple[Any, int, int], b: tuple[Any, int, int]) -> bool:
@@ -605,7 +621,9 @@ def _verify(files: WeightFiles, specs: dict[str, TensorSpec], staging: Path, res
         name for name, spec in specs.items()
         if files.format == out_files.format == "safetensors" and name not in targets and packed_base(name) is None
         and name in out_specs and (out_specs[name].dtype, out_specs[name].shape) == (spec.dtype, spec.shape))
-    outputs, inputs = prefetched(iter_tensors(out_files, skip=copied)), prefetched(iter_tensors(files, skip=copied))
+    # The output was written with direct I/O (DirectFile), so it is read back the same way: from the disk.
+    outputs = prefetched(iter_tensors(out_files, skip=copied, direct=True))
+    inputs = prefetched(iter_tensors(files, skip=copied))
     written_tensors = _InOrder(outputs)
     try:
         dtype = getattr(torch, result.dtype)
@@ -646,7 +664,7 @@ def _verify(files: WeightFiles, specs: dict[str, TensorSpec], staging: Path, res
                 if name in copied:
                     report.tensors_checked += 1
                     source = handles.place(sources[specs[name].file], name)
-                    written = handles.place(outputs_by_name[out_specs[name].file], name)
+                    written = handles.place(outputs_by_name[out_specs[name].file], name, direct=True)
                     if not handles.same_bytes(source, written):
                         report.mismatches.append(name)
                     if progress is not None:

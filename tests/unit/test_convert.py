@@ -235,7 +235,8 @@ def test_verify_reads_ahead_and_passes_an_unchanged_copy_compared_in_slices(tmp_
     monkeypatch.setattr(convert_module._Files, "BLOCK", 1000)
     result = convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32", verify=True)
     assert result.verify.ok and result.verify.tensors_checked == 21
-    assert len(streams) == 2  # the written output and the input, each read ahead on its own thread
+    # Converting reads (and hashes) the input ahead; verifying reads the written output and the input ahead.
+    assert len(streams) == 3
 
 
 def test_non_finite_latent_weights_are_refused_naming_the_layer(tmp_path):
@@ -437,3 +438,64 @@ def test_bf16_output_of_a_bf16_checkpoint_is_its_qat_forward_in_bf16(tmp_path):
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "fused", dtype=torch.bfloat16).eval()
     with torch.no_grad():
         assert torch.equal(stock(IDS).logits, qat(IDS).logits)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "O_DIRECT"), reason="O_DIRECT is Linux's")
+@pytest.mark.parametrize("fmt", ["fused", "packed"])
+def test_the_output_is_the_same_whether_the_filesystem_takes_direct_io_or_not(tmp_path, monkeypatch, fmt):
+    import errno
+    import os
+
+    from bitcpm_cli.core import checkpoint
+
+    make_qat(tmp_path / "qat")
+    opened, real_init = [], checkpoint.DirectFile.__init__
+
+    def spy(self, path):
+        real_init(self, path)
+        opened.append(self.direct)
+
+    monkeypatch.setattr(checkpoint.DirectFile, "__init__", spy)
+    convert_checkpoint(tmp_path / "qat", tmp_path / "direct", fmt=fmt, verify=True, max_shard_bytes=20_000)
+    if not all(opened):
+        pytest.skip("this filesystem refuses O_DIRECT: both conversions would go through the page cache")
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    convert_checkpoint(tmp_path / "qat", tmp_path / "buffered", fmt=fmt, verify=True, max_shard_bytes=20_000)
+    shards = sorted(p.name for p in (tmp_path / "direct").glob("*.safetensors"))
+    assert len(shards) > 1 and shards == sorted(p.name for p in (tmp_path / "buffered").glob("*.safetensors"))
+    assert all((tmp_path / "direct" / n).read_bytes() == (tmp_path / "buffered" / n).read_bytes() for n in shards)
+
+
+@pytest.mark.parametrize("group_size", [0, -1, 128, 32])
+def test_a_fused_input_is_recognised_at_its_own_group_size(tmp_path, group_size):
+    make_qat(tmp_path / "qat", group_size=group_size)
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
+    again = convert_checkpoint(tmp_path / "fused", tmp_path / "fused2")
+    assert again.input_kind == "fused"
+    assert f"every group of {convert_module._describe_group(group_size)} holds" in again.notes[0]
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="lists open files through /proc")
+def test_a_failed_conversion_leaves_no_file_of_its_output_open(tmp_path):
+    import os
+
+    make_qat(tmp_path / "qat")
+    weights = load_file(tmp_path / "qat" / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("inf")  # late: earlier tensors are written first
+    save_file(weights, tmp_path / "qat" / "model.safetensors", metadata={"format": "pt"})
+
+    def open_files() -> list[str]:
+        return [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                if os.path.exists(f"/proc/self/fd/{fd}")]
+
+    with pytest.raises(QuantError, match="down_proj"):
+        convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
+    assert not [f for f in open_files() if ".bitcpm-tmp" in f]  # a deleted shard held open keeps its disk space
+    assert not (tmp_path / "fused").exists()

@@ -1,22 +1,33 @@
 """The streaming machinery of convert: background writes and digests, read-ahead, skipping tensors unread."""
 
+import errno
 import hashlib
+import os
 import threading
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from bitcpm_cli.core.checkpoint import BackgroundIO, find_weight_files, iter_tensors, prefetched
+import bitcpm_cli.core.checkpoint as checkpoint
+from bitcpm_cli.core.checkpoint import (
+    BackgroundIO,
+    DirectFile,
+    DirectReader,
+    find_weight_files,
+    iter_safetensors,
+    iter_tensors,
+    prefetched,
+)
+from bitcpm_cli.core.errors import InputError
 
 
-def test_background_io_runs_calls_in_order_and_the_digest_matches(tmp_path):
+def test_background_io_runs_calls_in_order(tmp_path):
     done, digest = [], hashlib.sha256()
     chunks = [bytes([i]) * 1000 for i in range(50)]
     with BackgroundIO(max_pending_bytes=3000) as io:
-        hasher = io.hasher(digest)
         for i, chunk in enumerate(chunks):
-            hasher.update(chunk)
+            io.submit(digest.update, chunk, nbytes=len(chunk))
             io.submit(done.append, i, nbytes=10**6)  # over the limit: waits for what came before
     assert done == list(range(50))
     assert digest.hexdigest() == hashlib.sha256(b"".join(chunks)).hexdigest()
@@ -73,3 +84,183 @@ def test_skipped_tensors_are_not_read(tmp_path, monkeypatch):
     assert set(got) == {"a", "c"} and torch.equal(got["a"], tensors["a"]) and torch.equal(got["c"], tensors["c"])
     with pytest.raises(ValueError, match="every tensor"):
         list(iter_tensors(files, hashlib.sha256(), skip=frozenset({"big"})))
+
+
+# ---- direct I/O ---------------------------------------------------------------------------------------------------
+MiB = 2**20
+LINUX_DIRECT_IO = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+SIZES = [0, 1, 4095, 4096, 4097, 8 * MiB - 1, 8 * MiB, 8 * MiB + 4097, 20 * MiB + 3]  # around blocks and the buffer
+
+
+def _payload(size: int) -> bytes:
+    return torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(size)).numpy().tobytes()
+
+
+def _write(path, data: bytes, pieces: int = 7) -> DirectFile:
+    with DirectFile(path) as handle:
+        step = max(1, len(data) // pieces + 13)  # writes that straddle blocks and the buffer
+        for start in range(0, len(data), step):
+            handle.write(data[start:start + step])
+    return handle
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_direct_file_writes_exactly_the_bytes_given(tmp_path, size):
+    data = _payload(size)
+    _write(tmp_path / "out", data)
+    assert (tmp_path / "out").read_bytes() == data
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_direct_reader_reads_what_was_written_from_any_position(tmp_path, size):
+    data = _payload(size)
+    _write(tmp_path / "out", data)
+    with DirectReader(tmp_path / "out") as reader:
+        assert reader.read(size + 10) == data  # past the end: what there is
+        for position, length in [(0, 1), (size // 3, 5000), (max(size - 7, 0), 100), (4095, 8 * MiB + 2)]:
+            reader.seek(position)
+            assert reader.read(length) == data[position:position + length]
+        out = bytearray(size)
+        reader.seek(0)
+        assert reader.readinto(out) == size and out == data
+
+
+def _direct_here(path) -> bool:
+    with DirectFile(path) as handle:
+        return handle.direct
+
+
+@LINUX_DIRECT_IO
+def test_direct_io_is_used_where_the_filesystem_takes_it(tmp_path):
+    import fcntl
+
+    if not _direct_here(tmp_path / "probe"):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    data = _payload(8 * MiB + 4097)
+    with DirectFile(tmp_path / "out") as handle:
+        assert fcntl.fcntl(handle._fd, fcntl.F_GETFL) & os.O_DIRECT
+        handle.write(data)
+    assert (tmp_path / "out").read_bytes() == data
+    with DirectReader(tmp_path / "out") as reader:
+        assert reader.direct and fcntl.fcntl(reader._fd, fcntl.F_GETFL) & os.O_DIRECT
+        assert reader.read(len(data)) == data
+
+
+@LINUX_DIRECT_IO
+def test_a_filesystem_refusing_direct_io_at_open_gets_the_same_bytes(tmp_path, monkeypatch):
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    data = _payload(8 * MiB + 4097)
+    with DirectFile(tmp_path / "out") as handle:
+        assert not handle.direct  # refused at open: through the page cache from the start
+        handle.write(data)
+    assert (tmp_path / "out").read_bytes() == data
+    with DirectReader(tmp_path / "out") as reader:
+        assert not reader.direct and reader.read(len(data)) == data
+
+
+@LINUX_DIRECT_IO
+def test_a_filesystem_refusing_the_direct_transfer_itself_gets_the_same_bytes(tmp_path, monkeypatch):
+    import fcntl
+
+    if not _direct_here(tmp_path / "probe"):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    real_write, real_preadv = os.write, os.preadv
+
+    def refuse_direct(call):
+        def transfer(fd, *args):
+            if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return call(fd, *args)
+        return transfer
+
+    monkeypatch.setattr(os, "write", refuse_direct(real_write))
+    monkeypatch.setattr(os, "preadv", refuse_direct(real_preadv))
+    data = _payload(20 * MiB + 3)
+    with DirectFile(tmp_path / "out") as handle:
+        assert handle.direct  # opened for direct I/O ...
+        handle.write(data)
+        assert not handle.direct  # ... and switched to the page cache at the first refused write
+    assert (tmp_path / "out").read_bytes() == data
+    with DirectReader(tmp_path / "out") as reader:
+        assert reader.direct
+        assert reader.read(len(data)) == data and not reader.direct
+
+
+def test_short_reads_are_continued_not_taken_for_the_end(tmp_path, monkeypatch):
+    data = _payload(8 * MiB + 4097)
+    _write(tmp_path / "out", data)
+    real_preadv = os.preadv
+
+    def short(fd, buffers, offset):
+        return real_preadv(fd, [buffers[0][:8192]], offset)  # two blocks at a time, whatever was asked
+
+    monkeypatch.setattr(os, "preadv", short)
+    with DirectReader(tmp_path / "out") as reader:
+        reader.seek(1000)
+        assert reader.read(5 * MiB) == data[1000:1000 + 5 * MiB]
+        reader.seek(0)
+        assert reader.read(len(data)) == data
+
+
+def test_a_failed_write_is_raised_once_not_retried_and_the_file_never_closes_as_complete(tmp_path, monkeypatch):
+    calls = []
+
+    def full(fd, data):
+        calls.append(len(data))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    handle = DirectFile(tmp_path / "out")
+    with pytest.raises(OSError, match="No space left"):
+        handle.write(_payload(9 * MiB))
+    assert len(calls) == 1
+    with pytest.raises(OSError, match="earlier write failed"):
+        handle.close()  # never quietly "complete"
+    assert len(calls) == 1 and handle._fd is None
+
+
+def test_leaving_with_an_error_closes_without_writing_the_buffer(tmp_path):
+    with pytest.raises(RuntimeError):
+        with DirectFile(tmp_path / "out") as handle:
+            handle.write(b"x" * 5000)
+            raise RuntimeError("stop")
+    assert handle._fd is None and (tmp_path / "out").read_bytes() == b""
+
+
+def _shards(tmp_path):
+    tensors = {f"t{i}": torch.randn(i * 1000 + 3, generator=torch.Generator().manual_seed(i)) for i in range(1, 6)}
+    tensors["i"] = torch.arange(7, dtype=torch.int64)
+    save_file(tensors, tmp_path / "model.safetensors")
+    return tensors, tmp_path / "model.safetensors"
+
+
+def test_direct_reads_of_a_safetensors_file_match_plain_reads_and_skip(tmp_path):
+    tensors, path = _shards(tmp_path)
+    for skip in (frozenset(), frozenset({"t2", "i"})):
+        plain = dict(iter_safetensors(path, skip=skip))
+        direct = dict(iter_safetensors(path, skip=skip, direct=True))
+        assert list(plain) == list(direct) and set(plain) == set(tensors) - skip
+        assert all(torch.equal(direct[name], tensors[name]) for name in direct)
+
+
+def test_a_truncated_file_read_directly_is_an_input_error(tmp_path):
+    _, path = _shards(tmp_path)
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(InputError, match="truncated"):
+        list(iter_safetensors(path, direct=True))
+
+
+def test_tensors_are_read_and_hashed_in_slices_with_the_same_digest(tmp_path, monkeypatch):
+    tensors, path = _shards(tmp_path)
+    monkeypatch.setattr(checkpoint, "READ_SLICE", 7)  # many slices, none aligned to an element
+    digest = hashlib.sha256()
+    read = dict(iter_safetensors(path, digest))
+    assert digest.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert all(torch.equal(read[name], tensors[name]) for name in tensors)
