@@ -13,6 +13,7 @@ import math
 import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -321,10 +322,11 @@ class ConversionPlan:
         return sizes
 
     def stream(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every output tensor in turn, one input tensor in memory at a time."""
+        """Every output tensor in turn, one input tensor in memory at a time (and what is read ahead)."""
         transform = self.transform()
-        for name, tensor in iter_tensors(self.files):
-            yield from transform.apply(name, tensor)
+        with closing(prefetched(iter_tensors(self.files))) as tensors:
+            for name, tensor in tensors:
+                yield from transform.apply(name, tensor)
 
 
 def plan_conversion(source: Path, output: Path, *, quant_type: str | None, group_size: int | None,
@@ -625,6 +627,9 @@ def _verify(files: WeightFiles, specs: dict[str, TensorSpec], staging: Path, res
     outputs = prefetched(iter_tensors(out_files, skip=copied, direct=True))
     inputs = prefetched(iter_tensors(files, skip=copied))
     written_tensors = _InOrder(outputs)
+    # Tensors written unchanged are compared in the files on a thread of their own, meanwhile.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitcpm-verify")
+    comparing = pool.submit(_compare_copied, files, specs, out_files, out_specs, copied)
     try:
         dtype = getattr(torch, result.dtype)
         report = VerifyReport()
@@ -656,20 +661,29 @@ def _verify(files: WeightFiles, specs: dict[str, TensorSpec], staging: Path, res
                 if (spec.quant_type == "ternary" and not identical
                         and not any(fused_scales(written, g) is not None for g in groups)):
                     report.not_ternary.append(name)
-        # Tensors written unchanged (same dtype, not quantized): their bytes are compared in the files, a slice at a
-        # time, so an embedding matrix is never held twice in memory.
-        sources, outputs_by_name = ({path.name: path for path in f.files} for f in (files, out_files))
-        with _Files() as handles:
-            for name in tensor_order(files, specs):
-                if name in copied:
-                    report.tensors_checked += 1
-                    source = handles.place(sources[specs[name].file], name)
-                    written = handles.place(outputs_by_name[out_specs[name].file], name, direct=True)
-                    if not handles.same_bytes(source, written):
-                        report.mismatches.append(name)
-                    if progress is not None:
-                        progress("verify", source[2], result.bytes_in)
+        copied_mismatches = comparing.result()
+        report.tensors_checked += len(copied)
+        report.mismatches += copied_mismatches
+        if progress is not None:
+            progress("verify", sum(_nbytes(specs[n].dtype, specs[n].shape) for n in copied), result.bytes_in)
         return report
     finally:
         outputs.close()
         inputs.close()
+        pool.shutdown(wait=True)
+
+
+def _compare_copied(files: WeightFiles, specs: dict[str, TensorSpec], out_files: WeightFiles,
+                    out_specs: dict[str, TensorSpec], copied: frozenset[str]) -> list[str]:
+    """The tensors written unchanged (same dtype, not quantized) whose bytes differ between the input and output
+    files, compared a slice at a time, so an embedding matrix is never held twice in memory."""
+    sources, outputs_by_name = ({path.name: path for path in f.files} for f in (files, out_files))
+    mismatches = []
+    with _Files() as handles:
+        for name in tensor_order(files, specs):
+            if name in copied:
+                source = handles.place(sources[specs[name].file], name)
+                written = handles.place(outputs_by_name[out_specs[name].file], name, direct=True)
+                if not handles.same_bytes(source, written):
+                    mismatches.append(name)
+    return mismatches

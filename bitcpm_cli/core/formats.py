@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 
 from bitcpm_cli.core.checkpoint import TensorSpec, WeightFiles, iter_tensors, safetensors_metadata
 from bitcpm_cli.core.errors import InputError
-from bitcpm_cli.core.quant import Quantized, unpack_ternary
+from bitcpm_cli.core.quant import Quantized, row_blocks, unpack_ternary
 from bitcpm_cli.core.readers import parse_json
 
 # ---- the packed checkpoint (convert --format packed) ------------------------------------------------------------
@@ -141,11 +142,29 @@ def _fp16_bytes(d: torch.Tensor) -> torch.Tensor:
     return d.to(torch.float16).contiguous().view(torch.uint8).reshape(-1, 2)
 
 
+def _in_row_blocks(weight: torch.Tensor, type_name: str):
+    """(rows of the weight, the matching rows of its encoded blocks) a cache-sized block of rows at a time."""
+    _, block, _ = GGUF_BLOCKS[type_name]
+    per_row = weight.shape[1] // block if weight.ndim == 2 else 0
+    with row_blocks(weight if per_row else weight.reshape(1, -1)) as blocks:
+        for rows in blocks:
+            yield (weight[rows], slice(rows.start * per_row, rows.stop * per_row)) if per_row else (weight, slice(None))
+
+
 def encode_block_type(weight: torch.Tensor, type_name: str) -> torch.Tensor:
     """[rows, cols] -> uint8 [rows * cols / block, block bytes], for blocks whose values are exactly codes times one
     fp16 scale: TQ2_0 / Q4_0 take the block's largest magnitude as the scale and the signs as codes (a ternary
     block); Q8_0 its smallest non-zero magnitude and the rounded quotients (scales that are integer multiples of one
-    fit). Other blocks come out wrong, which `reproduces` detects."""
+    fit). Other blocks come out wrong, which `reproduces` detects. Encoded a block of rows at a time (each GGUF
+    block lies in one row), so the temporaries stay in cache."""
+    _, block, size = GGUF_BLOCKS[type_name]
+    encoded = torch.empty(weight.numel() // block, size, dtype=torch.uint8)
+    for rows, blocks in _in_row_blocks(weight, type_name):
+        encoded[blocks] = _encode_blocks(rows, type_name)
+    return encoded
+
+
+def _encode_blocks(weight: torch.Tensor, type_name: str) -> torch.Tensor:
     _, block, _ = GGUF_BLOCKS[type_name]
     blocks = weight.reshape(-1, block)
     magnitudes = blocks.abs()
@@ -188,9 +207,15 @@ def decode_block_type(raw: torch.Tensor, type_name: str, shape: tuple[int, ...])
 
 
 def reproduces(raw: torch.Tensor, type_name: str, weight: torch.Tensor) -> bool:
-    """Whether the encoded blocks dequantize (code * d in float32) to `weight` exactly. Computed in the weight's
-    dtype (half the memory traffic for bf16) when every code is in {-2..2} and every scale converts to that dtype
-    without rounding: code * d is then exact in both; otherwise in float32."""
+    """Whether the encoded blocks dequantize (code * d in float32) to `weight` exactly, checked a block of rows at a
+    time (the first block that differs ends it)."""
+    with closing(_in_row_blocks(weight, type_name)) as pieces:
+        return all(_reproduces(raw[blocks], type_name, rows) for rows, blocks in pieces)
+
+
+def _reproduces(raw: torch.Tensor, type_name: str, weight: torch.Tensor) -> bool:
+    """Computed in the weight's dtype (half the memory traffic for bf16) when every code is in {-2..2} and every
+    scale converts to that dtype without rounding: code * d is then exact in both; otherwise in float32."""
     codes, d = _block_codes(raw, type_name)
     scale = d.to(weight.dtype)
     if not torch.equal(scale.to(torch.float32), d.to(torch.float32)):

@@ -212,6 +212,25 @@ def test_block_decoders_match_gguf_py():
         assert np.array_equal(ours, theirs), type_name
 
 
+@pytest.mark.parametrize("type_name", ["TQ2_0", "Q4_0", "Q8_0"])
+def test_blocks_of_rows_encode_and_check_as_one_pass_does(monkeypatch, type_name):
+    from bitcpm_cli.core.formats import encode_block_type, reproduces
+    from bitcpm_cli.core.quant import LayerQuant, fake_quantize, functional
+
+    generator = torch.Generator().manual_seed(1)
+    fused = fake_quantize(torch.randn(96, 512, generator=generator), LayerQuant("ternary", -1), dtype=torch.bfloat16)
+    one_pass = encode_block_type(fused, type_name)
+    assert reproduces(one_pass, type_name, fused)
+    monkeypatch.setattr(functional, "BLOCK_ELEMENTS", 4096)  # 16 rows a block: six blocks
+    with functional.row_blocks(fused) as blocks:
+        assert len(blocks) == 6
+    assert torch.equal(encode_block_type(fused, type_name), one_pass)
+    assert reproduces(one_pass, type_name, fused)
+    broken = fused.clone()
+    broken[90, 7] = broken[90, 7] * 1.5  # in the last block only: no block of codes times one scale holds it
+    assert not reproduces(encode_block_type(broken, type_name), type_name, broken)
+
+
 # ---- the llama.cpp engine -----------------------------------------------------------------------------
 def agree_with_transformers(gguf_file: Path, fused: Path, tmp_path: Path, invoke, dtype: str,
                             near_ties: bool = False) -> None:

@@ -6,6 +6,7 @@ from bitcpm_cli.core.quant.functional import (
     fake_quantize,
     fused_scales,
     quantize,
+    row_blocks,
     scale_shape,
     ternary_codes_from_fused,
 )
@@ -16,5 +17,5 @@ from bitcpm_cli.core.quant.scheme import LayerQuant, QuantScheme, load_scheme_fi
 __all__ = [
     "FUSED_GROUP_CANDIDATES", "LayerQuant", "QATLinear", "QuantScheme", "Quantized", "fake_quantize", "fuse",
     "fused_scales", "load_scheme_file", "pack_ternary", "plan", "plan_state_dict", "prepare", "qat_layers", "quantize",
-    "scale_shape", "ternary_codes_from_fused", "unpack_ternary",
+    "row_blocks", "scale_shape", "ternary_codes_from_fused", "unpack_ternary",
 ]

@@ -121,6 +121,15 @@ def _row_blocks(weight: torch.Tensor, group_size: int) -> list[slice]:
     return [slice(start, min(start + per_block, rows)) for start in range(0, rows, per_block)]
 
 
+@contextmanager
+def row_blocks(weight: torch.Tensor, group_size: int = -1) -> Iterator[list[slice]]:
+    """The row ranges to work through a weight in, a block at a time (see above), with torch on one thread
+    meanwhile when they are several. Any computation whose rows are independent gives the one-pass result."""
+    blocks = _row_blocks(weight, group_size)
+    with _one_thread() if len(blocks) > 1 else nullcontext():
+        yield blocks
+
+
 def _require_finite(scales: torch.Tensor, name: str) -> None:
     """A NaN or an infinity anywhere in a group makes its scale non-finite: checking the scales checks the weight."""
     if not bool(torch.isfinite(scales).all()):
@@ -131,8 +140,7 @@ def _require_finite(scales: torch.Tensor, name: str) -> None:
 def _blocks(weight: torch.Tensor, spec: LayerQuant, name: str, finite: bool
             ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """(rows, float32 codes, scales) of each block of rows (one block, on torch's threads, unless blocks pay)."""
-    blocks = _row_blocks(weight, spec.group_size)
-    with _one_thread() if len(blocks) > 1 else nullcontext():
+    with row_blocks(weight, spec.group_size) as blocks:
         for block in blocks:
             codes, scales = _codes_and_scales(weight[block], spec, name)
             if finite:
