@@ -129,3 +129,18 @@ def build_tiny_model(folder: Path, kind: str = "fused", group_size: int = 32, se
     model.save_pretrained(folder)
     build_char_tokenizer(folder)
     return folder
+
+
+def refuse_direct_io_at_open(monkeypatch) -> None:
+    """Make os.open fail as a filesystem without direct I/O does: EINVAL for O_DIRECT."""
+    import errno
+    import os
+
+    real_open = os.open
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)

@@ -465,7 +465,8 @@ class DirectFile(_Direct):
     """A new file of gigabytes written with direct I/O: bytes are gathered in the aligned buffer and go from there
     to the disk, instead of being copied into as much freshly allocated page cache for the kernel to write back
     later (DeepSpeed's FastPersist writes checkpoints the same way; converting a 1B-shaped model took about a
-    quarter less wall time). The unaligned tail is written through the page cache. After a failed write the file only closes."""
+    quarter less wall time). The unaligned tail is written through the page cache. After a failed write the file
+    only closes."""
 
     def __init__(self, path: Path):
         super().__init__(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -610,7 +611,7 @@ class SafetensorsStreamWriter:
 
 class BackgroundIO:
     """Runs file writes (or any calls) on one background thread, in the order they are submitted, while the caller
-    quantizes the next tensor (the write syscalls and OpenSSL's sha256 release the GIL while torch computes). At most
+    quantizes the next tensor (the write syscalls release the GIL while torch computes). At most
     `max_pending_bytes` of buffers wait (plus the one just submitted), so memory stays bounded; a failure in the
     background is raised in the caller at its next submit or at the end, and what was queued after it does not run.
 

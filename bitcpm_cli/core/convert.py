@@ -614,9 +614,10 @@ def _verify(files: WeightFiles, specs: dict[str, TensorSpec], staging: Path, res
             progress: ProgressFn | None) -> VerifyReport:
     """Reread the written output and compare every tensor with a reference recomputed from the input.
 
-    Both are streamed side by side (plain reads, no memory map): the output holds its tensors in input order, so
-    at most one input and one output tensor (two for a packed pair) are in memory at a time, plus what the two
-    background readers hold ahead (`prefetched`).
+    Both are streamed side by side (plain reads, no memory map; the output with direct I/O): the output holds its
+    tensors in input order, so at most one input and one output tensor (two for a packed pair) are in memory at a
+    time, plus what the two background readers hold ahead (`prefetched`) and the two 16 MiB slices that a third
+    thread compares the tensors written unchanged in.
     """
     out_files, out_specs = read_tensor_specs(staging)
     copied = frozenset(

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from bitcpm_cli.core.errors import ConfigError, InputError, QuantError
 from bitcpm_cli.core.quant import LayerQuant, QuantScheme, fake_quantize, plan, plan_state_dict, prepare
 
 from tests.conftest import tiny_llama_config
+from tests.helpers import refuse_direct_io_at_open
 
 IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3]])
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -440,12 +442,9 @@ def test_bf16_output_of_a_bf16_checkpoint_is_its_qat_forward_in_bf16(tmp_path):
         assert torch.equal(stock(IDS).logits, qat(IDS).logits)
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "O_DIRECT"), reason="O_DIRECT is Linux's")
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
 @pytest.mark.parametrize("fmt", ["fused", "packed"])
 def test_the_output_is_the_same_whether_the_filesystem_takes_direct_io_or_not(tmp_path, monkeypatch, fmt):
-    import errno
-    import os
-
     from bitcpm_cli.core import checkpoint
 
     make_qat(tmp_path / "qat")
@@ -459,14 +458,7 @@ def test_the_output_is_the_same_whether_the_filesystem_takes_direct_io_or_not(tm
     convert_checkpoint(tmp_path / "qat", tmp_path / "direct", fmt=fmt, verify=True, max_shard_bytes=20_000)
     if not all(opened):
         pytest.skip("this filesystem refuses O_DIRECT: both conversions would go through the page cache")
-    real_open = os.open
-
-    def no_direct(path, flags, *args):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", no_direct)
+    refuse_direct_io_at_open(monkeypatch)
     convert_checkpoint(tmp_path / "qat", tmp_path / "buffered", fmt=fmt, verify=True, max_shard_bytes=20_000)
     shards = sorted(p.name for p in (tmp_path / "direct").glob("*.safetensors"))
     assert len(shards) > 1 and shards == sorted(p.name for p in (tmp_path / "buffered").glob("*.safetensors"))
@@ -482,10 +474,8 @@ def test_a_fused_input_is_recognised_at_its_own_group_size(tmp_path, group_size)
     assert f"every group of {convert_module._describe_group(group_size)} holds" in again.notes[0]
 
 
-@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="lists open files through /proc")
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files through /proc")
 def test_a_failed_conversion_leaves_no_file_of_its_output_open(tmp_path):
-    import os
-
     make_qat(tmp_path / "qat")
     weights = load_file(tmp_path / "qat" / "model.safetensors")
     weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("inf")  # late: earlier tensors are written first

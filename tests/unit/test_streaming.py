@@ -1,4 +1,5 @@
-"""The streaming machinery of convert: background writes and digests, read-ahead, skipping tensors unread."""
+"""The streaming machinery of convert: background writes, read-ahead with the digest, skipping tensors unread, direct
+I/O."""
 
 import errno
 import hashlib
@@ -20,6 +21,7 @@ from bitcpm_cli.core.checkpoint import (
     prefetched,
 )
 from bitcpm_cli.core.errors import InputError
+from tests.helpers import refuse_direct_io_at_open
 
 
 def test_background_io_runs_calls_in_order(tmp_path):
@@ -93,7 +95,8 @@ SIZES = [0, 1, 4095, 4096, 4097, 8 * MiB - 1, 8 * MiB, 8 * MiB + 4097, 20 * MiB 
 
 
 def _payload(size: int) -> bytes:
-    return torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(size)).numpy().tobytes()
+    generator = torch.Generator().manual_seed(size)
+    return torch.randint(0, 256, (size,), dtype=torch.uint8, generator=generator).numpy().tobytes()
 
 
 def _write(path, data: bytes, pieces: int = 7) -> DirectFile:
@@ -148,14 +151,7 @@ def test_direct_io_is_used_where_the_filesystem_takes_it(tmp_path):
 
 @LINUX_DIRECT_IO
 def test_a_filesystem_refusing_direct_io_at_open_gets_the_same_bytes(tmp_path, monkeypatch):
-    real_open = os.open
-
-    def no_direct(path, flags, *args):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", no_direct)
+    refuse_direct_io_at_open(monkeypatch)
     data = _payload(8 * MiB + 4097)
     with DirectFile(tmp_path / "out") as handle:
         assert not handle.direct  # refused at open: through the page cache from the start
