@@ -489,3 +489,33 @@ def test_a_failed_conversion_leaves_no_file_of_its_output_open(tmp_path):
         convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
     assert not [f for f in open_files() if ".bitcpm-tmp" in f]  # a deleted shard held open keeps its disk space
     assert not (tmp_path / "fused").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
+def test_verify_reads_the_output_back_with_direct_io_and_compares_copies_on_a_thread_of_its_own(tmp_path,
+                                                                                              monkeypatch):
+    import threading
+
+    from bitcpm_cli.core import checkpoint
+
+    make_qat(tmp_path / "qat")
+    read_directly, real_init = [], checkpoint.DirectReader.__init__
+
+    def spy(self, path):
+        real_init(self, path)
+        read_directly.append(path.name)
+
+    compared_on, real_same_bytes = [], convert_module._Files.same_bytes
+
+    def same_bytes(self, *args):
+        compared_on.append(threading.current_thread().name)
+        return real_same_bytes(self, *args)
+
+    monkeypatch.setattr(checkpoint.DirectReader, "__init__", spy)
+    monkeypatch.setattr(convert_module._Files, "same_bytes", same_bytes)
+    result = convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32", verify=True)
+    assert result.verify.ok
+    # The quantized tensors' stream and the unchanged tensors' comparison each read the written file directly;
+    # the input is read through the page cache.
+    assert read_directly == ["model.safetensors", "model.safetensors"]
+    assert compared_on and all(name.startswith("bitcpm-verify") for name in compared_on)
