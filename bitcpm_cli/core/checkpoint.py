@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import struct
 from contextlib import contextmanager
@@ -23,6 +24,12 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
 SAFETENSORS_DTYPES = {key: name for key, (name, _) in SAFETENSORS_TYPES.items()}  # safetensors -> torch name
+DTYPE_BYTES = dict(SAFETENSORS_TYPES.values())  # torch name -> bytes per element
+
+
+def tensor_nbytes(dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor of this torch dtype name and shape."""
+    return DTYPE_BYTES[dtype] * math.prod(shape)
 
 
 @dataclass(frozen=True)
@@ -35,10 +42,11 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.dtype, self.shape)
 
 
 @dataclass(frozen=True)
@@ -567,15 +575,11 @@ class SafetensorsStreamWriter:
 
     def __init__(self, path: Path, specs: list[tuple[str, str, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
-        import torch
-
         self._expected = []
         header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
         offset = 0
         for name, dtype, shape in specs:
-            size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-            for d in shape:
-                size *= d
+            size = tensor_nbytes(dtype, shape)
             header[name] = {"dtype": TORCH_TO_SAFETENSORS[dtype], "shape": list(shape),
                             "data_offsets": [offset, offset + size]}
             self._expected.append((name, dtype, tuple(shape), size))

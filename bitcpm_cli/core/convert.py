@@ -34,6 +34,7 @@ from bitcpm_cli.core.checkpoint import (
     read_config,
     read_tensor_specs,
     tensor_byte_ranges,
+    tensor_nbytes,
     tensor_order,
 )
 from bitcpm_cli.core.config_check import require_consistent_config
@@ -221,15 +222,11 @@ class _Transform:
 
 
 # ---- output writing ------------------------------------------------------------------------------
-def _nbytes(dtype: str, shape: tuple[int, ...]) -> int:
-    return torch.empty((), dtype=getattr(torch, dtype)).element_size() * math.prod(shape)
-
-
 def _shard(specs: list[tuple[str, str, tuple[int, ...]]], max_bytes: int) -> list[list[tuple[str, str, tuple]]]:
     shards: list[list] = [[]]
     size = 0
     for spec in specs:
-        nbytes = _nbytes(spec[1], spec[2])
+        nbytes = tensor_nbytes(spec[1], spec[2])
         if shards[-1] and size + nbytes > max_bytes:
             shards.append([])
             size = 0
@@ -436,7 +433,7 @@ def convert_checkpoint(
             shards = len(writer.names)
             written = [folder / n for n in writer.names]
         quantized_shapes = list(packed_shapes.values()) or [specs[n].shape for n in targets]
-        quantized_bytes = sum(_nbytes(dt, shape) for name, dt, shape in out_specs
+        quantized_bytes = sum(tensor_nbytes(dt, shape) for name, dt, shape in out_specs
                               if name in targets or packed_base(name) is not None
                               or name.removesuffix(".weight") in packed_shapes)
         result = ConvertResult(
@@ -467,7 +464,7 @@ def convert_checkpoint(
 
 def _tick(progress: ProgressFn | None, stage: str, tensor: torch.Tensor, total: int) -> None:
     if progress is not None:
-        progress(stage, tensor.numel() * tensor.element_size(), total)
+        progress(stage, tensor.nbytes, total)
 
 
 def _plan_dense(files: WeightFiles, specs: dict[str, TensorSpec], scheme: QuantScheme | None,
@@ -666,7 +663,7 @@ def _verify(files: WeightFiles, specs: dict[str, TensorSpec], staging: Path, res
         report.tensors_checked += len(copied)
         report.mismatches += copied_mismatches
         if progress is not None:
-            progress("verify", sum(_nbytes(specs[n].dtype, specs[n].shape) for n in copied), result.bytes_in)
+            progress("verify", sum(specs[n].nbytes for n in copied), result.bytes_in)
         return report
     finally:
         outputs.close()
