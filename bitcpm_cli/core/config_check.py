@@ -126,6 +126,14 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def _rotary_factor(config: dict[str, Any]) -> tuple[Any, bool]:
+    """config.json's partial_rotary_factor (1.0 when absent or null) and whether it is a number within (0, 1]."""
+    factor = config.get("partial_rotary_factor")
+    if factor is None:
+        return 1.0, True
+    return factor, _number(factor) and 0 < factor <= 1
+
+
 def _derive_head_dim(q_out: int, kv_out: int, config: dict[str, Any], override: int | None) -> tuple[int, str]:
     def fits(d: Any) -> bool:
         return _positive_int(d) and q_out % d == 0 and kv_out % d == 0
@@ -137,7 +145,8 @@ def _derive_head_dim(q_out: int, kv_out: int, config: dict[str, Any], override: 
         return override, "--head-dim"
     if fits(config.get("head_dim")):
         return config["head_dim"], "config head_dim divides q_proj and k_proj consistently"
-    partial = config.get("partial_rotary_factor") or 1.0
+    partial, valid = _rotary_factor(config)
+    partial = partial if valid else 1.0
     for key, length in _factor_lengths(config):
         if fits(round(2 * length / partial)):
             return round(2 * length / partial), f"{key} has {length} entries (head_dim / 2)"
@@ -277,8 +286,8 @@ def _compare(config: dict[str, Any], derived: dict[str, Any]) -> list[FieldCheck
             checks.append(FieldCheck(dtype_key, None, derived["dtype"], "ok", "not set (loaders default to float32)",
                                      present=False))
 
-    factor = config.get("partial_rotary_factor") or 1.0
-    if not (_number(factor) and 0 < factor <= 1):
+    factor, valid = _rotary_factor(config)
+    if not valid:
         checks.append(FieldCheck("partial_rotary_factor", factor, "a number within (0, 1]", "unfixable",
                                  "the fraction of head_dim that is rotated; take it from the model's release"))
         factor = 1.0

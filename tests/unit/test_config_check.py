@@ -277,3 +277,13 @@ def test_output_equal_to_config_refused(tmp_path):
     with pytest.raises(InputError, match="model's own config.json"):
         write_fixed_config(check_config(model), model / "config.json")
 
+
+
+@pytest.mark.parametrize("factor", ["x", 0, 1.5, [0.5]])
+def test_a_bad_partial_rotary_factor_is_reported_even_where_head_dim_comes_from_longrope(tmp_path, factor):
+    # Before: a non-number crashed head_dim's derivation (exit 3) and 0 was taken for 1.0 without a word.
+    rope = {"rope_type": "longrope", "long_factor": [1.0] * 8, "short_factor": [1.0] * 8}
+    config = small_config(head_dim=None, rope_scaling=rope, partial_rotary_factor=factor)
+    report = check_config(write_model_dir(tmp_path / "m", config, llama_shapes(**SMALL)))
+    assert verdicts(report)["partial_rotary_factor"] == (factor, "a number within (0, 1]", "unfixable")
+    assert "partial_rotary_factor" in [c.field for c in report.unfixable]
