@@ -285,6 +285,12 @@ def tensor_byte_ranges(path: Path) -> dict[str, tuple[int, int]]:
             for name, entry in header.items()}
 
 
+def _in_file_order(entry: dict[str, Any]) -> tuple[int, int]:
+    """Sort key of header entries in the order their bytes lie in the file (an empty tensor before the one that
+    starts where it does)."""
+    return entry["data_offsets"][0], entry["data_offsets"][1]
+
+
 READ_SLICE = 2**20  # bytes read (and hashed) at a time: fits in a core's L2 cache
 
 
@@ -301,7 +307,7 @@ def iter_safetensors(path: Path, hasher=None, skip: frozenset[str] = frozenset()
         raise ValueError("a digest of the whole file needs every tensor read")
     read_safetensors_header(path)  # validates sizes and offsets first
     start, header, _ = _safetensors_layout(path)
-    entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
+    entries = sorted(header.items(), key=lambda item: _in_file_order(item[1]))
     with open_for_reading(path, direct) as handle:
         prefix = handle.read(start)
         if hasher is not None:
@@ -311,9 +317,7 @@ def iter_safetensors(path: Path, hasher=None, skip: frozenset[str] = frozenset()
             begin, end = entry["data_offsets"]
             if name in skip:
                 continue
-            if hasher is not None and begin > position:  # padding: read past it, so the digest covers every byte
-                hasher.update(handle.read(begin - position))
-            elif begin != position:
+            if begin != position:  # after skipped tensors only: the header check has the tensors tile the data
                 handle.seek(start + begin)
             buffer = torch.empty(end - begin, dtype=torch.uint8)
             view = memoryview(buffer.numpy())
@@ -329,9 +333,6 @@ def iter_safetensors(path: Path, hasher=None, skip: frozenset[str] = frozenset()
             position = end
             dtype = getattr(torch, SAFETENSORS_DTYPES[entry["dtype"]])
             yield name, buffer.view(dtype).reshape(entry["shape"])
-        if hasher is not None:
-            for block in iter(lambda: handle.read(2**24), b""):
-                hasher.update(block)
 
 
 def iter_bin(path: Path, hasher=None) -> Iterator[tuple[str, Any]]:
@@ -370,7 +371,7 @@ def tensor_order(files: WeightFiles, specs: dict[str, TensorSpec]) -> list[str]:
     order = []
     for file in files.files:
         _, header, _ = _safetensors_layout(file)
-        order += sorted(header, key=lambda name: header[name]["data_offsets"][0])
+        order += sorted(header, key=lambda name: _in_file_order(header[name]))
     return order
 
 

@@ -265,8 +265,8 @@ def check_safetensors_header(header: Any, data_bytes: int, path: Path) -> dict[s
             raise InputError(f"{where}: shape {entry['shape']} of {entry['dtype']} needs {expected} bytes, its "
                              f"offsets hold {end - begin} ({path})", hint=hint)
         entries[name] = entry
-    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], n) for n, e in entries.items() if
-                   e["data_offsets"][1] > e["data_offsets"][0])
+    # Empty tensors too: one inside another tensor's bytes is an overlap, as the safetensors library says.
+    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], n) for n, e in entries.items())
     covered, last = 0, None  # like safetensors itself: the tensors tile the data section exactly, from byte 0
     for begin, end, name in spans:
         if begin < covered:

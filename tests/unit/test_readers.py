@@ -82,6 +82,9 @@ def safetensors(path, header: dict, data: bytes):
     # found by the fuzz suite: the safetensors library refuses these itself, so they must be exit 2 first
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, 16, "8 bytes after the last tensor"),
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}, 16, "bytes 0-8 belong to no tensor"),
+    # an empty tensor inside another's bytes: the safetensors library refuses it ("invalid offset")
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+      "e": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}}, 16, "overlap"),
 ])
 def test_safetensors_header_checks(tmp_path, header, size, message):
     path = safetensors(tmp_path / "m.safetensors", header, b"\0" * size)
@@ -138,3 +141,23 @@ def test_shard_index_entries_are_confined(tmp_path, shard, message):
     with pytest.raises(BitcpmError, match=message) as info:
         find_weight_files(model)
     assert "'w'" in info.value.message  # the entry is named
+
+
+def test_empty_tensors_where_one_ends_are_read_and_hashed_once(tmp_path):
+    import hashlib
+
+    import torch
+    from safetensors.torch import load_file
+
+    from bitcpm_cli.core.checkpoint import iter_safetensors
+
+    values = struct.pack("<4f", 1, 2, 3, 4)
+    header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},  # listed before the empty one
+              "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]},
+              "e": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]}}
+    path = safetensors(tmp_path / "m.safetensors", header, values)
+    digest = hashlib.sha256()
+    read = dict(iter_safetensors(path, digest))
+    assert digest.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()  # every byte once
+    expected = load_file(path)
+    assert set(read) == set(expected) and all(torch.equal(read[n], expected[n]) for n in expected)
