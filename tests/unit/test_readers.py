@@ -2,6 +2,8 @@
 
 import json
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -138,3 +140,15 @@ def test_shard_index_entries_are_confined(tmp_path, shard, message):
     with pytest.raises(BitcpmError, match=message) as info:
         find_weight_files(model)
     assert "'w'" in info.value.message  # the entry is named
+
+
+def test_json_prompt_files_are_read_without_torch(tmp_path):
+    # `infer -m x.gguf --prompts p.jsonl` stays on the torch-free llama.cpp path
+    (tmp_path / "p.jsonl").write_text('{"prompt": "Hi"}\n{"messages": [{"role": "user", "content": "Yo"}]}\n')
+    (tmp_path / "p.json").write_text('[{"prompt": "Hi"}]')
+    code = ("import sys; from bitcpm_cli.core.generate import read_prompts; "
+            "assert len(read_prompts(None, sys.argv[1])) == 2 and len(read_prompts(None, sys.argv[2])) == 1; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "p.jsonl"), str(tmp_path / "p.json")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
