@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bitcpm_cli.core.data import json_records
 from bitcpm_cli.core.errors import BitcpmError, InputError
-from bitcpm_cli.core.readers import read_json_file
+from bitcpm_cli.core.readers import json_records, read_json_file
 
 FORMATS = ("auto", "alpaca", "sharegpt", "openai", "messages")  # messages: the OpenAI format's old name here
 COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools")

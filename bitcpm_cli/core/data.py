@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import torch
 
 from bitcpm_cli.core.errors import InputError
-from bitcpm_cli.core.readers import iter_text_lines, parse_json, read_json_file, read_json_lines
+from bitcpm_cli.core.readers import iter_text_lines, parse_json
 
 SUFFIXES = (".jsonl", ".txt", ".parquet")
 
@@ -29,16 +29,6 @@ def check_data_files(paths: list[str]) -> list[Path]:
         raise InputError(problems[0], hint="pass .jsonl files with a `text` field, .txt or .parquet",
                          problems=problems if len(problems) > 1 else ())
     return files
-
-
-def json_records(path: Path, what: str = "records") -> list[tuple[str, Any]]:
-    """(where, record) of a .jsonl file (one a line) or a .json list; `where` is `file:line` or `file[index]`."""
-    if path.suffix == ".json":
-        data = read_json_file(path, what)
-        if not isinstance(data, list):
-            raise InputError(f"{path}: expected a JSON list of {what}", hint="or use .jsonl, one a line")
-        return [(f"{path}[{i}]", record) for i, record in enumerate(data)]
-    return list(read_json_lines(path, what))
 
 
 def iter_texts(files: list[Path], field: str = "text") -> Iterator[str]:

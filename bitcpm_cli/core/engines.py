@@ -35,7 +35,6 @@ class ModelCard:
     """What a model is, read without its weights: enough to refuse it before anything heavy is loaded."""
 
     path: str
-    engine: str
     tokens: list[str | None]  # token string of every id the model has logits for (None: no token there)
     max_context: int | None
     encode: Callable[[str], list[int]]  # the model's own tokenizer: text -> ids, without BOS/EOS
@@ -44,10 +43,9 @@ class ModelCard:
 
 
 class Session:
-    """An opened model. `info` is the results document's `model` entry, `runtime` its `runtime` entry."""
+    """An opened model. `info` is the results document's `model` entry."""
 
     info: dict[str, Any]
-    runtime: dict[str, Any]
     notes: list[str]
 
     def generate(self, prompts: list, **settings: Any) -> dict[str, Any]:
@@ -78,23 +76,19 @@ class Engine:
         raise NotImplementedError
 
     def open(self, path: Path, *, device: str = "auto", dtype: str = "bfloat16", trust_remote_code: bool = False,
-             qat_forward: bool = False, context: int | None = None, seed: int = 42) -> Session:
+             qat_forward: bool = False, context: int | None = None) -> Session:
         raise NotImplementedError
 
 
 # ---- transformers -------------------------------------------------------------------------------------
 class _HFSession(Session):
     def __init__(self, loaded):
-        from bitcpm_cli.core.generate import describe_runtime
-
         self.loaded = loaded
         self.info, self.notes = loaded.info, loaded.notes
-        self.runtime = describe_runtime(loaded.device)
 
     def generate(self, prompts: list, **settings: Any) -> dict[str, Any]:
         from bitcpm_cli.core.generate import run_generation
 
-        settings.pop("device", None)
         return run_generation(self.loaded, prompts, **settings)
 
     def score(self, ids: Sequence[int]):
@@ -125,12 +119,12 @@ class HFEngine(Engine):
         tokens: list[str | None] = [None] * max(width, len(tokenizer))
         for token, index in tokenizer.get_vocab().items():
             tokens[index] = token
-        return ModelCard(str(path), self.name, tokens, config.get("max_position_embeddings"),
+        return ModelCard(str(path), tokens, config.get("max_position_embeddings"),
                          lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
                          tokenizer.bos_token_id, tokenizer.eos_token_id)
 
     def open(self, path: Path, *, device: str = "auto", dtype: str = "bfloat16", trust_remote_code: bool = False,
-             qat_forward: bool = False, context: int | None = None, seed: int = 42) -> Session:
+             qat_forward: bool = False, context: int | None = None) -> Session:
         from bitcpm_cli.core.generate import load_for_inference
 
         return _HFSession(load_for_inference(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
@@ -139,14 +133,14 @@ class HFEngine(Engine):
 
 # ---- llama.cpp -----------------------------------------------------------------------------------------
 class _LlamaCppSession(Session):
-    def __init__(self, path: Path, context: int | None, seed: int):
+    def __init__(self, path: Path, context: int | None):
         from bitcpm_cli.core import llamacpp
 
-        self.path, self.seed, self.notes = path, seed, []
+        self.path, self.notes = path, []
         self.llm = None  # generation opens the file itself (run_llamacpp); scoring needs logits of every position
         if context:
             self.llm = llamacpp.open_for_scoring(path, context)
-            self.info, self.runtime = llamacpp.model_info(path, self.llm), llamacpp.describe_runtime()
+            self.info = llamacpp.model_info(path, self.llm)
 
     def generate(self, prompts: list, **settings: Any) -> dict[str, Any]:
         from bitcpm_cli.core.llamacpp import run_llamacpp
@@ -176,15 +170,15 @@ class LlamaCppEngine(Engine):
 
         self.require()
         tokens, max_context, vocab = read_vocabulary(path)
-        return ModelCard(str(path), self.name, tokens, max_context,
+        return ModelCard(str(path), tokens, max_context,
                          lambda text: vocab.tokenize(text.encode(), add_bos=False, special=False),
                          vocab.token_bos(), vocab.token_eos())
 
     def open(self, path: Path, *, device: str = "auto", dtype: str = "bfloat16", trust_remote_code: bool = False,
-             qat_forward: bool = False, context: int | None = None, seed: int = 42) -> Session:
+             qat_forward: bool = False, context: int | None = None) -> Session:
         if device not in ("auto", "cpu"):
             raise InputError(f"the llama.cpp engine runs on the CPU, not {device}", hint="use --device cpu (or auto)")
-        return _LlamaCppSession(path, context, seed)
+        return _LlamaCppSession(path, context)
 
 
 ENGINES: dict[str, Engine] = {"hf": HFEngine(), "llama.cpp": LlamaCppEngine()}
@@ -211,10 +205,9 @@ def generate(path: str | Path, prompts: list, *, engine: str = "auto", device: s
              **settings: Any) -> dict[str, Any]:
     """`bitcpm infer`: open the model with its engine and generate for every prompt (a results document)."""
     chosen = engine_for(path, engine)
-    if chosen.module:
-        chosen.require()
-    session = chosen.open(Path(path), device=device, dtype=dtype, trust_remote_code=trust_remote_code, seed=seed)
+    chosen.require()
+    session = chosen.open(Path(path), device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     try:
-        return session.generate(prompts, device=device, seed=seed, **settings)
+        return session.generate(prompts, seed=seed, **settings)
     finally:
         session.close()

@@ -22,6 +22,7 @@ from bitcpm_cli.core.device import package_version, cann_version, resolve_device
 from bitcpm_cli.core.engines import results_document
 from bitcpm_cli.core.errors import InputError
 from bitcpm_cli.core.outputs import check_output, write_text_output
+from bitcpm_cli.core.readers import json_records, read_text_file
 
 DTYPES = ("bfloat16", "float16", "float32")
 TextCallback = Callable[[int, str], None]  # (prompt id, newly generated text)
@@ -71,16 +72,12 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | Path | None) -> 
         raise InputError("give either --prompt (one or more) or --prompts FILE", hint="e.g. --prompt 'Hello'")
     if prompts:
         return [Prompt(i, text=p) for i, p in enumerate(prompts)]
-    from bitcpm_cli.core.data import json_records
-
     path = Path(prompts_file)
     if not path.is_file():
         raise InputError(f"prompts file not found ({path})", hint="check the path")
     if path.suffix in (".jsonl", ".json"):
         result = [_prompt_from_json(obj, i, where) for i, (where, obj) in enumerate(json_records(path, "prompts"))]
     else:
-        from bitcpm_cli.core.readers import read_text_file
-
         lines = read_text_file(path, "prompts file").splitlines()
         result = [Prompt(i, text=line) for i, line in enumerate(line for line in lines if line.strip())]
     if not result:

@@ -27,7 +27,6 @@ class GgufArchitecture:
     """The chosen llama.cpp architecture and what it writes for one config."""
 
     name: str  # llama.cpp's architecture: "llama" | "minicpm"
-    model_type: str
     config: dict[str, Any]
     rope: dict[str, Any] = field(default_factory=dict)  # the resolved rope parameters (rope_type, factors...)
     notes: list[str] = field(default_factory=list)
@@ -42,7 +41,7 @@ class GgufArchitecture:
 
     @property
     def head_dim(self) -> int:
-        return self.config.get("head_dim") or self.config["hidden_size"] // self.heads
+        return _head_dim(self.config)
 
     @property
     def longrope(self) -> bool:
@@ -98,6 +97,10 @@ class GgufArchitecture:
                 ("rope_factors_short.weight", np.asarray(self.rope["short_factor"], dtype=np.float32))]
 
 
+def _head_dim(config: dict[str, Any]) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
 def _permute(weight: Any, heads: int) -> Any:
     rows = weight.shape[0]
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
@@ -142,7 +145,7 @@ def select_architecture(config: dict[str, Any]) -> GgufArchitecture:
                         "whole context")
     if rope["rope_type"] not in ("default", "linear", "longrope"):
         problems.append(f"rope type {rope['rope_type']!r}: only default, linear and longrope rope are exported")
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    head_dim = _head_dim(config)
     if config.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)) != 1.0:
         problems.append("partial_rotary_factor: llama.cpp's llama / minicpm rotate the whole head")
     if rope["rope_type"] == "longrope":
@@ -166,4 +169,4 @@ def select_architecture(config: dict[str, Any]) -> GgufArchitecture:
         if name == "minicpm":
             notes.append("LongRoPE: written as llama.cpp's minicpm architecture with neutral scales (its llama "
                          "architecture cannot hold both factor lists)")
-    return GgufArchitecture(name, model_type, config, rope, notes)
+    return GgufArchitecture(name, config, rope, notes)

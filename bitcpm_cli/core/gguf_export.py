@@ -182,9 +182,12 @@ def _write_tokenizer(writer: Any, source: Path, vocab_size: int, notes: list[str
         types.append(gguf.TokenType.UNUSED)
     if padded:
         notes.append(f"{padded} unused embedding rows written as [PAD] tokens")
-    from transformers import AutoTokenizer
+    if model == "llama":  # LlamaHfVocab loaded the folder's tokenizer with transformers already
+        hf = vocab.tokenizer
+    else:
+        from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        hf = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     _added_token_types(hf, tokens, types)
     if model == "llama":
         scores = _merge_scores(source, scores)
@@ -297,14 +300,16 @@ def _encode(entry: _Entry, data: torch.Tensor, gguf_type: str, allow_lossy: bool
     import gguf
 
     candidates = [entry.type] if gguf_type != "auto" else list(AUTO_ORDER[AUTO_ORDER.index(entry.type):])
+    values = None  # the float32 numpy copy that gguf-py's encoders take, made once
     for type_name in candidates:
         if entry.shape[1] % GGUF_BLOCKS[type_name][1]:
             continue
         if type_name == "TQ1_0":  # gguf-py's encoder and decoder (ggml's layout), in numpy
             qtype = gguf.GGMLQuantizationType.TQ1_0
-            encoded = gguf.quants.quantize(data.to(torch.float32).numpy(), qtype)
+            values = data.to(torch.float32).numpy() if values is None else values
+            encoded = gguf.quants.quantize(values, qtype)
             decoded = gguf.quants.dequantize(encoded, qtype).reshape(entry.shape)
-            exact = np.array_equal(decoded, data.to(torch.float32).numpy())
+            exact = np.array_equal(decoded, values)
         else:
             encoded = encode_block_type(data, type_name)
             exact = reproduces(encoded, type_name, data)
@@ -315,7 +320,7 @@ def _encode(entry: _Entry, data: torch.Tensor, gguf_type: str, allow_lossy: bool
         return None, ("its scales are not fp16 numbers or its blocks hold several scales" if gguf_type == "auto" else
                      "its scales are not fp16 numbers (convert from bfloat16 or float16 weights)")
     qtype = gguf.GGMLQuantizationType[entry.type]
-    values = data.to(torch.float32).numpy()
+    values = data.to(torch.float32).numpy() if values is None else values
     encoded = gguf.quants.quantize(values, qtype)
     entry.error = float(np.abs(gguf.quants.dequantize(encoded, qtype).reshape(entry.shape) - values).max())
     return _bytes_view(encoded), "not exact"

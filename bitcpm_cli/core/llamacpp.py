@@ -13,24 +13,15 @@ import numpy as np
 from bitcpm_cli.core.chat import END_OF_TURN_TOKENS
 from bitcpm_cli.core.device import package_version
 from bitcpm_cli.core.errors import InputError
-from bitcpm_cli.core.engines import results_document
+from bitcpm_cli.core.engines import ENGINES, results_document
 from bitcpm_cli.core.generate import Prompt, TextCallback, check_sampling, fit_context
 
 
 def _load(path: Path, seed: int):
-    try:
-        import llama_cpp
-    except ImportError:
-        raise InputError("--engine llama.cpp needs llama-cpp-python", hint="pip install -e '.[gguf]' (it builds "
-                                                                           "llama.cpp from source, a few minutes)") from None
-    if not path.is_file() or path.suffix != ".gguf":
-        raise InputError(f"--engine llama.cpp takes a .gguf file ({path})",
-                         hint="make one with `bitcpm convert --format gguf`")
-    try:
-        return llama_cpp, llama_cpp.Llama(model_path=str(path), n_ctx=0, seed=seed, n_gpu_layers=0, verbose=False)
-    except (ValueError, RuntimeError) as exc:
-        raise InputError(f"llama.cpp cannot load {path} ({exc})", hint="re-create it with `bitcpm convert --format "
-                                                                      "gguf`") from None
+    ENGINES["llama.cpp"].require()
+    import llama_cpp
+
+    return llama_cpp, _open(path, "--engine llama.cpp takes a .gguf file", n_ctx=0, seed=seed)
 
 
 def _render_chat(template: str | None, messages: list[dict[str, str]], special: dict[str, str]) -> str:
@@ -56,14 +47,12 @@ def _top(logits: np.ndarray, k: int, chosen: int) -> list[list[float]]:
 
 
 def run_llamacpp(model: str | Path, prompts: list[Prompt], *, max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 42, chat: bool = False, logprobs: int = 0, device: str = "auto",
+                 top_p: float = 1.0, seed: int = 42, chat: bool = False, logprobs: int = 0,
                  on_text: TextCallback | None = None, truncate_prompt: bool = False) -> dict[str, Any]:
     path = Path(model)
     check_sampling(max_new_tokens, temperature, top_p, logprobs, seed=seed)
     if temperature != 0 or top_p != 1:
         raise InputError("the llama.cpp engine decodes greedily only", hint="use --temperature 0 --top-p 1")
-    if device not in ("auto", "cpu"):
-        raise InputError(f"the llama.cpp engine runs on the CPU, not {device}", hint="use --device cpu (or auto)")
     llama_cpp, llm = _load(path, seed)
     try:
         metadata = llm.metadata
@@ -138,12 +127,13 @@ def describe_runtime() -> dict[str, Any]:
             "llama_cpp": llama_cpp.__version__, "torch_npu": None, "cann": None, "host": platform.node()}
 
 
-# ---- scoring (bitcpm eval) ------------------------------------------------------------------------------
-def _open(path: Path, **options: Any):
+def _open(path: Path, refusal: str = "not a .gguf file", **options: Any):
+    """A llama.cpp model on the CPU; a path that is not a .gguf file is refused with `refusal`, a file llama.cpp
+    cannot load named."""
     import llama_cpp
 
     if not path.is_file() or path.suffix != ".gguf":
-        raise InputError(f"not a .gguf file ({path})", hint="make one with `bitcpm convert --format gguf`")
+        raise InputError(f"{refusal} ({path})", hint="make one with `bitcpm convert --format gguf`")
     try:
         return llama_cpp.Llama(model_path=str(path), n_gpu_layers=0, verbose=False, **options)
     except (ValueError, RuntimeError) as exc:
@@ -151,6 +141,7 @@ def _open(path: Path, **options: Any):
                          hint="re-create it with `bitcpm convert --format gguf`") from None
 
 
+# ---- scoring (bitcpm eval) ------------------------------------------------------------------------------
 def read_vocabulary(path: Path) -> tuple[list[str | None], int | None, Any]:
     """(token string of every id, training context length, a vocabulary-only Llama that tokenizes) of a GGUF file,
     without loading its weights."""

@@ -156,6 +156,16 @@ def read_json_lines(path: str | Path, what: str) -> Iterator[tuple[str, Any]]:
             yield where, parse_json(line, where, what, line=True)
 
 
+def json_records(path: Path, what: str = "records") -> list[tuple[str, Any]]:
+    """(where, record) of a .jsonl file (one a line) or a .json list; `where` is `file:line` or `file[index]`."""
+    if path.suffix == ".json":
+        data = read_json_file(path, what)
+        if not isinstance(data, list):
+            raise InputError(f"{path}: expected a JSON list of {what}", hint="or use .jsonl, one a line")
+        return [(f"{path}[{i}]", record) for i, record in enumerate(data)]
+    return list(read_json_lines(path, what))
+
+
 # ---- YAML ---------------------------------------------------------------------------------------------
 def _expanded_size(node: Any, memo: dict[int, int]) -> int:
     key = id(node)

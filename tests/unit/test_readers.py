@@ -2,6 +2,8 @@
 
 import json
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -161,3 +163,15 @@ def test_empty_tensors_where_one_ends_are_read_and_hashed_once(tmp_path):
     assert digest.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()  # every byte once
     expected = load_file(path)
     assert set(read) == set(expected) and all(torch.equal(read[n], expected[n]) for n in expected)
+
+
+def test_json_prompt_files_are_read_without_torch(tmp_path):
+    # `infer -m x.gguf --prompts p.jsonl` stays on the torch-free llama.cpp path
+    (tmp_path / "p.jsonl").write_text('{"prompt": "Hi"}\n{"messages": [{"role": "user", "content": "Yo"}]}\n')
+    (tmp_path / "p.json").write_text('[{"prompt": "Hi"}]')
+    code = ("import sys; from bitcpm_cli.core.generate import read_prompts; "
+            "assert len(read_prompts(None, sys.argv[1])) == 2 and len(read_prompts(None, sys.argv[2])) == 1; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "p.jsonl"), str(tmp_path / "p.json")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
