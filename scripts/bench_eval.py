@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import resource
 import subprocess
@@ -23,24 +24,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-BITCPM_VOCAB = 73448
+
+from tests.helpers import BITCPM_1B  # noqa: E402
+
+BITCPM_VOCAB = BITCPM_1B["vocab"]
 
 
 def build_mid(folder: Path) -> None:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from safetensors import safe_open
 
-    from bitcpm_cli.core.quant import QuantScheme, prepare
+    from tests.helpers import build_tiny_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                         num_attention_heads=16, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    model = LlamaForCausalLM(config)
-    prepare(model, QuantScheme(group_size=-1))
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(ROOT / "configs" / "quickstart" / "tokenizer").save_pretrained(folder)
-    print(f"mid-size model: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters", flush=True)
+    build_tiny_model(folder, kind="qat", group_size=-1, tokenizer=ROOT / "configs" / "quickstart" / "tokenizer",
+                     config=dict(vocab_size=512, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                                 num_attention_heads=16, num_key_value_heads=4, head_dim=64,
+                                 max_position_embeddings=2048))
+    parameters = 0
+    for file in folder.glob("*.safetensors"):  # untied, no saved buffers: the model's parameters
+        with safe_open(str(file), "pt") as weights:
+            for name in weights.keys():
+                shape = weights.get_slice(name).get_shape()
+                parameters += math.prod(shape)
+    print(f"mid-size model: {parameters / 1e6:.0f}M parameters", flush=True)
 
 
 def throughput(root: Path, tokens: int) -> None:
@@ -89,7 +94,8 @@ def build_big_vocab(folder: Path) -> None:
 
 
 def memory(root: Path, sizes: list[int]) -> None:
-    """Peak RSS of the child's own address space (VmHWM: ru_maxrss would carry the parent's peak over fork+exec)."""
+    """Peak RSS of the child's own address space (bench_convert.peak_rss_mb: VmHWM, as ru_maxrss would carry the
+    parent's peak over fork+exec)."""
     import os
     import shutil
 
@@ -101,15 +107,16 @@ def memory(root: Path, sizes: list[int]) -> None:
     peaks = {}
     for scored in sizes:
         child = [sys.executable, "-c", (
-            "import json, resource, sys; from bitcpm_cli.core.evaluation import plan_eval, run_eval; "
+            f"import json, sys; sys.path.insert(0, '{ROOT / 'scripts'}'); from bench_convert import peak_rss_mb; "
+            "from bitcpm_cli.core.evaluation import plan_eval, run_eval; "
             f"r = run_eval(plan_eval(['{root / 'big'}', '{root / 'big'}2'], '{root / 'words.txt'}', "
             f"context=512, stride=256, max_tokens={scored + 1}, device='cpu')); "
             "print(json.dumps({'tokens': r['models'][0]['tokens'], 'kld': r['models'][1]['vs_reference']['mean_kld'],"
-            " 'rss_kib': int(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:')))}))")]
+            " 'rss_mb': peak_rss_mb()}))")]
         output = subprocess.run(child, check=True, capture_output=True, text=True, cwd=ROOT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
         result = json.loads(output.strip().splitlines()[-1])
-        peaks[scored] = result["rss_kib"] / 1024
+        peaks[scored] = result["rss_mb"]
         print(f"  {result['tokens']:7,d} scored tokens, vocab {BITCPM_VOCAB:,}, 2 models: peak RSS "
               f"{peaks[scored]:.0f} MiB (KLD of the model against itself: {result['kld']})", flush=True)
     small, large = min(sizes), max(sizes)

@@ -22,20 +22,11 @@ PROMPTS = ["Hello, how are you?", "The capital of France is", "Explain ternary q
 
 
 def build(folder: Path) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.helpers import build_tiny_model
 
-    from bitcpm_cli.core.quant import QuantScheme, fuse, prepare
-    from tests.helpers import build_char_tokenizer
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    model = LlamaForCausalLM(config)
-    fuse(prepare(model, QuantScheme(group_size=128)))
-    model.to(torch.bfloat16).save_pretrained(folder)
-    build_char_tokenizer(folder)
+    build_tiny_model(folder, kind="fused", group_size=128, dtype="bfloat16",
+                     config=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                                 num_key_value_heads=2, head_dim=64, max_position_embeddings=512))
 
 
 def main() -> None:

@@ -110,24 +110,36 @@ def build_char_tokenizer(folder: Path):
     return tokenizer
 
 
-def build_tiny_model(folder: Path, kind: str = "fused", group_size: int = 32, seed: int = 0, tied: bool = False):
-    """A tiny Llama + tokenizer folder: kind 'float' (plain), 'qat' (latent + bitcpm_quant) or 'fused'."""
+def build_tiny_model(folder: Path, kind: str = "fused", group_size: int = 32, seed: int = 0, tied: bool = False,
+                     config: dict | None = None, dtype: str | None = None, tokenizer: str | Path | None = None):
+    """A tiny Llama + tokenizer folder: kind 'float' (plain), 'qat' (latent + bitcpm_quant) or 'fused'.
+
+    `config` overrides LlamaConfig settings (sizes); `dtype` (e.g. "bfloat16") casts the weights before saving;
+    `tokenizer` is a tokenizer folder to copy in place of the character-level one. Also used by scripts/bench_eval.py
+    and scripts/bench_infer.py for larger models."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bitcpm_cli.core.quant import QuantScheme, fuse, prepare
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                         tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    model = LlamaForCausalLM(config)
+    settings = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=tied,
+                    bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model = LlamaForCausalLM(LlamaConfig(**{**settings, **(config or {})}))
     if kind in ("qat", "fused"):
         prepare(model, QuantScheme(group_size=group_size))
     if kind == "fused":
         fuse(model)
+    if dtype is not None:
+        model.to(getattr(torch, dtype))
     model.save_pretrained(folder)
-    build_char_tokenizer(folder)
+    if tokenizer is None:
+        build_char_tokenizer(folder)
+    else:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer).save_pretrained(folder)
     return folder
 
 

@@ -86,27 +86,26 @@ def end_distributed() -> None:
         dist.destroy_process_group()
 
 
-def extension_locks(root: str | None = None) -> list[Path]:
-    """`lock` files in torch's C++-extension build folders (DeepSpeed JIT-builds its CPU communication op there).
+def extension_locks(root: str | None) -> list[Path]:
+    """`lock` files in torch's C++-extension build folder `root` (DeepSpeed JIT-builds its CPU communication op
+    there); none when there is no such folder.
 
     A build that was killed leaves its lock behind and every later build waits on it forever."""
-    if root is None:
-        root = os.environ.get("TORCH_EXTENSIONS_DIR")
-        if not root:
-            try:
-                from torch.utils.cpp_extension import get_default_build_root
-            except ImportError:
-                return []
-            root = get_default_build_root()
+    if not root:
+        return []
     base = Path(root)
     if not base.is_dir():
         return []
     return sorted(p for pattern in ("*/lock", "*/*/lock") for p in base.glob(pattern) if p.is_file())
 
 
-def stale_extension_locks(root: str | None = None) -> list[Path]:
+def _stale(lock: Path, now: float) -> bool:
+    return now - lock.stat().st_mtime > EXTENSION_LOCK_AGE_S
+
+
+def stale_extension_locks() -> list[Path]:
     now = time.time()
-    return [p for p in extension_locks(root) if now - p.stat().st_mtime > EXTENSION_LOCK_AGE_S]
+    return [p for p in extension_locks(extensions_dir()) if _stale(p, now)]
 
 
 def lock_hint(lock: Path) -> str:
@@ -130,11 +129,6 @@ def check_backend(device: Any, strategy: Strategy) -> None:
     if available is not None and not available():
         raise DeviceError(f"{strategy.world} processes on {device.type} need the {backend} backend, which this torch "
                           "build lacks", hint="install a torch build with it, or run one process")
-    if backend == "hccl":
-        import importlib.util
-
-        if importlib.util.find_spec("torch_npu") is None:
-            raise DeviceError("the hccl backend needs torch_npu", hint="install torch_npu (pip install 'bitcpm[npu]')")
     if strategy.deepspeed is not None:
         try:
             import deepspeed  # noqa: F401
@@ -208,7 +202,7 @@ def deepspeed_report() -> tuple[dict[str, Any] | None, list[tuple[str, str, str]
     diagnoses = []
     now = time.time()
     for lock in extension_locks(root):
-        if now - lock.stat().st_mtime > EXTENSION_LOCK_AGE_S:
+        if _stale(lock, now):
             diagnoses.append(("error", f"stale extension build lock {lock}: DeepSpeed runs would hang on it",
                               lock_hint(lock)))
         else:

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from bitcpm_cli.core.errors import ConfigError, collect, did_you_mean
-from bitcpm_cli.core.quant.scheme import QUANT_TYPES, read_structured_file
+from bitcpm_cli.core.quant.scheme import QUANT_TYPES
+from bitcpm_cli.core.readers import read_structured_file
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
@@ -197,14 +198,13 @@ def resolve_config(cls: type, recipe: str | Path | None = None, flags: dict[str,
                    overrides: list[str] | None = None):
     """defaults < YAML recipe < flags < key=value; unknown keys and bad values are reported together.
 
-    Settings take bitcpm's names or, for configs with `training_args`, any transformers.TrainingArguments name
-    (`learning_rate` for `lr`, `report_to`, `fsdp`, ...); naming one setting twice in one layer with two values is
-    reported as a conflict.
+    `cls` is TrainConfig or a subclass of it (SftConfig). Settings take bitcpm's names or any
+    transformers.TrainingArguments name (`learning_rate` for `lr`, `report_to`, `fsdp`, ...); naming one setting
+    twice in one layer with two values is reported as a conflict.
     """
     types_by_name = _field_types(cls)
-    passthrough = "training_args" in types_by_name
-    hf_fields = hf_training_fields() if passthrough else {}
-    known = list(types_by_name) + (list(HF_ALIASES) + list(hf_fields) if passthrough else [])
+    hf_fields = hf_training_fields()
+    known = list(types_by_name) + list(HF_ALIASES) + list(hf_fields)
     layers: list[tuple[str, dict[str, Any]]] = []
     problems: list[str] = []
     if recipe is not None:
@@ -223,8 +223,8 @@ def resolve_config(cls: type, recipe: str | Path | None = None, flags: dict[str,
     for where, layer in layers:
         spelled: dict[str, tuple[str, Any]] = {}  # bitcpm name -> (key as written, value) within this layer
         for key, value in layer.items():
-            name = HF_ALIASES.get(key, key) if passthrough else key
-            if name == "training_args" and passthrough:
+            name = HF_ALIASES.get(key, key)
+            if name == "training_args":
                 layer_extra = value if isinstance(value, dict) else None
                 if layer_extra is None:
                     problems.append(f"{where}training_args: must be a mapping of TrainingArguments fields")
@@ -233,7 +233,7 @@ def resolve_config(cls: type, recipe: str | Path | None = None, flags: dict[str,
                     _take_hf(str(hf_key), hf_value, hf_fields, types_by_name, where, extra, problems, known)
                 continue
             if name not in types_by_name:
-                if passthrough and key in hf_fields or key in HF_REFUSED:
+                if key in hf_fields or key in HF_REFUSED:
                     _take_hf(key, value, hf_fields, types_by_name, where, extra, problems, known)
                 else:
                     problems.append(f"{where}unknown setting {key!r}{did_you_mean(key, known)}")

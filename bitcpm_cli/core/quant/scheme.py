@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from bitcpm_cli.core.errors import ConfigError, collect, did_you_mean
+from bitcpm_cli.core.readers import read_structured_file
 
 QUANT_TYPES = ("ternary", "binary", "int2", "int4", "int8", "none")
 DEFAULT_SKIP = ("lm_head", "embed_tokens")
@@ -186,13 +187,6 @@ def _weight_quant_type(weight: Mapping[str, Any], where: str, problems: list[str
         return bit.lower()
     problems.append(f"{where}: weight.bit {bit!r} is not supported; use 1.58 (ternary), 1, 2, 4, 8 or 16")
     return None
-
-
-def read_structured_file(path: str | Path, what: str) -> Any:
-    """Parse a JSON or YAML file (by extension) with the careful readers; errors name the file."""
-    from bitcpm_cli.core.readers import read_structured_file as read
-
-    return read(path, what)
 
 
 def load_scheme_file(path: str | Path, default_group_size: int = 128) -> QuantScheme:
