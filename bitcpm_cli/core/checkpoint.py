@@ -294,31 +294,22 @@ def _in_file_order(entry: dict[str, Any]) -> tuple[int, int]:
 READ_SLICE = 2**20  # bytes read (and hashed) at a time: fits in a core's L2 cache
 
 
-def iter_safetensors(path: Path, hasher=None, skip: frozenset[str] = frozenset(),
-                     direct: bool = False) -> Iterator[tuple[str, Any]]:
-    """(name, tensor) in file order, one tensor in memory at a time (plain reads, no mmap); tensors named in
-    `skip` are passed over unread. With `direct`, the file is read with direct I/O (`DirectReader`).
+def iter_safetensors(path: Path, hasher=None) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) in file order, one tensor in memory at a time (plain reads, no mmap).
 
     With `hasher`, every byte of the file is fed to it in order, so its digest is the file's sha256.
     """
     import torch
 
-    if skip and hasher is not None:
-        raise ValueError("a digest of the whole file needs every tensor read")
     read_safetensors_header(path)  # validates sizes and offsets first
     start, header, _ = _safetensors_layout(path)
     entries = sorted(header.items(), key=lambda item: _in_file_order(item[1]))
-    with open_for_reading(path, direct) as handle:
+    with path.open("rb") as handle:
         prefix = handle.read(start)
         if hasher is not None:
             hasher.update(prefix)
-        position = 0
-        for name, entry in entries:
+        for name, entry in entries:  # the header check has the tensors tile the data: no seeking
             begin, end = entry["data_offsets"]
-            if name in skip:
-                continue
-            if begin != position:  # after skipped tensors only: the header check has the tensors tile the data
-                handle.seek(start + begin)
             buffer = torch.empty(end - begin, dtype=torch.uint8)
             view = memoryview(buffer.numpy())
             # Read a slice at a time and hash it while it is still in the CPU cache, rather than streaming the
@@ -330,7 +321,6 @@ def iter_safetensors(path: Path, hasher=None, skip: frozenset[str] = frozenset()
                                      hint="download or copy the file again")
                 if hasher is not None:
                     hasher.update(part)
-            position = end
             dtype = getattr(torch, SAFETENSORS_DTYPES[entry["dtype"]])
             yield name, buffer.view(dtype).reshape(entry["shape"])
 
@@ -353,13 +343,11 @@ def iter_bin(path: Path, hasher=None) -> Iterator[tuple[str, Any]]:
             yield name, tensor
 
 
-def iter_tensors(files: WeightFiles, hasher=None, skip: frozenset[str] = frozenset(),
-                 direct: bool = False) -> Iterator[tuple[str, Any]]:
-    """Every tensor of a checkpoint, one at a time, but those in `skip` (safetensors only); `hasher` sees every
-    byte of every file, in order; `direct` reads safetensors files with direct I/O."""
+def iter_tensors(files: WeightFiles, hasher=None) -> Iterator[tuple[str, Any]]:
+    """Every tensor of a checkpoint, one at a time; `hasher` sees every byte of every file, in order."""
     for file in files.files:
         if files.format == "safetensors":
-            yield from iter_safetensors(file, hasher, skip, direct)
+            yield from iter_safetensors(file, hasher)
         else:
             yield from iter_bin(file, hasher)
 
@@ -415,12 +403,13 @@ class _Direct:
     same either way, only the speed differs."""
 
     ALIGN = 4096  # a multiple of every device's logical block size: what direct I/O needs of offsets and lengths
+    WINDOW = 8 * 2**20  # bytes moved at a time
 
-    def __init__(self, path: Path, flags: int, buffer_bytes: int = 8 * 2**20):
+    def __init__(self, path: Path, flags: int):
         import mmap
 
         self._fd = None
-        self._buffer = mmap.mmap(-1, buffer_bytes)  # page-aligned
+        self._buffer = mmap.mmap(-1, self.WINDOW)  # page-aligned
         self._view = memoryview(self._buffer)
         flags |= getattr(os, "O_BINARY", 0)
         self.direct = bool(getattr(os, "O_DIRECT", 0))
@@ -481,6 +470,13 @@ class DirectFile(_Direct):
         super().__init__(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         self._used = 0
         self._failed = False
+        self._transferred = 0  # bytes handed to the file so far
+
+    @property
+    def durable(self) -> int:
+        """Every byte before this offset is in the file and stays as it is (a multiple of ALIGN: a reader without
+        read-ahead that stops at a tensor's end never reads a block still being written)."""
+        return self._transferred - self._transferred % self.ALIGN
 
     def write(self, data) -> None:
         data = memoryview(data).cast("B")
@@ -498,7 +494,9 @@ class DirectFile(_Direct):
             raise OSError(errno.EIO, "an earlier write to this file failed")
         try:
             while len(data):
-                data = data[self._transfer(lambda: os.write(self._fd, data)):]
+                done = self._transfer(lambda: os.write(self._fd, data))
+                self._transferred += done
+                data = data[done:]
         except BaseException:
             self._failed = True
             raise
@@ -521,23 +519,32 @@ class DirectFile(_Direct):
 
 
 class DirectReader(_Direct):
-    """A file read with direct I/O through the aligned buffer, one window at a time: for reading back a file just
+    """A file read with direct I/O through the aligned buffer, one window at a time: for reading back a file
     written by DirectFile, which the page cache does not hold (direct reads come in whole windows, the page
-    cache's read-ahead in small steps: twice as fast here). A minimal binary file object: read, readinto, seek."""
+    cache's read-ahead in small steps: twice as fast here). A minimal binary file object: read, readinto, seek.
 
-    def __init__(self, path: Path):
+    Without `read_ahead`, a window reaches no further than the block holding the last byte asked for: a file
+    still being written is read safely below its writer's `DirectFile.durable`."""
+
+    def __init__(self, path: Path, read_ahead: bool = True):
         super().__init__(path, os.O_RDONLY)
         self._start = self._length = self._position = 0  # the window holds [start, start + length)
+        self._read_ahead = read_ahead
 
     def seek(self, position: int) -> int:
         self._position = position
         return position
 
-    def _fill(self) -> None:
-        """Read the window holding the current position, as far as the end of the file."""
+    def _fill(self, wanted: int) -> None:
+        """Read the window holding the current position, as far as the end of the file (or of the block holding
+        the last of the `wanted` bytes, without read-ahead)."""
         self._start, self._length = self._position - self._position % self.ALIGN, 0
-        while self._length < len(self._view):
-            got = self._transfer(lambda: os.preadv(self._fd, [self._view[self._length:]], self._start + self._length))
+        size = len(self._view)
+        if not self._read_ahead:
+            size = min(size, -(-(self._position + wanted - self._start) // self.ALIGN) * self.ALIGN)
+        while self._length < size:
+            got = self._transfer(lambda: os.preadv(self._fd, [self._view[self._length:size]],
+                                                   self._start + self._length))
             self._length += got
             if got == 0 or (self.direct and self._length % self.ALIGN):
                 break  # the end of the file (a direct read short of a block boundary ends there)
@@ -548,7 +555,7 @@ class DirectReader(_Direct):
         while done < len(out):
             offset = self._position - self._start
             if not 0 <= offset < self._length:
-                self._fill()
+                self._fill(len(out) - done)
                 offset = self._position - self._start
                 if offset >= self._length:
                     break  # end of file
@@ -566,9 +573,9 @@ class DirectReader(_Direct):
         self.abort()
 
 
-def open_for_reading(path: Path, direct: bool = False):
+def open_for_reading(path: Path, direct: bool = False, read_ahead: bool = True):
     """A binary file object: a DirectReader with `direct` where direct reads exist (Linux), else a plain one."""
-    return DirectReader(path) if direct and DIRECT_READS else path.open("rb")
+    return DirectReader(path, read_ahead) if direct and DIRECT_READS else path.open("rb")
 
 
 class SafetensorsStreamWriter:
@@ -589,9 +596,17 @@ class SafetensorsStreamWriter:
         raw += b" " * ((-len(raw)) % 8)
         self.path = path
         self.nbytes = 8 + len(raw) + offset
+        # (offset in the file, length) of every tensor's bytes, as tensor_byte_ranges reads them back
+        self.ranges = {name: (8 + len(raw) + header[name]["data_offsets"][0], size)
+                       for name, _, _, size in self._expected}
         self._handle = DirectFile(path)
         self._handle.write(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
+
+    @property
+    def durable(self) -> int:
+        """Every byte before this offset is in the file (DirectFile.durable)."""
+        return self._handle.durable
 
     def write(self, name: str, tensor) -> None:
         import torch
@@ -625,11 +640,11 @@ class BackgroundIO:
                 io.submit(writer.write, name, transform(tensor), nbytes=...)
     """
 
-    def __init__(self, max_pending_bytes: int = 128 * 2**20):
+    def __init__(self, max_pending_bytes: int = 128 * 2**20, name: str = "bitcpm-io"):
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitcpm-io")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._pending: deque = deque()
         self._pending_bytes, self._limit = 0, max_pending_bytes
         self._failed = False  # set by the background thread: what was queued after a failure does not run

@@ -13,8 +13,7 @@ import math
 import re
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,6 +31,7 @@ from bitcpm_cli.core.checkpoint import (
     open_for_reading,
     prefetched,
     read_config,
+    read_json,
     read_tensor_specs,
     tensor_byte_ranges,
     tensor_nbytes,
@@ -242,6 +242,10 @@ class _ShardedWriter:
         self.names = [single] if single else (["model.safetensors"] if n == 1 else
                                               [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
         self.folder, self.packed_shapes = folder, packed_shapes
+        # every output tensor's planned (dtype, shape), and (file, offset, length) once its shard is laid out
+        self.layout = {spec[0]: (spec[1], tuple(spec[2])) for shard in self.shards for spec in shard}
+        self.places: dict[str, tuple[Path, int, int]] = {}
+        self._shard_of = {spec[0]: i for i, shard in enumerate(self.shards) for spec in shard}
         self._index = 0
         self._remaining = 0
         self._writer: SafetensorsStreamWriter | None = None
@@ -254,7 +258,9 @@ class _ShardedWriter:
         metadata = {"format": "pt"}
         if shapes:
             metadata[PACKED_SHAPES_KEY] = json.dumps(shapes, separators=(",", ":"))
-        self._writer = SafetensorsStreamWriter(self.folder / self.names[self._index], shard, metadata)
+        path = self.folder / self.names[self._index]
+        self._writer = SafetensorsStreamWriter(path, shard, metadata)
+        self.places.update({name: (path, *span) for name, span in self._writer.ranges.items()})
         self.total_size += self._writer.nbytes
         self._remaining = len(shard)
         for spec in shard:
@@ -269,6 +275,14 @@ class _ShardedWriter:
             self._writer.close()
             self._writer = None
             self._index += 1
+
+    def on_disk(self, name: str) -> bool:
+        """Whether all of an output tensor's bytes are in its file (asked on the thread that writes)."""
+        index = self._shard_of[name]
+        if index != self._index or self._writer is None:
+            return index < self._index  # a closed shard, or one not begun
+        begin, size = self._writer.ranges[name]
+        return begin + size <= self._writer.durable
 
     def abort(self) -> None:
         """Close the shard being written, unfinished (after a failure: the staging folder is removed)."""
@@ -407,29 +421,44 @@ def convert_checkpoint(
         bytes_in = sum(f.stat().st_size for f in files.files)
         # Read and hashed a slice at a time on a thread of its own, while this one quantizes.
         tensors = prefetched(iter_tensors(files, hasher))
+        report = None
         if single and single.endswith(".bin"):
             state: dict[str, torch.Tensor] = {}
+            checker = _Checker(plan, _InMemory(state), progress, bytes_in) if verify else None
             with closing(tensors):
                 for name, tensor in tensors:
                     state.update(transform.apply(name, tensor))
+                    if checker is not None:
+                        checker.check(name, tensor)
                     _tick(progress, "convert", tensor, bytes_in)
             torch.save(state, staging)
+            if checker is not None:
+                report = checker.report
+                report.mismatches += _read_back_bin(staging, state)
             del state
             shards, written = 1, [staging]
         else:
             writer = _ShardedWriter(folder, out_specs, max_shard_bytes, packed_shapes,
                                     staging.name if single else None)
-            # Quantizing here, writing the output in the background.
+            verifier = _Verifier(plan, writer, progress, bytes_in) if verify else None
+            # Quantizing here, writing the output in the background (and checking it on a third thread).
             try:
-                with closing(tensors), BackgroundIO() as io:
-                    for name, tensor in tensors:
-                        for out_name, out_tensor in transform.apply(name, tensor):
-                            io.submit(writer.write, out_name, out_tensor, nbytes=out_tensor.nbytes)
-                        _tick(progress, "convert", tensor, bytes_in)
+                with closing(tensors), verifier or nullcontext():
+                    with BackgroundIO() as io:
+                        for name, tensor in tensors:
+                            outputs = transform.apply(name, tensor)
+                            for out_name, out_tensor in outputs:
+                                io.submit(writer.write, out_name, out_tensor, nbytes=out_tensor.nbytes)
+                            if verifier is not None:
+                                io.submit(verifier.written, name, tensor, [n for n, _ in outputs],
+                                          nbytes=tensor.nbytes)
+                            _tick(progress, "convert", tensor, bytes_in)
+                    writer.write_index()
+                    if verifier is not None:
+                        report = verifier.finish(staging)
             except BaseException:
                 writer.abort()  # the background writes have stopped: close the open shard before it is removed
                 raise
-            writer.write_index()
             shards = len(writer.names)
             written = [folder / n for n in writer.names]
         quantized_shapes = list(packed_shapes.values()) or [specs[n].shape for n in targets]
@@ -447,9 +476,9 @@ def convert_checkpoint(
         if not single:
             _write_folder_files(source, staging, config, result, fmt, scheme, targets, mode)
             result.notes += make_inference_ready(staging, source if source.is_dir() else None)
-        if verify:
-            result.verify = _verify(files, specs, staging, result, targets, mode, packed_shapes, progress)
-            if not result.verify.ok:
+        if report is not None:
+            result.verify = report
+            if not report.ok:
                 bad = result.verify.mismatches + result.verify.not_ternary
                 raise CheckFailed(f"verification failed: {len(bad)} tensor(s) differ from the reference "
                                   f"(first: {bad[0]})", hint="report this as a bug; nothing was written",
@@ -541,63 +570,16 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
     return flat.view(width) if width is not None and not flat.dtype.is_complex else flat.view(torch.uint8)
 
 
+def _words(data: torch.Tensor) -> torch.Tensor:
+    """Bytes as int64 words where they line up (comparing words is several times faster than comparing bytes)."""
+    return data.view(torch.int64) if data.numel() % 8 == 0 and data.storage_offset() % 8 == 0 else data
+
+
 def _zero_count(tensor: torch.Tensor) -> int:
     """How many values are +0.0 or -0.0 (on the bits: counting floats directly is 8x slower for bf16)."""
     if not tensor.is_floating_point() or tensor.element_size() not in (2, 4):
         return tensor.numel() - int(torch.count_nonzero(tensor))
     return tensor.numel() - int(torch.count_nonzero(_bits(tensor) << 1))  # the sign bit shifted out
-
-
-class _Files:
-    """Safetensors files whose tensors are compared as byte ranges: each opened and its header read once."""
-
-    BLOCK = 16 * 2**20  # compared a slice at a time
-
-    def __init__(self):
-        self._handles: dict[Path, Any] = {}
-        self._ranges: dict[Path, dict[str, tuple[int, int]]] = {}
-
-    def place(self, path: Path, name: str, direct: bool = False) -> tuple[Any, int, int]:
-        """(open file, offset, length) of a tensor's bytes; `direct` reads the file with direct I/O."""
-        if path not in self._handles:
-            self._ranges[path] = tensor_byte_ranges(path)
-            self._handles[path] = open_for_reading(path, direct)
-        return (self._handles[path], *self._ranges[path][name])
-
-    def same_bytes(self, a: tuple[Any, int, int], b: tuple[Any, int, int]) -> bool:
-        (first, a_start, size), (second, b_start, b_size) = a, b
-        if size != b_size:
-            return False
-        for done in range(0, size, self.BLOCK):
-            chunk = min(self.BLOCK, size - done)
-            first.seek(a_start + done)
-            second.seek(b_start + done)
-            if first.read(chunk) != second.read(chunk):
-                return False
-        return True
-
-    def __enter__(self) -> "_Files":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles.values():
-            handle.close()
-
-
-class _InOrder:
-    """Tensors by name from a stream that yields them in (about) the order they are asked for."""
-
-    def __init__(self, stream: Iterator[tuple[str, torch.Tensor]]):
-        self._stream, self._ahead = stream, {}
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        while name not in self._ahead:
-            found, tensor = next(self._stream, (None, None))
-            if found is None:
-                raise CheckFailed(f"the written output has no tensor {name}", hint="report this as a bug; nothing "
-                                                                                     "was written")
-            self._ahead[found] = tensor
-        return self._ahead.pop(name)
 
 
 def _reference(name: str, tensor: torch.Tensor, targets: dict[str, LayerQuant], mode: str,
@@ -607,81 +589,217 @@ def _reference(name: str, tensor: torch.Tensor, targets: dict[str, LayerQuant], 
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def _verify(files: WeightFiles, specs: dict[str, TensorSpec], staging: Path, result: ConvertResult, targets: dict[str, LayerQuant], mode: str, packed_shapes: dict[str, list[int]],
-            progress: ProgressFn | None) -> VerifyReport:
-    """Reread the written output and compare every tensor with a reference recomputed from the input.
+class _Checker:
+    """`--verify`'s check of each input tensor: what it becomes is recomputed from it (the quantizer run again,
+    packed codes unpacked again) and compared, bit for bit, with the output as `written` gives it."""
 
-    Both are streamed side by side (plain reads, no memory map; the output with direct I/O): the output holds its
-    tensors in input order, so at most one input and one output tensor (two for a packed pair) are in memory at a
-    time, plus what the two background readers hold ahead (`prefetched`) and the two 16 MiB slices that a third
-    thread compares the tensors written unchanged in.
-    """
-    out_files, out_specs = read_tensor_specs(staging)
-    copied = frozenset(
-        name for name, spec in specs.items()
-        if files.format == out_files.format == "safetensors" and name not in targets and packed_base(name) is None
-        and name in out_specs and (out_specs[name].dtype, out_specs[name].shape) == (spec.dtype, spec.shape))
-    # The output was written with direct I/O (DirectFile), so it is read back the same way: from the disk.
-    outputs = prefetched(iter_tensors(out_files, skip=copied, direct=True))
-    inputs = prefetched(iter_tensors(files, skip=copied))
-    written_tensors = _InOrder(outputs)
-    # Tensors written unchanged are compared in the files on a thread of their own, meanwhile.
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bitcpm-verify")
-    comparing = pool.submit(_compare_copied, files, specs, out_files, out_specs, copied)
-    try:
-        dtype = getattr(torch, result.dtype)
-        report = VerifyReport()
-        unpacker = PackedPairs(packed_shapes, dtype)
-        for name, tensor in inputs:
-            _tick(progress, "verify", tensor, result.bytes_in)
-            if mode == "unpack":
-                fused = unpacker.add(name, tensor)
-                if not fused:
-                    continue
-                ((name, tensor),) = fused
-            reference = _reference(name, tensor, targets, mode, dtype)
-            base = name.removesuffix(".weight")
-            if result.format == "packed" and name in targets:
-                written = unpack_weight(written_tensors[base + PACKED_SUFFIX], written_tensors[base + SCALE_SUFFIX],
-                                        specs[name].shape, dtype)
-            else:
-                written = written_tensors[name]
-            report.tensors_checked += 1
+    def __init__(self, plan: "ConversionPlan", written: "_ReadBack | _InMemory", progress: ProgressFn | None,
+                 total: int):
+        self.report = VerifyReport()
+        self._plan, self._written, self._progress, self._total = plan, written, progress, total
+        self._dtype = getattr(torch, plan.dtype)
+        self._unpacker = PackedPairs(plan.packed_shapes, self._dtype)
+
+    def check(self, name: str, tensor: torch.Tensor) -> None:
+        plan, report = self._plan, self.report
+        _tick(self._progress, "verify", tensor, self._total)
+        if plan.mode == "unpack":
+            fused = self._unpacker.add(name, tensor)
+            if not fused:
+                return
+            ((name, tensor),) = fused
+        reference = _reference(name, tensor, plan.targets, plan.mode, self._dtype)
+        base = name.removesuffix(".weight")
+        if plan.fmt == "packed" and name in plan.targets:
+            written = unpack_weight(self._written.take(base + PACKED_SUFFIX), self._written.take(base + SCALE_SUFFIX),
+                                    plan.specs[name].shape, self._dtype)
             identical = _identical(written, reference)
-            if not identical:
-                report.mismatches.append(name)
-            if name in targets or base in packed_shapes:
-                report.zero_fraction[name] = _zero_count(written) / max(written.numel(), 1)
-                spec = targets.get(name, LayerQuant("ternary", -1))
-                # A tensor identical to its reference holds {-a, 0, +a} per group by construction (the quantizer's
-                # output, unpacked codes, or a fused input checked while converting); any other is checked here.
-                groups = [spec.group_size] if mode == "quantize" else FUSED_GROUP_CANDIDATES
-                if (spec.quant_type == "ternary" and not identical
-                        and not any(fused_scales(written, g) is not None for g in groups)):
-                    report.not_ternary.append(name)
-        copied_mismatches = comparing.result()
-        report.tensors_checked += len(copied)
-        report.mismatches += copied_mismatches
-        if progress is not None:
-            progress("verify", sum(specs[n].nbytes for n in copied), result.bytes_in)
+        else:
+            identical = self._written.same(name, reference)
+            written = reference if identical else self._written.reread(name)
+        report.tensors_checked += 1
+        if not identical:
+            report.mismatches.append(name)
+        if name in plan.targets or base in plan.packed_shapes:
+            report.zero_fraction[name] = _zero_count(written) / max(written.numel(), 1)
+            spec = plan.targets.get(name, LayerQuant("ternary", -1))
+            # A tensor identical to its reference holds {-a, 0, +a} per group by construction (the quantizer's
+            # output, unpacked codes, or a fused input checked while converting); any other is checked here.
+            groups = [spec.group_size] if plan.mode == "quantize" else FUSED_GROUP_CANDIDATES
+            if (spec.quant_type == "ternary" and not identical
+                    and not any(fused_scales(written, g) is not None for g in groups)):
+                report.not_ternary.append(name)
+
+
+class _InMemory:
+    """The output of a `.bin` conversion, all in memory until torch.save writes it (and `_read_back_bin` reads it
+    back)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self._state = state
+
+    def reread(self, name: str) -> torch.Tensor:
+        return self._state[name]
+
+    def same(self, name: str, reference: torch.Tensor) -> bool:
+        return _identical(self._state[name], reference)
+
+
+def _read_back_bin(path: Path, state: dict[str, torch.Tensor]) -> list[str]:
+    """The tensors that differ between what torch.save wrote and `state` (or are missing on either side)."""
+    files, _ = read_tensor_specs(path)
+    found = dict(iter_tensors(files))
+    return sorted(name for name in found.keys() | state.keys()
+                  if name not in found or name not in state or not _identical(found[name], state[name]))
+
+
+class _ReadBack:
+    """The output's bytes, read back from the disk with direct I/O while the conversion still writes the file.
+
+    `_Verifier` asks for a tensor only once all its bytes are there (`request`); a reading thread of its own
+    (`prefetched`) reads what was asked for, in order, 16 MiB slices at a time (a read stops at the tensor's end),
+    while the checking thread recomputes the reference: `same` compares the next tensor slice by slice, so an
+    embedding matrix is never held twice, and `take` gives it whole. The slices are a few buffers used in turn
+    (a fresh 16 MiB buffer each time is fresh memory the kernel must zero: a second of system time at 1B)."""
+
+    SLICE = 16 * 2**20
+    AHEAD = 2  # slices read ahead
+
+    def __init__(self, writer: _ShardedWriter):
+        import queue
+
+        self._writer = writer
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()  # lists of output names; None: no more
+        self._buffers = [torch.empty(self.SLICE, dtype=torch.uint8) for _ in range(self.AHEAD + 2)]
+        self._free: queue.SimpleQueue = queue.SimpleQueue()  # buffers not in use, by index; None: stop reading
+        for index in range(len(self._buffers)):
+            self._free.put(index)
+        self._stream = prefetched(self._read(), max_bytes=self.AHEAD * self.SLICE)
+
+    def request(self, names: list[str]) -> None:
+        self._requests.put(names)
+
+    def _spans(self, name: str) -> range:
+        size = self._writer.places[name][2]
+        return range(0, max(size, 1), self.SLICE)  # an empty tensor is one empty slice
+
+    def _read(self) -> Iterator[tuple[str, torch.Tensor]]:
+        readers: dict[Path, Any] = {}
+        try:
+            for names in iter(self._requests.get, None):
+                for name in names:
+                    path, begin, size = self._writer.places[name]
+                    if path not in readers:
+                        readers[path] = open_for_reading(path, direct=True, read_ahead=False)
+                    readers[path].seek(begin)
+                    for offset in self._spans(name):
+                        index = self._free.get()
+                        if index is None:
+                            return
+                        part = self._buffers[index][:min(self.SLICE, size - offset)]
+                        if readers[path].readinto(memoryview(part.numpy())) != part.numel():
+                            raise CheckFailed(f"the written output ends inside {name}, short of what its own header "
+                                              "says", hint="report this as a bug; nothing was written")
+                        yield (name, index), part
+        finally:
+            for reader in readers.values():
+                reader.close()
+
+    def _slices(self, name: str) -> Iterator[torch.Tensor]:
+        """The next tensor's slices; each buffer goes back for reading once the caller asks for the next."""
+        for _ in self._spans(name):
+            (got, index), part = next(self._stream)
+            if got != name:
+                raise CheckFailed(f"read back {got} where {name} was expected", hint="report this as a bug; nothing "
+                                                                                     "was written")
+            try:
+                yield part
+            finally:
+                self._free.put(index)
+
+    def _typed(self, name: str, data: torch.Tensor) -> torch.Tensor:
+        dtype, shape = self._writer.layout[name]
+        return data.view(getattr(torch, dtype)).reshape(shape)
+
+    def take(self, name: str) -> torch.Tensor:
+        parts = [part.clone() for part in self._slices(name)]  # copied out before its buffer is read into again
+        return self._typed(name, parts[0] if len(parts) == 1 else torch.cat(parts))
+
+    def same(self, name: str, reference: torch.Tensor) -> bool:
+        dtype, shape = self._writer.layout[name]
+        expected = reference.contiguous().reshape(-1).view(torch.uint8)
+        same = (str(reference.dtype), tuple(reference.shape)) == (f"torch.{dtype}", shape)
+        offset = 0
+        for part in self._slices(name):  # every slice is taken, so the next tensor starts with its own
+            same = same and torch.equal(_words(part), _words(expected[offset:offset + part.numel()]))
+            offset += part.numel()
+        return same
+
+    def reread(self, name: str) -> torch.Tensor:
+        """A tensor read from the file again (to say what differs)."""
+        path, begin, size = self._writer.places[name]
+        data = torch.empty(size, dtype=torch.uint8)
+        with path.open("rb") as handle:
+            handle.seek(begin)
+            handle.readinto(memoryview(data.numpy()))
+        return self._typed(name, data)
+
+    def close(self) -> None:
+        self._requests.put(None)  # a reading thread waiting for a request or a buffer ends
+        self._free.put(None)
+        self._stream.close()
+
+
+class _Verifier:
+    """`--verify` alongside the conversion. Each input tensor, once the writer has put all that it became in the
+    file, goes to a thread of its own (`bitcpm-verify`) that checks it (`_Checker`) against the bytes read back
+    from the disk (`_ReadBack`). The check never waits for the writer; the writer waits for the check only while
+    its queue is full. At the end the written headers are read back and must give the planned layout."""
+
+    def __init__(self, plan: "ConversionPlan", writer: _ShardedWriter, progress: ProgressFn | None, total: int):
+        from collections import deque
+
+        self._writer, self._read_back = writer, _ReadBack(writer)
+        self._checker = _Checker(plan, self._read_back, progress, total)
+        self._waiting: deque = deque()  # (input name, tensor, output names) in input order
+        self._queue = BackgroundIO(max_pending_bytes=64 * 2**20, name="bitcpm-verify")
+
+    def written(self, name: str, tensor: torch.Tensor, outputs: list[str]) -> None:
+        """On the writing thread, once `outputs` (what `name` became) are written."""
+        self._waiting.append((name, tensor, outputs))
+        self._release()
+
+    def _release(self) -> None:
+        while self._waiting and all(self._writer.on_disk(out) for out in self._waiting[0][2]):
+            name, tensor, outputs = self._waiting.popleft()
+            self._read_back.request(outputs)
+            self._queue.submit(self._checker.check, name, tensor, nbytes=tensor.nbytes)
+
+    def finish(self, staging: Path) -> VerifyReport:
+        """The report, once everything is written (every shard closed): the last tensors checked, then the
+        layout read back from the written headers (and index) compared with the planned one."""
+        self._release()
+        if self._waiting:
+            raise CheckFailed(f"{len(self._waiting)} tensor(s) never reached the disk",
+                              hint="report this as a bug; nothing was written")
+        self._queue.drain()
+        report = self._checker.report
+        out_files, out_specs = read_tensor_specs(staging)
+        found = {name: (path, *span) for path in out_files.files for name, span in tensor_byte_ranges(path).items()}
+        index = read_json(out_files.index, "weight index")["weight_map"] if out_files.index else {}
+        planned, layout = self._writer.places, self._writer.layout
+        report.mismatches += sorted(
+            name for name in planned.keys() | found.keys()
+            if name not in planned or name not in found or found[name] != planned[name]
+            or (out_specs[name].dtype, out_specs[name].shape) != layout[name]
+            or (out_files.index is not None and index.get(name) != planned[name][0].name))
         return report
-    finally:
-        outputs.close()
-        inputs.close()
-        pool.shutdown(wait=True)
 
+    def __enter__(self) -> "_Verifier":
+        return self
 
-def _compare_copied(files: WeightFiles, specs: dict[str, TensorSpec], out_files: WeightFiles,
-                    out_specs: dict[str, TensorSpec], copied: frozenset[str]) -> list[str]:
-    """The tensors written unchanged (same dtype, not quantized) whose bytes differ between the input and output
-    files, compared a slice at a time, so an embedding matrix is never held twice in memory."""
-    sources, outputs_by_name = ({path.name: path for path in f.files} for f in (files, out_files))
-    mismatches = []
-    with _Files() as handles:
-        for name in tensor_order(files, specs):
-            if name in copied:
-                source = handles.place(sources[specs[name].file], name)
-                written = handles.place(outputs_by_name[out_specs[name].file], name, direct=True)
-                if not handles.same_bytes(source, written):
-                    mismatches.append(name)
-    return mismatches
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._queue.__exit__(exc_type, exc, tb)  # after a failure, what is queued is not run
+        finally:
+            self._read_back.close()

@@ -179,21 +179,19 @@ def test_packed_to_fused_is_qat_to_fused_byte_for_byte(tmp_path, dtype):
 
 
 def test_verify_compares_bytes_so_a_negative_zero_is_a_mismatch(tmp_path, monkeypatch):
+    import threading
+
     make_qat(tmp_path / "qat", group_size=-1)
     real = convert_module.fake_quantize
 
-    def negative_zeros(*args, **kwargs):  # the old behaviour: -0.0 where a negative weight rounds to code 0
+    def converting_with_negative_zeros(*args, **kwargs):  # the old behaviour: -0.0 where a weight rounds to code 0
         fused = real(*args, **kwargs)
+        if threading.current_thread().name.startswith("bitcpm-verify"):
+            return fused  # the check recomputes +0.0
         return torch.where(fused == 0, -0.0 * torch.sign(args[0]).to(fused.dtype), fused)
 
-    calls = {"n": 0}
-
-    def first_call_only(*args, **kwargs):  # the conversion writes -0.0, the check recomputes +0.0
-        calls["n"] += 1
-        return negative_zeros(*args, **kwargs) if calls["n"] <= 14 else real(*args, **kwargs)
-
-    monkeypatch.setattr(convert_module, "fake_quantize", first_call_only)
-    with pytest.raises(convert_module.CheckFailed, match="verification failed"):
+    monkeypatch.setattr(convert_module, "fake_quantize", converting_with_negative_zeros)
+    with pytest.raises(convert_module.CheckFailed, match="verification failed: 14 tensor"):
         convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True)
     assert not (tmp_path / "fused").exists()
 
@@ -207,38 +205,45 @@ def _corrupt_while_converting(monkeypatch, target: str, change):
     monkeypatch.setattr(convert_module._Transform, "apply", apply)
 
 
-def test_verify_finds_a_changed_copied_tensor_in_the_files(tmp_path, monkeypatch):
+def test_verify_finds_a_changed_copied_tensor_reading_it_back_a_slice_at_a_time(tmp_path, monkeypatch):
     make_qat(tmp_path / "qat")
     embedding = "model.embed_tokens.weight"
     _corrupt_while_converting(monkeypatch, embedding, lambda t: t.clone().index_fill_(0, torch.tensor([7]), 1.0))
-    compared, real_same_bytes = [], convert_module._Files.same_bytes
+    sliced, reread = [], []
+    real_slices, real_reread = convert_module._ReadBack._slices, convert_module._ReadBack.reread
 
-    def same_bytes(self, *args):
-        compared.append(args)
-        return real_same_bytes(self, *args)
+    def slices(self, name):
+        for part in real_slices(self, name):
+            sliced.append(part.numel())
+            yield part
 
-    monkeypatch.setattr(convert_module._Files, "same_bytes", same_bytes)
-    monkeypatch.setattr(convert_module._Files, "BLOCK", 1000)  # many slices: the changed row is in one of them
+    monkeypatch.setattr(convert_module._ReadBack, "_slices", slices)
+    monkeypatch.setattr(convert_module._ReadBack, "reread", lambda self, name: reread.append(name) or
+                        real_reread(self, name))
+    monkeypatch.setattr(convert_module._ReadBack, "SLICE", 1000)  # many slices: the changed row is in one of them
     with pytest.raises(convert_module.CheckFailed, match="first: model.embed_tokens.weight"):  # float32 in and out:
         convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32", verify=True)  # copied unchanged
-    assert len(compared) == 21 - 2 * len(LINEARS)  # compared in the files, not loaded
+    embedding_bytes = load_file(tmp_path / "qat" / "model.safetensors")[embedding].nbytes
+    assert max(sliced) == 1000 and sum(sliced) > embedding_bytes  # compared as it was read, a slice at a time
+    assert reread == [embedding]  # read whole only to say what differs
     assert not (tmp_path / "fused").exists()
 
 
-def test_verify_reads_ahead_and_passes_an_unchanged_copy_compared_in_slices(tmp_path, monkeypatch):
+def test_verify_reads_the_input_once_and_passes_an_unchanged_copy_compared_in_slices(tmp_path, monkeypatch):
     make_qat(tmp_path / "qat")
     streams, real_prefetched = [], convert_module.prefetched
 
-    def prefetched(items):
-        streams.append(items)
-        return real_prefetched(items)
+    def prefetched(items, **kwargs):
+        streams.append(items.__name__)
+        return real_prefetched(items, **kwargs)
 
     monkeypatch.setattr(convert_module, "prefetched", prefetched)
-    monkeypatch.setattr(convert_module._Files, "BLOCK", 1000)
+    monkeypatch.setattr(convert_module._ReadBack, "SLICE", 1000)
     result = convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32", verify=True)
     assert result.verify.ok and result.verify.tensors_checked == 21
-    # Converting reads (and hashes) the input ahead; verifying reads the written output and the input ahead.
-    assert len(streams) == 3
+    # The input is read (and hashed) once: the check works on the tensors the conversion read. The output is read
+    # back as it reaches the disk.
+    assert streams == ["iter_tensors", "_read"]
 
 
 def test_non_finite_latent_weights_are_refused_naming_the_layer(tmp_path):
@@ -258,8 +263,9 @@ def test_verify_finds_a_written_weight_that_is_not_ternary(tmp_path, monkeypatch
     name = "model.layers.1.mlp.up_proj.weight"
     _corrupt_while_converting(monkeypatch, name, lambda t: t + (1e-3 * torch.arange(t.numel()).reshape(t.shape)).to(t.dtype))
     report = {}
-    real_verify = convert_module._verify
-    monkeypatch.setattr(convert_module, "_verify", lambda *a: report.setdefault("verify", real_verify(*a)))
+    real_finish = convert_module._Verifier.finish
+    monkeypatch.setattr(convert_module._Verifier, "finish",
+                        lambda self, staging: report.setdefault("verify", real_finish(self, staging)))
     with pytest.raises(convert_module.CheckFailed, match="verification failed"):
         convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True)
     assert report["verify"].mismatches == report["verify"].not_ternary == [name]
@@ -492,30 +498,108 @@ def test_a_failed_conversion_leaves_no_file_of_its_output_open(tmp_path):
 
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
-def test_verify_reads_the_output_back_with_direct_io_and_compares_copies_on_a_thread_of_its_own(tmp_path,
-                                                                                              monkeypatch):
+@pytest.mark.parametrize("fmt", ["fused", "packed"])
+def test_verify_reads_the_output_back_with_direct_io_on_a_thread_of_its_own_while_it_is_written(tmp_path,
+                                                                                              monkeypatch, fmt):
     import threading
 
     from bitcpm_cli.core import checkpoint
 
     make_qat(tmp_path / "qat")
-    read_directly, real_init = [], checkpoint.DirectReader.__init__
+    monkeypatch.setattr(checkpoint._Direct, "WINDOW", 16 * 1024)  # windows reach the disk long before the end
+    events, real_init, real_check, real_close = [], checkpoint.DirectReader.__init__, convert_module._Checker.check, \
+        checkpoint.SafetensorsStreamWriter.close
 
-    def spy(self, path):
-        real_init(self, path)
-        read_directly.append(path.name)
+    def spy(self, path, read_ahead=True):
+        real_init(self, path, read_ahead)
+        events.append(("reader", path.name, read_ahead))
 
-    compared_on, real_same_bytes = [], convert_module._Files.same_bytes
+    def check(self, name, tensor):
+        events.append(("check", threading.current_thread().name))
+        return real_check(self, name, tensor)
 
-    def same_bytes(self, *args):
-        compared_on.append(threading.current_thread().name)
-        return real_same_bytes(self, *args)
+    def close(self):
+        events.append(("closed",))
+        return real_close(self)
 
     monkeypatch.setattr(checkpoint.DirectReader, "__init__", spy)
-    monkeypatch.setattr(convert_module._Files, "same_bytes", same_bytes)
-    result = convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32", verify=True)
-    assert result.verify.ok
-    # The quantized tensors' stream and the unchanged tensors' comparison each read the written file directly;
-    # the input is read through the page cache.
-    assert read_directly == ["model.safetensors", "model.safetensors"]
-    assert compared_on and all(name.startswith("bitcpm-verify") for name in compared_on)
+    monkeypatch.setattr(convert_module._Checker, "check", check)
+    monkeypatch.setattr(checkpoint.SafetensorsStreamWriter, "close", close)
+    result = convert_checkpoint(tmp_path / "qat", tmp_path / "out", fmt=fmt, dtype="float32", verify=True,
+                                max_shard_bytes=150_000)
+    assert result.verify.ok and result.verify.tensors_checked == 21 and result.shards > 1
+    readers = [e for e in events if e[0] == "reader"]
+    assert len(readers) == result.shards and all(not read_ahead for *_, read_ahead in readers)
+    checks = [e for e in events if e[0] == "check"]
+    assert len(checks) == 21 and all(name.startswith("bitcpm-verify") for _, name in checks)
+    assert events.index(checks[0]) < events.index(("closed",))  # checked while the first shard is still written
+
+
+def test_a_verify_failure_or_a_conversion_failure_leaves_no_thread_and_no_output(tmp_path, monkeypatch):
+    import threading
+
+    make_qat(tmp_path / "qat")
+    monkeypatch.setattr(convert_module._ReadBack, "same", lambda self, name, reference: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True)
+    monkeypatch.undo()
+    weights = load_file(tmp_path / "qat" / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(weights, tmp_path / "qat" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(QuantError, match="down_proj"):
+        convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True)
+    assert not (tmp_path / "fused").exists()
+    assert not [t for t in threading.enumerate() if t.name.startswith(("bitcpm-verify", "bitcpm-io", "bitcpm-read"))]
+
+
+def test_verify_finds_bytes_changed_on_their_way_to_the_disk(tmp_path, monkeypatch):
+    from bitcpm_cli.core import checkpoint
+
+    make_qat(tmp_path / "qat")
+    real_write = checkpoint.SafetensorsStreamWriter.write
+
+    def write(self, name, tensor):
+        if name == "model.layers.1.self_attn.o_proj.weight":
+            tensor = tensor.clone()
+            tensor.view(-1)[-1] = -tensor.view(-1)[-1] if tensor.view(-1)[-1] != 0 else 1.0
+        return real_write(self, name, tensor)
+
+    monkeypatch.setattr(checkpoint.SafetensorsStreamWriter, "write", write)
+    with pytest.raises(convert_module.CheckFailed, match="1 tensor.*first: model.layers.1.self_attn.o_proj.weight"):
+        convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True)
+    assert not (tmp_path / "fused").exists()
+
+
+def test_verify_reads_the_written_layout_back(tmp_path, monkeypatch):
+    make_qat(tmp_path / "qat")
+    real_index = convert_module._ShardedWriter.write_index
+
+    def swapped(self):  # two tensors named in each other's shard
+        names = list(self.weight_map)
+        first, last = names[0], names[-1]
+        self.weight_map[first], self.weight_map[last] = self.weight_map[last], self.weight_map[first]
+        real_index(self)
+
+    monkeypatch.setattr(convert_module._ShardedWriter, "write_index", swapped)
+    with pytest.raises(convert_module.CheckFailed, match="verification failed: 2 tensor"):
+        convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True, max_shard_bytes=100_000)
+    assert not (tmp_path / "fused").exists()
+
+
+
+
+@pytest.mark.parametrize("source", ["qat", "packed"])
+def test_verify_of_a_bin_output_checks_the_reference_and_reads_the_saved_file_back(tmp_path, monkeypatch, source):
+    make_qat(tmp_path / "qat")
+    convert_checkpoint(tmp_path / "qat", tmp_path / "packed", fmt="packed")
+    result = convert_checkpoint(tmp_path / source, tmp_path / "fused.bin", verify=True)
+    assert result.verify.ok and result.verify.tensors_checked == 21
+    real_save = torch.save
+
+    def save_changed(state, path):  # what reaches the file differs from what was checked in memory
+        real_save({**state, "model.norm.weight": state["model.norm.weight"] + 1}, path)
+
+    monkeypatch.setattr(torch, "save", save_changed)
+    with pytest.raises(convert_module.CheckFailed, match="first: model.norm.weight"):
+        convert_checkpoint(tmp_path / source, tmp_path / "again.bin", verify=True)
+    assert not (tmp_path / "again.bin").exists()

@@ -15,12 +15,9 @@ from bitcpm_cli.core.checkpoint import (
     BackgroundIO,
     DirectFile,
     DirectReader,
-    find_weight_files,
     iter_safetensors,
-    iter_tensors,
     prefetched,
 )
-from bitcpm_cli.core.errors import InputError
 from tests.helpers import refuse_direct_io_at_open
 
 
@@ -78,16 +75,6 @@ def test_prefetched_stops_its_reader_when_the_caller_stops():
     assert not any(t.name == "bitcpm-read" for t in threading.enumerate())
 
 
-def test_skipped_tensors_are_not_read(tmp_path, monkeypatch):
-    tensors = {"a": torch.arange(6.0), "big": torch.ones(1000), "c": torch.arange(3)}
-    save_file(tensors, tmp_path / "model.safetensors")
-    files = find_weight_files(tmp_path)
-    got = dict(iter_tensors(files, skip=frozenset({"big"})))
-    assert set(got) == {"a", "c"} and torch.equal(got["a"], tensors["a"]) and torch.equal(got["c"], tensors["c"])
-    with pytest.raises(ValueError, match="every tensor"):
-        list(iter_tensors(files, hashlib.sha256(), skip=frozenset({"big"})))
-
-
 # ---- direct I/O ---------------------------------------------------------------------------------------------------
 MiB = 2**20
 LINUX_DIRECT_IO = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
@@ -114,11 +101,12 @@ def test_direct_file_writes_exactly_the_bytes_given(tmp_path, size):
     assert (tmp_path / "out").read_bytes() == data
 
 
+@pytest.mark.parametrize("read_ahead", [True, False])
 @pytest.mark.parametrize("size", SIZES)
-def test_direct_reader_reads_what_was_written_from_any_position(tmp_path, size):
+def test_direct_reader_reads_what_was_written_from_any_position(tmp_path, size, read_ahead):
     data = _payload(size)
     _write(tmp_path / "out", data)
-    with DirectReader(tmp_path / "out") as reader:
+    with DirectReader(tmp_path / "out", read_ahead) as reader:
         assert reader.read(size + 10) == data  # past the end: what there is
         for position, length in [(0, 1), (size // 3, 5000), (max(size - 7, 0), 100), (4095, 8 * MiB + 2)]:
             reader.seek(position)
@@ -237,20 +225,32 @@ def _shards(tmp_path):
     return tensors, tmp_path / "model.safetensors"
 
 
-def test_direct_reads_of_a_safetensors_file_match_plain_reads_and_skip(tmp_path):
-    tensors, path = _shards(tmp_path)
-    for skip in (frozenset(), frozenset({"t2", "i"})):
-        plain = dict(iter_safetensors(path, skip=skip))
-        direct = dict(iter_safetensors(path, skip=skip, direct=True))
-        assert list(plain) == list(direct) and set(plain) == set(tensors) - skip
-        assert all(torch.equal(direct[name], tensors[name]) for name in direct)
+def test_a_file_being_written_is_read_back_exactly_below_its_durable_offset(tmp_path, monkeypatch):
+    """What --verify does while converting: read a tensor once its writer's `durable` has passed its end. Without
+    read-ahead the reader never reads a block the writer may still be writing, nor keeps one in its window."""
+    monkeypatch.setattr(checkpoint._Direct, "WINDOW", 64 * 1024)  # many windows in a small file
+    data = _payload(1_000_003)
+    real_preadv, reads = os.preadv, []
 
+    def preadv(fd, buffers, offset):
+        reads.append((offset, offset + len(buffers[0])))
+        return real_preadv(fd, buffers, offset)
 
-def test_a_truncated_file_read_directly_is_an_input_error(tmp_path):
-    _, path = _shards(tmp_path)
-    path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(InputError, match="truncated"):
-        list(iter_safetensors(path, direct=True))
+    monkeypatch.setattr(os, "preadv", preadv)
+    tensors = [(start, min(start + 37_777, len(data))) for start in range(0, len(data), 37_777)]  # unaligned
+    checked = 0
+    with DirectFile(tmp_path / "out") as writer, DirectReader(tmp_path / "out", read_ahead=False) as reader:
+        for start in range(0, len(data), 10_007):
+            writer.write(data[start:start + 10_007])
+            durable = writer.durable
+            assert durable % 4096 == 0 and durable <= start + 10_007
+            while checked < len(tensors) and tensors[checked][1] <= durable:
+                begin, end = tensors[checked]
+                reader.seek(begin)
+                assert reader.read(end - begin) == data[begin:end]
+                assert all(stop <= durable for _, stop in reads)  # nothing read past what is on the disk
+                checked += 1
+    assert 0 < checked < len(tensors)  # the last ones only reach the disk when the file closes
 
 
 def test_tensors_are_read_and_hashed_in_slices_with_the_same_digest(tmp_path, monkeypatch):
