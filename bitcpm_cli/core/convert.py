@@ -321,6 +321,14 @@ class ConversionPlan:
         transform = self.transform()
         return [s for name in tensor_order(self.files, self.specs) for s in transform.plan(name, self.specs[name])]
 
+    def unchanged(self) -> frozenset[str]:
+        """The safetensors input tensors written as they are (not quantized, same dtype and shape)."""
+        if self.files.format != "safetensors":
+            return frozenset()
+        return frozenset(name for name, dtype, shape in self.out_specs()
+                         if name in self.specs and name not in self.targets
+                         and (self.specs[name].dtype, self.specs[name].shape) == (dtype, shape))
+
     def group_sizes(self) -> dict[str, int]:
         """The scale group size of every quantized linear's weight in the output, by its `.weight` name."""
         if self.mode != "unpack":
@@ -441,6 +449,7 @@ def convert_checkpoint(
             writer = _ShardedWriter(folder, out_specs, max_shard_bytes, packed_shapes,
                                     staging.name if single else None)
             verifier = _Verifier(plan, writer, progress, bytes_in) if verify else None
+            unchanged = plan.unchanged()
             # Quantizing here, writing the output in the background (and checking it on a third thread).
             try:
                 with closing(tensors), verifier or nullcontext():
@@ -449,9 +458,10 @@ def convert_checkpoint(
                             outputs = transform.apply(name, tensor)
                             for out_name, out_tensor in outputs:
                                 io.submit(writer.write, out_name, out_tensor, nbytes=out_tensor.nbytes)
-                            if verifier is not None:
-                                io.submit(verifier.written, name, tensor, [n for n, _ in outputs],
-                                          nbytes=tensor.nbytes)
+                            if verifier is not None:  # a tensor written unchanged is not held for its check
+                                held = None if name in unchanged else tensor
+                                io.submit(verifier.written, name, held, [n for n, _ in outputs],
+                                          nbytes=0 if held is None else held.nbytes)
                             _tick(progress, "convert", tensor, bytes_in)
                     writer.write_index()
                     if verifier is not None:
@@ -599,10 +609,22 @@ class _Checker:
         self._plan, self._written, self._progress, self._total = plan, written, progress, total
         self._dtype = getattr(torch, plan.dtype)
         self._unpacker = PackedPairs(plan.packed_shapes, self._dtype)
+        self._inputs = {path.name: path for path in plan.files.files}
+        self._input_ranges: dict[Path, dict[str, tuple[int, int]]] = {}
 
-    def check(self, name: str, tensor: torch.Tensor) -> None:
+    def check(self, name: str, tensor: torch.Tensor | None) -> None:
+        """`tensor` None: one written unchanged, not held meanwhile; compared with its bytes in the input file."""
         plan, report = self._plan, self.report
-        _tick(self._progress, "verify", tensor, self._total)
+        if self._progress is not None:
+            self._progress("verify", plan.specs[name].nbytes, self._total)
+        if tensor is None:
+            report.tensors_checked += 1
+            source = self._inputs[plan.specs[name].file]
+            if source not in self._input_ranges:
+                self._input_ranges[source] = tensor_byte_ranges(source)
+            if not self._written.same_as_file(name, source, self._input_ranges[source][name][0]):
+                report.mismatches.append(name)
+            return
         if plan.mode == "unpack":
             fused = self._unpacker.add(name, tensor)
             if not fused:
@@ -657,12 +679,12 @@ class _ReadBack:
     """The output's bytes, read back from the disk with direct I/O while the conversion still writes the file.
 
     `_Verifier` asks for a tensor only once all its bytes are there (`request`); a reading thread of its own
-    (`prefetched`) reads what was asked for, in order, 16 MiB slices at a time (a read stops at the tensor's end),
-    while the checking thread recomputes the reference: `same` compares the next tensor slice by slice, so an
-    embedding matrix is never held twice, and `take` gives it whole. The slices are a few buffers used in turn
-    (a fresh 16 MiB buffer each time is fresh memory the kernel must zero: a second of system time at 1B)."""
+    (`prefetched`) reads what was asked for, in order, a slice at a time (a read stops at the tensor's end), while
+    the checking thread recomputes the reference: `same` and `same_as_file` compare the next tensor slice by
+    slice, `take` gives it whole. The slices are a few buffers used in turn (a fresh buffer each time is fresh
+    memory the kernel must zero: a second of system time at 1B)."""
 
-    SLICE = 16 * 2**20
+    SLICE = 8 * 2**20
     AHEAD = 2  # slices read ahead
 
     def __init__(self, writer: _ShardedWriter):
@@ -675,6 +697,7 @@ class _ReadBack:
         for index in range(len(self._buffers)):
             self._free.put(index)
         self._stream = prefetched(self._read(), max_bytes=self.AHEAD * self.SLICE)
+        self._expected = torch.empty(self.SLICE, dtype=torch.uint8)  # input bytes, for `same_as_file`
 
     def request(self, names: list[str]) -> None:
         self._requests.put(names)
@@ -728,10 +751,24 @@ class _ReadBack:
     def same(self, name: str, reference: torch.Tensor) -> bool:
         dtype, shape = self._writer.layout[name]
         expected = reference.contiguous().reshape(-1).view(torch.uint8)
-        same = (str(reference.dtype), tuple(reference.shape)) == (f"torch.{dtype}", shape)
-        offset = 0
+        return (self._matches(name, lambda offset, size: expected[offset:offset + size])
+                and (str(reference.dtype), tuple(reference.shape)) == (f"torch.{dtype}", shape))
+
+    def same_as_file(self, name: str, path: Path, begin: int) -> bool:
+        """Whether the next tensor's bytes equal those at `begin` in `path` (a tensor written unchanged)."""
+        with path.open("rb") as handle:
+            handle.seek(begin)
+
+            def expected(offset: int, size: int) -> torch.Tensor:
+                part = self._expected[:size]
+                return part[:handle.readinto(memoryview(part.numpy()))]
+
+            return self._matches(name, expected)
+
+    def _matches(self, name: str, expected: Callable[[int, int], torch.Tensor]) -> bool:
+        same, offset = True, 0
         for part in self._slices(name):  # every slice is taken, so the next tensor starts with its own
-            same = same and torch.equal(_words(part), _words(expected[offset:offset + part.numel()]))
+            same = same and torch.equal(_words(part), _words(expected(offset, part.numel())))
             offset += part.numel()
         return same
 
@@ -762,9 +799,9 @@ class _Verifier:
         self._writer, self._read_back = writer, _ReadBack(writer)
         self._checker = _Checker(plan, self._read_back, progress, total)
         self._waiting: deque = deque()  # (input name, tensor, output names) in input order
-        self._queue = BackgroundIO(max_pending_bytes=64 * 2**20, name="bitcpm-verify")
+        self._queue = BackgroundIO(max_pending_bytes=32 * 2**20, name="bitcpm-verify")
 
-    def written(self, name: str, tensor: torch.Tensor, outputs: list[str]) -> None:
+    def written(self, name: str, tensor: torch.Tensor | None, outputs: list[str]) -> None:
         """On the writing thread, once `outputs` (what `name` became) are written."""
         self._waiting.append((name, tensor, outputs))
         self._release()
@@ -773,7 +810,7 @@ class _Verifier:
         while self._waiting and all(self._writer.on_disk(out) for out in self._waiting[0][2]):
             name, tensor, outputs = self._waiting.popleft()
             self._read_back.request(outputs)
-            self._queue.submit(self._checker.check, name, tensor, nbytes=tensor.nbytes)
+            self._queue.submit(self._checker.check, name, tensor, nbytes=0 if tensor is None else tensor.nbytes)
 
     def finish(self, staging: Path) -> VerifyReport:
         """The report, once everything is written (every shard closed): the last tensors checked, then the

@@ -225,7 +225,7 @@ def test_verify_finds_a_changed_copied_tensor_reading_it_back_a_slice_at_a_time(
         convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32", verify=True)  # copied unchanged
     embedding_bytes = load_file(tmp_path / "qat" / "model.safetensors")[embedding].nbytes
     assert max(sliced) == 1000 and sum(sliced) > embedding_bytes  # compared as it was read, a slice at a time
-    assert reread == [embedding]  # read whole only to say what differs
+    assert reread == []  # a tensor written unchanged is compared with the input file, slice by slice: never whole
     assert not (tmp_path / "fused").exists()
 
 
@@ -237,12 +237,23 @@ def test_verify_reads_the_input_once_and_passes_an_unchanged_copy_compared_in_sl
         streams.append(items.__name__)
         return real_prefetched(items, **kwargs)
 
+    held, real_check = {}, convert_module._Checker.check
+
+    def check(self, name, tensor):
+        held[name] = tensor is not None
+        return real_check(self, name, tensor)
+
     monkeypatch.setattr(convert_module, "prefetched", prefetched)
+    monkeypatch.setattr(convert_module._Checker, "check", check)
     monkeypatch.setattr(convert_module._ReadBack, "SLICE", 1000)
     result = convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32", verify=True)
     assert result.verify.ok and result.verify.tensors_checked == 21
-    # The input is read (and hashed) once: the check works on the tensors the conversion read. The output is read
-    # back as it reaches the disk.
+    quantized = {name for name in held if name.endswith(tuple(f"{linear}.weight" for linear in LINEARS))}
+    assert len(quantized) == 2 * len(LINEARS) and all(held[name] for name in quantized)
+    assert not any(held[name] for name in set(held) - quantized)  # embeddings and norms: compared with the file
+    # One stream of the input, read (and hashed) for the conversion: the check works on the tensors it gives (those
+    # written unchanged, not held meanwhile, are compared with the input file). The output is read back as it
+    # reaches the disk.
     assert streams == ["iter_tensors", "_read"]
 
 
