@@ -144,6 +144,7 @@ class OutputGuard:
         self.claim_path = self.output.parent / f"{CLAIM_PREFIX}{self.output.name}"
         self._claim: Path | None = None
         self._created: list[Path] = []
+        self._found: set[str] | None = None  # what an unstaged folder that already existed held when claimed
         self._scratch: list[Path] = []
 
     # ---- claiming -------------------------------------------------------------------------------------
@@ -159,6 +160,8 @@ class OutputGuard:
             if not self.staged and not self.output.exists():
                 self.output.mkdir()
                 self._created.append(self.output)
+            elif not self.staged and self.output.is_dir():
+                self._found = set(os.listdir(self.output))
         except BaseException as exc:
             self.abort(exc)
             raise
@@ -267,6 +270,9 @@ class OutputGuard:
             _remove(path)
         keep = self.keep_on_error is not None and self.output.is_dir() and self.keep_on_error(self.output)
         if not keep:
+            if self._found is not None and self.output.is_dir():  # a folder that was there: only what this run added
+                for name in sorted(set(os.listdir(self.output)) - self._found):
+                    _remove(self.output / name)
             for path in reversed(self._created):
                 _remove(path)
         self._release()

@@ -131,6 +131,12 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(setup, tm
         train(config_for(setup, output, "max_steps=3"), callbacks=[Fail()])
     assert not (tmp_path / "nested").exists()
     assert train(config_for(setup, output, "max_steps=3")).steps == 3
+    made = tmp_path / "made_by_the_user"  # a folder that was there, empty: emptied again, not removed
+    made.mkdir()
+    with pytest.raises(InputError, match="stop before the first step"):
+        train(config_for(setup, made, "max_steps=3"), callbacks=[Fail()])
+    assert made.is_dir() and not list(made.iterdir())
+    assert train(config_for(setup, made, "max_steps=3")).steps == 3
 
 
 def test_knowledge_distillation_from_a_teacher(setup, tmp_path):

@@ -178,3 +178,16 @@ def test_unstaged_folder_created_by_a_failed_run_is_removed(tmp_path):
             (folder / "checkpoint").mkdir()
             raise RuntimeError("interrupted after a checkpoint")
     assert listing(out) == ["checkpoint"]
+
+
+def test_a_failed_run_into_a_folder_that_was_there_removes_only_what_it_added(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    with pytest.raises(RuntimeError):
+        with OutputGuard(out, overwrite=True, kind="dir", staged=False,
+                         keep_on_error=lambda folder: (folder / "checkpoint").exists()) as folder:
+            (folder / "metrics.jsonl").write_text("{}\n")  # a later run would take this for an earlier run's
+            (folder / "logs").mkdir()
+            raise RuntimeError("bad optimizer")
+    assert listing(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "mine\n"
