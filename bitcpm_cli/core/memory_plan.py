@@ -148,10 +148,11 @@ def device_memory(device: Any, limit_gb: float | None) -> tuple[int | None, str]
     """Bytes of one device (for CPU: the machine's RAM, which its ranks share), and where the figure comes from."""
     if limit_gb is not None:
         return int(limit_gb * GIB), "max_memory_gb"
-    from bitcpm_cli.core.device import list_devices
+    from bitcpm_cli.core.device import list_devices, probe_npu
 
     label = "cpu" if device.type == "cpu" else str(device)
-    entry = next((d for d in list_devices() if d["device"] == label), None)
+    entry = next((d for d in list_devices(probe_npu() if device.type == "npu" else None) if d["device"] == label),
+                 None)
     if entry is None or entry["memory_bytes"] is None:
         return None, f"{label}: memory size unknown"
     return entry["memory_bytes"], f"{label} {'RAM' if device.type == 'cpu' else 'memory'}"

@@ -79,3 +79,10 @@ def test_a_missing_shape_field_is_an_input_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 10}))
     with pytest.raises(InputError, match="no hidden_size, num_hidden_layers"):
         Shape.from_config(tmp_path / "config.json")
+
+
+def test_an_npu_run_is_planned_against_the_npu_memory(model_1b, fake_npu):
+    fake_npu(available=True, count=2)  # 64 GiB devices (the Ascend 910B stand-in)
+    plan = plan_memory(model_1b, config(), "single", 1, torch.device("npu", 1))
+    assert (plan.available, plan.available_from) == (64 * GIB, "npu:1 memory")
+    assert plan.fits  # ~18 GB of fp32 weights, gradients and AdamW state for the 1B shape
