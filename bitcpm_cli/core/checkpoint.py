@@ -153,8 +153,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorSpec]:
             for name, e in entries.items()}
 
 
-def read_bin_specs(path: Path) -> dict[str, TensorSpec]:
-    """Tensor specs of a pickled state dict, memory-mapped (data not read) and without executing code."""
+def _load_bin_state(path: Path) -> dict[str, Any]:
+    """A pickled state dict, memory-mapped (data not read until used) and loaded with weights_only=True, so no code
+    runs; a `{"state_dict": ...}` wrapper is unwrapped. Anything else is an InputError."""
     import pickle
 
     import torch
@@ -175,13 +176,15 @@ def read_bin_specs(path: Path) -> dict[str, TensorSpec]:
     if not isinstance(state, dict):
         raise InputError(f"{path} does not hold a state dict (found {type(state).__name__})",
                          hint="expected a mapping of parameter names to tensors")
-    specs = {
-        name: TensorSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."), path.name)
-        for name, t in state.items()
-        if isinstance(t, torch.Tensor)
-    }
-    del state
-    return specs
+    return state
+
+
+def read_bin_specs(path: Path) -> dict[str, TensorSpec]:
+    """Tensor specs of a pickled state dict (`_load_bin_state`: memory-mapped, data not read, no code run)."""
+    import torch
+
+    return {name: TensorSpec(tuple(t.shape), str(t.dtype).removeprefix("torch."), path.name)
+            for name, t in _load_bin_state(path).items() if isinstance(t, torch.Tensor)}
 
 
 def read_tensor_specs(path: str | Path) -> tuple[WeightFiles, dict[str, TensorSpec]]:
@@ -329,14 +332,11 @@ def iter_bin(path: Path, hasher=None) -> Iterator[tuple[str, Any]]:
     """(name, tensor) of a pickled state dict, memory-mapped and loaded with weights_only=True."""
     import torch
 
-    read_bin_specs(path)  # refuses pickles that are not plain tensors, with a clear message
+    state = _load_bin_state(path)  # refuses pickles that are not plain tensors, with a clear message
     if hasher is not None:
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(2**24), b""):
                 hasher.update(block)
-    state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    if isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
     for name in list(state):
         tensor = state.pop(name)
         if isinstance(tensor, torch.Tensor):
@@ -379,10 +379,7 @@ class TensorReader:
 
                 self._open[file] = safe_open(str(path), framework="pt")
             else:
-                import torch
-
-                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-                self._open[file] = state["state_dict"] if isinstance(state.get("state_dict"), dict) else state
+                self._open[file] = _load_bin_state(path)
         return self._open[file]
 
     def __getitem__(self, name: str):
