@@ -614,3 +614,21 @@ def test_verify_of_a_bin_output_checks_the_reference_and_reads_the_saved_file_ba
     with pytest.raises(convert_module.CheckFailed, match="first: model.norm.weight"):
         convert_checkpoint(tmp_path / source, tmp_path / "again.bin", verify=True)
     assert not (tmp_path / "again.bin").exists()
+
+
+@pytest.mark.parametrize("source,fmt,output", [
+    ("qat", "fused", "out.safetensors"), ("qat", "packed", "out.safetensors"), ("fused", "packed", "out"),
+    ("packed", "fused", "out.safetensors"), ("packed", "fused", "out"), ("qat.bin", "fused", "out")])
+def test_verify_passes_every_mode_and_output_kind_with_windows_reaching_the_disk_mid_file(tmp_path, monkeypatch,
+                                                                                          source, fmt, output):
+    from bitcpm_cli.core import checkpoint
+
+    make_qat(tmp_path / "qat")
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
+    convert_checkpoint(tmp_path / "qat", tmp_path / "packed", fmt="packed")
+    torch.save(load_file(tmp_path / "qat" / "model.safetensors"), tmp_path / "qat.bin")
+    monkeypatch.setattr(checkpoint._Direct, "WINDOW", 8 * 1024)
+    result = convert_checkpoint(tmp_path / source, tmp_path / output, fmt=fmt, verify=True, max_shard_bytes=60_000,
+                                **({"quant_type": "ternary", "group_size": 128} if source == "qat.bin" else {}))
+    assert result.verify.ok and result.verify.tensors_checked == 21
+    assert result.shards == 1 if output.endswith(".safetensors") else result.shards > 1
