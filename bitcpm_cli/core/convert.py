@@ -33,6 +33,7 @@ from bitcpm_cli.core.checkpoint import (
     read_config,
     read_json,
     read_tensor_specs,
+    safetensors_metadata,
     tensor_byte_ranges,
     tensor_nbytes,
     tensor_order,
@@ -251,6 +252,7 @@ class _ShardedWriter:
         self._writer: SafetensorsStreamWriter | None = None
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
+        self.metadata: dict[Path, dict[str, str]] = {}  # every shard's header metadata, as planned
 
     def _open_next(self) -> None:
         shard = self.shards[self._index]
@@ -259,6 +261,7 @@ class _ShardedWriter:
         if shapes:
             metadata[PACKED_SHAPES_KEY] = json.dumps(shapes, separators=(",", ":"))
         path = self.folder / self.names[self._index]
+        self.metadata[path] = metadata
         self._writer = SafetensorsStreamWriter(path, shard, metadata)
         self.places.update({name: (path, *span) for name, span in self._writer.ranges.items()})
         self.total_size += self._writer.nbytes
@@ -633,6 +636,8 @@ class _Checker:
         reference = _reference(name, tensor, plan.targets, plan.mode, self._dtype)
         base = name.removesuffix(".weight")
         if plan.fmt == "packed" and name in plan.targets:
+            # A code of zero unpacks to +0.0: a fused input's -0.0 (older bitcpm wrote them) packs to the same code.
+            reference = reference + 0.0 if reference.is_floating_point() else reference
             written = unpack_weight(self._written.take(base + PACKED_SUFFIX), self._written.take(base + SCALE_SUFFIX),
                                     plan.specs[name].shape, self._dtype)
             identical = _identical(written, reference)
@@ -707,13 +712,15 @@ class _ReadBack:
         return range(0, max(size, 1), self.SLICE)  # an empty tensor is one empty slice
 
     def _read(self) -> Iterator[tuple[str, torch.Tensor]]:
-        readers: dict[Path, Any] = {}
+        readers: dict[Path, Any] = {}  # the shard being read: the output is read in order, shard after shard
         try:
             for names in iter(self._requests.get, None):
                 for name in names:
                     path, begin, size = self._writer.places[name]
                     if path not in readers:
-                        readers[path] = open_for_reading(path, direct=True, read_ahead=False)
+                        for reader in readers.values():  # an earlier shard: done (its fd and window go now)
+                            reader.close()
+                        readers = {path: open_for_reading(path, direct=True, read_ahead=False)}
                     readers[path].seek(begin)
                     for offset in self._spans(name):
                         index = self._free.get()
@@ -823,13 +830,19 @@ class _Verifier:
         report = self._checker.report
         out_files, out_specs = read_tensor_specs(staging)
         found = {name: (path, *span) for path in out_files.files for name, span in tensor_byte_ranges(path).items()}
-        index = read_json(out_files.index, "weight index")["weight_map"] if out_files.index else {}
+        index = read_json(out_files.index, "weight index") if out_files.index else {}
+        weight_map = index.get("weight_map", {})
         planned, layout = self._writer.places, self._writer.layout
         report.mismatches += sorted(
-            name for name in planned.keys() | found.keys()
+            name for name in planned.keys() | found.keys() | weight_map.keys()
             if name not in planned or name not in found or found[name] != planned[name]
             or (out_specs[name].dtype, out_specs[name].shape) != layout[name]
-            or (out_files.index is not None and index.get(name) != planned[name][0].name))
+            or (out_files.index is not None and weight_map.get(name) != planned[name][0].name))
+        # The header metadata (the packed linears' shapes) and the index's total size are read back too.
+        report.mismatches += sorted(f"{path.name} (metadata)" for path in out_files.files
+                                    if safetensors_metadata(path) != self._writer.metadata.get(path))
+        if out_files.index is not None and index.get("metadata", {}).get("total_size") != self._writer.total_size:
+            report.mismatches.append(f"{out_files.index.name} (total_size)")
         return report
 
     def __enter__(self) -> "_Verifier":

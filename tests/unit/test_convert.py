@@ -632,3 +632,62 @@ def test_verify_passes_every_mode_and_output_kind_with_windows_reaching_the_disk
                                 **({"quant_type": "ternary", "group_size": 128} if source == "qat.bin" else {}))
     assert result.verify.ok and result.verify.tensors_checked == 21
     assert result.shards == 1 if output.endswith(".safetensors") else result.shards > 1
+
+
+def test_verify_reads_one_shard_at_a_time_and_closes_those_done(tmp_path, monkeypatch):
+    make_qat(tmp_path / "qat")
+    open_at_finish, real_finish = [], convert_module._Verifier.finish
+
+    def finish(self, staging):  # every shard is written and closed by now: what is open is the read-back's
+        open_at_finish.append([os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                               if ".bitcpm-tmp" in (os.readlink(f"/proc/self/fd/{fd}")
+                                                    if os.path.exists(f"/proc/self/fd/{fd}") else "")])
+        return real_finish(self, staging)
+
+    monkeypatch.setattr(convert_module._Verifier, "finish", finish)
+    result = convert_checkpoint(tmp_path / "qat", tmp_path / "out", fmt="packed", verify=True,
+                                max_shard_bytes=20_000)
+    assert result.verify.ok and result.shards > 5
+    assert len(open_at_finish[0]) <= 1  # not a descriptor (and an 8 MiB window) per shard
+
+
+def test_verify_reads_back_the_header_metadata_and_the_whole_index(tmp_path, monkeypatch):
+    from bitcpm_cli.core import checkpoint
+
+    make_qat(tmp_path / "qat")
+    real_init = checkpoint.SafetensorsStreamWriter.__init__
+
+    def init(self, path, specs, metadata=None):  # a changed byte in the packed shapes: [128, 128] -> [128, 125]
+        if metadata and convert_module.PACKED_SHAPES_KEY in metadata:
+            shapes = metadata[convert_module.PACKED_SHAPES_KEY]
+            metadata = {**metadata, convert_module.PACKED_SHAPES_KEY: shapes.replace("[128,128]", "[128,125]", 1)}
+        real_init(self, path, specs, metadata)
+
+    monkeypatch.setattr(checkpoint.SafetensorsStreamWriter, "__init__", init)
+    with pytest.raises(convert_module.CheckFailed, match=r"first: model.safetensors \(metadata\)"):
+        convert_checkpoint(tmp_path / "qat", tmp_path / "packed", fmt="packed", verify=True)
+    monkeypatch.undo()
+    real_index = convert_module._ShardedWriter.write_index
+
+    def index_with_more(self):  # an entry for no tensor, and a wrong total size
+        self.weight_map["model.layers.9.mlp.up_proj.weight"] = self.names[0]
+        self.total_size += 1
+        real_index(self)
+        self.total_size -= 1  # as planned
+
+    monkeypatch.setattr(convert_module._ShardedWriter, "write_index", index_with_more)
+    with pytest.raises(convert_module.CheckFailed, match="verification failed: 2 tensor") as failed:
+        convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True, max_shard_bytes=100_000)
+    assert "model.layers.9.mlp.up_proj.weight" in str(failed.value.problems)
+    assert not (tmp_path / "packed").exists() and not (tmp_path / "fused").exists()
+
+
+def test_a_fused_input_with_negative_zeros_packs_and_verifies(tmp_path):
+    make_qat(tmp_path / "qat", group_size=-1)
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32")
+    weights = load_file(tmp_path / "fused" / "model.safetensors")
+    for name in [n for n in weights if n.endswith("_proj.weight")]:  # what older versions wrote for code 0
+        weights[name] = torch.where(weights[name] == 0, torch.tensor(-0.0), weights[name])
+    save_file(weights, tmp_path / "fused" / "model.safetensors", metadata={"format": "pt"})
+    result = convert_checkpoint(tmp_path / "fused", tmp_path / "packed", fmt="packed", dtype="float32", verify=True)
+    assert result.verify.ok and result.verify.tensors_checked == 21
