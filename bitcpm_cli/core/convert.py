@@ -638,9 +638,15 @@ class _Checker:
         if plan.fmt == "packed" and name in plan.targets:
             # A code of zero unpacks to +0.0: a fused input's -0.0 (older bitcpm wrote them) packs to the same code.
             reference = reference + 0.0 if reference.is_floating_point() else reference
-            written = unpack_weight(self._written.take(base + PACKED_SUFFIX), self._written.take(base + SCALE_SUFFIX),
-                                    plan.specs[name].shape, self._dtype)
-            identical = _identical(written, reference)
+            packed, scales = self._written.take(base + PACKED_SUFFIX), self._written.take(base + SCALE_SUFFIX)
+            written = unpack_weight(packed, scales, plan.specs[name].shape, self._dtype)
+            # Unpacking hides the padding codes of a row and the scale of a group of zero codes: the codes and the
+            # scales are compared byte for byte too, with those the quantizer (or the fused input) gives again.
+            spec = plan.targets[name]
+            expected = (quantize(tensor, spec, name=base) if plan.mode == "quantize"
+                        else ternary_codes_from_fused(tensor, spec.group_size))
+            identical = (_identical(written, reference) and _identical(packed, pack_ternary(expected.codes))
+                         and _identical(scales, expected.scales.to(self._dtype)))
         else:
             identical = self._written.same(name, reference)
             written = reference if identical else self._written.reread(name)

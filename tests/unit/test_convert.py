@@ -691,3 +691,33 @@ def test_a_fused_input_with_negative_zeros_packs_and_verifies(tmp_path):
     save_file(weights, tmp_path / "fused" / "model.safetensors", metadata={"format": "pt"})
     result = convert_checkpoint(tmp_path / "fused", tmp_path / "packed", fmt="packed", dtype="float32", verify=True)
     assert result.verify.ok and result.verify.tensors_checked == 21
+
+
+@pytest.mark.parametrize("change", ["padding", "scale of zero codes"])
+def test_verify_compares_the_packed_codes_and_scales_byte_for_byte(tmp_path, monkeypatch, change):
+    from bitcpm_cli.core import checkpoint
+
+    torch.manual_seed(0)
+    weight = torch.randn(8, 6)  # in_features 6: the last byte of a row holds two padding codes
+    weight[3] = 0  # a row of zero codes: unpacking gives zeros whatever its scale
+    save_file({"model.layers.0.mlp.up_proj.weight": weight, "model.norm.weight": torch.ones(6)},
+              tmp_path / "in.safetensors")
+    base = "model.layers.0.mlp.up_proj"
+    real_write = checkpoint.SafetensorsStreamWriter.write
+
+    def write(self, name, tensor):  # bytes changed on their way to the disk
+        if change == "padding" and name == base + ".weight_packed":
+            tensor = tensor.clone()
+            tensor[:, 1] ^= 0b0011_0000  # padding code 1 (zero) -> 2
+        if change == "scale of zero codes" and name == base + ".weight_scale":
+            tensor = tensor.clone()
+            tensor[3] = 123.0
+        return real_write(self, name, tensor)
+
+    convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "clean", fmt="packed", quant_type="ternary",
+                       group_size=-1, verify=True)
+    monkeypatch.setattr(checkpoint.SafetensorsStreamWriter, "write", write)
+    with pytest.raises(convert_module.CheckFailed, match=f"first: {base}.weight"):
+        convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", fmt="packed", quant_type="ternary",
+                           group_size=-1, verify=True)
+    assert not (tmp_path / "out").exists()
