@@ -520,25 +520,22 @@ class DirectReader(_Direct):
     written by DirectFile, which the page cache does not hold (direct reads come in whole windows, the page
     cache's read-ahead in small steps: twice as fast here). A minimal binary file object: read, readinto, seek.
 
-    Without `read_ahead`, a window reaches no further than the block holding the last byte asked for: a file
-    still being written is read safely below its writer's `DirectFile.durable`."""
+    A window reaches no further than the block holding the last byte asked for, so a file still being written is
+    read safely below its writer's `DirectFile.durable`."""
 
-    def __init__(self, path: Path, read_ahead: bool = True):
+    def __init__(self, path: Path):
         super().__init__(path, os.O_RDONLY)
         self._start = self._length = self._position = 0  # the window holds [start, start + length)
-        self._read_ahead = read_ahead
 
     def seek(self, position: int) -> int:
         self._position = position
         return position
 
     def _fill(self, wanted: int) -> None:
-        """Read the window holding the current position, as far as the end of the file (or of the block holding
-        the last of the `wanted` bytes, without read-ahead)."""
+        """Read the window holding the current position, as far as the block holding the last of the `wanted`
+        bytes (or the end of the file)."""
         self._start, self._length = self._position - self._position % self.ALIGN, 0
-        size = len(self._view)
-        if not self._read_ahead:
-            size = min(size, -(-(self._position + wanted - self._start) // self.ALIGN) * self.ALIGN)
+        size = min(len(self._view), -(-(self._position + wanted - self._start) // self.ALIGN) * self.ALIGN)
         while self._length < size:
             got = self._transfer(lambda: os.preadv(self._fd, [self._view[self._length:size]],
                                                    self._start + self._length))
@@ -570,9 +567,9 @@ class DirectReader(_Direct):
         self.abort()
 
 
-def open_for_reading(path: Path, direct: bool = False, read_ahead: bool = True):
-    """A binary file object: a DirectReader with `direct` where direct reads exist (Linux), else a plain one."""
-    return DirectReader(path, read_ahead) if direct and DIRECT_READS else path.open("rb")
+def open_direct(path: Path):
+    """A binary file object for reading: a DirectReader where direct reads exist (Linux), else a plain one."""
+    return DirectReader(path) if DIRECT_READS else path.open("rb")
 
 
 class SafetensorsStreamWriter:
@@ -684,7 +681,8 @@ class BackgroundIO:
             self._pool.shutdown(wait=True)  # nothing runs on once the caller moves on (to clean up, say)
 
 
-def prefetched(items: Iterator[tuple[str, Any]], max_bytes: int = 64 * 2**20) -> Iterator[tuple[str, Any]]:
+def prefetched(items: Iterator[tuple[str, Any]], max_bytes: int = 64 * 2**20,
+               name: str = "bitcpm-read") -> Iterator[tuple[str, Any]]:
     """(name, tensor) pairs of `items`, read ahead on a background thread (file reads release the GIL) while the
     caller works on the previous ones. Reading stops while more than `max_bytes` of tensors wait, so at most that
     plus one tensor is held ahead. A failure while reading is raised in the caller, in its place in the order."""
@@ -712,7 +710,7 @@ def prefetched(items: Iterator[tuple[str, Any]], max_bytes: int = 64 * 2**20) ->
                 state["done"] = True
                 changed.notify_all()
 
-    reader = threading.Thread(target=read, name="bitcpm-read", daemon=True)
+    reader = threading.Thread(target=read, name=name, daemon=True)
     reader.start()
     try:
         while True:

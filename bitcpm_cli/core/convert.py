@@ -28,7 +28,7 @@ from bitcpm_cli.core.checkpoint import (
     TensorSpec,
     WeightFiles,
     iter_tensors,
-    open_for_reading,
+    open_direct,
     prefetched,
     read_config,
     read_json,
@@ -47,7 +47,6 @@ from bitcpm_cli.core.formats import (
     PackedPairs,
     packed_base,
     read_packed_shapes,
-    unpack_weight,
 )
 from bitcpm_cli.core.inference_ready import make_inference_ready, read_generation_config
 from bitcpm_cli.core.outputs import OutputGuard, check_output
@@ -430,18 +429,19 @@ def convert_checkpoint(
         if not single:
             staging.mkdir()
         bytes_in = sum(f.stat().st_size for f in files.files)
+        tensor_bytes = sum(spec.nbytes for spec in specs.values())  # what the progress bars count to
         # Read and hashed a slice at a time on a thread of its own, while this one quantizes.
         tensors = prefetched(iter_tensors(files, hasher))
         report = None
         if single and single.endswith(".bin"):
             state: dict[str, torch.Tensor] = {}
-            checker = _Checker(plan, _InMemory(state), progress, bytes_in) if verify else None
+            checker = _Checker(plan, _InMemory(state), progress, tensor_bytes) if verify else None
             with closing(tensors):
                 for name, tensor in tensors:
                     state.update(transform.apply(name, tensor))
                     if checker is not None:
                         checker.check(name, tensor)
-                    _tick(progress, "convert", tensor, bytes_in)
+                    _tick(progress, "convert", tensor, tensor_bytes)
             torch.save(state, staging)
             if checker is not None:
                 report = checker.report
@@ -451,7 +451,7 @@ def convert_checkpoint(
         else:
             writer = _ShardedWriter(folder, out_specs, max_shard_bytes, packed_shapes,
                                     staging.name if single else None)
-            verifier = _Verifier(plan, writer, progress, bytes_in) if verify else None
+            verifier = _Verifier(plan, writer, progress, tensor_bytes) if verify else None
             unchanged = plan.unchanged()
             # Quantizing here, writing the output in the background (and checking it on a third thread).
             try:
@@ -465,7 +465,7 @@ def convert_checkpoint(
                                 held = None if name in unchanged else tensor
                                 io.submit(verifier.written, name, held, [n for n, _ in outputs],
                                           nbytes=0 if held is None else held.nbytes)
-                            _tick(progress, "convert", tensor, bytes_in)
+                            _tick(progress, "convert", tensor, tensor_bytes)
                     writer.write_index()
                     if verifier is not None:
                         report = verifier.finish(staging)
@@ -633,23 +633,22 @@ class _Checker:
             if not fused:
                 return
             ((name, tensor),) = fused
-        reference = _reference(name, tensor, plan.targets, plan.mode, self._dtype)
         base = name.removesuffix(".weight")
         if plan.fmt == "packed" and name in plan.targets:
-            # A code of zero unpacks to +0.0: a fused input's -0.0 (older bitcpm wrote them) packs to the same code.
-            reference = reference + 0.0 if reference.is_floating_point() else reference
-            packed, scales = self._written.take(base + PACKED_SUFFIX), self._written.take(base + SCALE_SUFFIX)
-            written = unpack_weight(packed, scales, plan.specs[name].shape, self._dtype)
-            # Unpacking hides the padding codes of a row and the scale of a group of zero codes: the codes and the
-            # scales are compared byte for byte too, with those the quantizer (or the fused input) gives again.
+            # The codes and scales the quantizer (or the fused input) gives again, packed again, byte for byte:
+            # the padding codes of a row and the scale of a group of zero codes too (unpacking would hide both).
             spec = plan.targets[name]
             expected = (quantize(tensor, spec, name=base) if plan.mode == "quantize"
                         else ternary_codes_from_fused(tensor, spec.group_size))
-            identical = (_identical(written, reference) and _identical(packed, pack_ternary(expected.codes))
-                         and _identical(scales, expected.scales.to(self._dtype)))
-        else:
-            identical = self._written.same(name, reference)
-            written = reference if identical else self._written.reread(name)
+            codes_same = self._written.same(base + PACKED_SUFFIX, pack_ternary(expected.codes))
+            report.tensors_checked += 1
+            if not (self._written.same(base + SCALE_SUFFIX, expected.scales.to(self._dtype)) and codes_same):
+                report.mismatches.append(name)
+            report.zero_fraction[name] = _zero_count(expected.codes) / max(expected.codes.numel(), 1)
+            return
+        reference = _reference(name, tensor, plan.targets, plan.mode, self._dtype)
+        identical = self._written.same(name, reference)
+        written = reference if identical else self._written.reread(name)
         report.tensors_checked += 1
         if not identical:
             report.mismatches.append(name)
@@ -692,7 +691,7 @@ class _ReadBack:
     `_Verifier` asks for a tensor only once all its bytes are there (`request`); a reading thread of its own
     (`prefetched`) reads what was asked for, in order, a slice at a time (a read stops at the tensor's end), while
     the checking thread recomputes the reference: `same` and `same_as_file` compare the next tensor slice by
-    slice, `take` gives it whole. The slices are a few buffers used in turn (a fresh buffer each time is fresh
+    slice. The slices are a few buffers used in turn (a fresh buffer each time is fresh
     memory the kernel must zero: a second of system time at 1B)."""
 
     SLICE = 8 * 2**20
@@ -707,7 +706,7 @@ class _ReadBack:
         self._free: queue.SimpleQueue = queue.SimpleQueue()  # buffers not in use, by index; None: stop reading
         for index in range(len(self._buffers)):
             self._free.put(index)
-        self._stream = prefetched(self._read(), max_bytes=self.AHEAD * self.SLICE)
+        self._stream = prefetched(self._read(), max_bytes=self.AHEAD * self.SLICE, name="bitcpm-read-back")
         self._expected = torch.empty(self.SLICE, dtype=torch.uint8)  # input bytes, for `same_as_file`
 
     def request(self, names: list[str]) -> None:
@@ -726,7 +725,7 @@ class _ReadBack:
                     if path not in readers:
                         for reader in readers.values():  # an earlier shard: done (its fd and window go now)
                             reader.close()
-                        readers = {path: open_for_reading(path, direct=True, read_ahead=False)}
+                        readers = {path: open_direct(path)}
                     readers[path].seek(begin)
                     for offset in self._spans(name):
                         index = self._free.get()
@@ -752,14 +751,6 @@ class _ReadBack:
                 yield part
             finally:
                 self._free.put(index)
-
-    def _typed(self, name: str, data: torch.Tensor) -> torch.Tensor:
-        dtype, shape = self._writer.layout[name]
-        return data.view(getattr(torch, dtype)).reshape(shape)
-
-    def take(self, name: str) -> torch.Tensor:
-        parts = [part.clone() for part in self._slices(name)]  # copied out before its buffer is read into again
-        return self._typed(name, parts[0] if len(parts) == 1 else torch.cat(parts))
 
     def same(self, name: str, reference: torch.Tensor) -> bool:
         dtype, shape = self._writer.layout[name]
@@ -792,7 +783,8 @@ class _ReadBack:
         with path.open("rb") as handle:
             handle.seek(begin)
             handle.readinto(memoryview(data.numpy()))
-        return self._typed(name, data)
+        dtype, shape = self._writer.layout[name]
+        return data.view(getattr(torch, dtype)).reshape(shape)
 
     def close(self) -> None:
         self._requests.put(None)  # a reading thread waiting for a request or a buffer ends

@@ -521,9 +521,9 @@ def test_verify_reads_the_output_back_with_direct_io_on_a_thread_of_its_own_whil
     events, real_init, real_check, real_close = [], checkpoint.DirectReader.__init__, convert_module._Checker.check, \
         checkpoint.SafetensorsStreamWriter.close
 
-    def spy(self, path, read_ahead=True):
-        real_init(self, path, read_ahead)
-        events.append(("reader", path.name, read_ahead))
+    def spy(self, path):
+        real_init(self, path)
+        events.append(("reader", path.name))
 
     def check(self, name, tensor):
         events.append(("check", threading.current_thread().name))
@@ -540,7 +540,7 @@ def test_verify_reads_the_output_back_with_direct_io_on_a_thread_of_its_own_whil
                                 max_shard_bytes=150_000)
     assert result.verify.ok and result.verify.tensors_checked == 21 and result.shards > 1
     readers = [e for e in events if e[0] == "reader"]
-    assert len(readers) == result.shards and all(not read_ahead for *_, read_ahead in readers)
+    assert len(readers) == result.shards
     checks = [e for e in events if e[0] == "check"]
     assert len(checks) == 21 and all(name.startswith("bitcpm-verify") for _, name in checks)
     assert events.index(checks[0]) < events.index(("closed",))  # checked while the first shard is still written
@@ -721,3 +721,18 @@ def test_verify_compares_the_packed_codes_and_scales_byte_for_byte(tmp_path, mon
         convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", fmt="packed", quant_type="ternary",
                            group_size=-1, verify=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("source", ["qat", "packed"])
+def test_the_progress_bars_count_exactly_to_their_totals(tmp_path, source):
+    make_qat(tmp_path / "qat")
+    convert_checkpoint(tmp_path / "qat", tmp_path / "packed", fmt="packed")
+    done, totals = {}, {}
+
+    def progress(stage, advance, total):
+        done[stage] = done.get(stage, 0) + advance
+        totals.setdefault(stage, set()).add(total)
+
+    convert_checkpoint(tmp_path / source, tmp_path / "out", verify=True, progress=progress)
+    assert set(done) == {"convert", "verify"}
+    assert all(totals[stage] == {done[stage]} for stage in done)  # a bar that ends at 100 %, not short of it

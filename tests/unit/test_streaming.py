@@ -101,12 +101,11 @@ def test_direct_file_writes_exactly_the_bytes_given(tmp_path, size):
     assert (tmp_path / "out").read_bytes() == data
 
 
-@pytest.mark.parametrize("read_ahead", [True, False])
 @pytest.mark.parametrize("size", SIZES)
-def test_direct_reader_reads_what_was_written_from_any_position(tmp_path, size, read_ahead):
+def test_direct_reader_reads_what_was_written_from_any_position(tmp_path, size):
     data = _payload(size)
     _write(tmp_path / "out", data)
-    with DirectReader(tmp_path / "out", read_ahead) as reader:
+    with DirectReader(tmp_path / "out") as reader:
         assert reader.read(size + 10) == data  # past the end: what there is
         for position, length in [(0, 1), (size // 3, 5000), (max(size - 7, 0), 100), (4095, 8 * MiB + 2)]:
             reader.seek(position)
@@ -226,8 +225,8 @@ def _shards(tmp_path):
 
 
 def test_a_file_being_written_is_read_back_exactly_below_its_durable_offset(tmp_path, monkeypatch):
-    """What --verify does while converting: read a tensor once its writer's `durable` has passed its end. Without
-    read-ahead the reader never reads a block the writer may still be writing, nor keeps one in its window."""
+    """What --verify does while converting: read a tensor once its writer's `durable` has passed its end. The
+    reader never reads a block the writer may still be writing, nor keeps one in its window."""
     monkeypatch.setattr(checkpoint._Direct, "WINDOW", 64 * 1024)  # many windows in a small file
     data = _payload(1_000_003)
     real_preadv, reads = os.preadv, []
@@ -239,7 +238,7 @@ def test_a_file_being_written_is_read_back_exactly_below_its_durable_offset(tmp_
     monkeypatch.setattr(os, "preadv", preadv)
     tensors = [(start, min(start + 37_777, len(data))) for start in range(0, len(data), 37_777)]  # unaligned
     checked = 0
-    with DirectFile(tmp_path / "out") as writer, DirectReader(tmp_path / "out", read_ahead=False) as reader:
+    with DirectFile(tmp_path / "out") as writer, DirectReader(tmp_path / "out") as reader:
         for start in range(0, len(data), 10_007):
             writer.write(data[start:start + 10_007])
             durable = writer.durable
