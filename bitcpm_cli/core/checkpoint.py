@@ -486,6 +486,14 @@ class DirectFile(_Direct):
                 self._write_all(self._view)
                 self._used = 0
 
+    def flush(self) -> None:
+        """Write the whole blocks gathered so far (what `durable` counts), keeping the partial last one."""
+        aligned = self._used - self._used % self.ALIGN
+        if aligned:
+            self._write_all(self._view[:aligned])
+            self._used -= aligned
+            self._view[:self._used] = self._view[aligned:aligned + self._used]
+
     def _write_all(self, data: memoryview) -> None:
         if self._failed:
             raise OSError(errno.EIO, "an earlier write to this file failed")
@@ -601,6 +609,9 @@ class SafetensorsStreamWriter:
     def durable(self) -> int:
         """Every byte before this offset is in the file (DirectFile.durable)."""
         return self._handle.durable
+
+    def flush(self) -> None:
+        self._handle.flush()
 
     def write(self, name: str, tensor) -> None:
         import torch

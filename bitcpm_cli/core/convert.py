@@ -278,6 +278,11 @@ class _ShardedWriter:
             self._writer = None
             self._index += 1
 
+    def flush(self) -> None:
+        """Put what the open shard has gathered on the disk, but a partial last block (DirectFile.flush)."""
+        if self._writer is not None:
+            self._writer.flush()
+
     def on_disk(self, name: str) -> bool:
         """Whether all of an output tensor's bytes are in its file (asked on the thread that writes)."""
         index = self._shard_of[name]
@@ -456,7 +461,7 @@ def convert_checkpoint(
             # Quantizing here, writing the output in the background (and checking it on a third thread).
             try:
                 with closing(tensors), verifier or nullcontext():
-                    with BackgroundIO() as io:
+                    with BackgroundIO(max_pending_bytes=64 * 2**20) as io:
                         for name, tensor in tensors:
                             outputs = transform.apply(name, tensor)
                             for out_name, out_tensor in outputs:
@@ -806,10 +811,16 @@ class _Verifier:
         self._waiting: deque = deque()  # (input name, tensor, output names) in input order
         self._queue = BackgroundIO(max_pending_bytes=32 * 2**20, name="bitcpm-verify")
 
+    WAITING = 32 * 2**20  # input bytes held for outputs not yet on the disk, at most (plus one tensor)
+
     def written(self, name: str, tensor: torch.Tensor | None, outputs: list[str]) -> None:
         """On the writing thread, once `outputs` (what `name` became) are written."""
         self._waiting.append((name, tensor, outputs))
         self._release()
+        if sum(0 if held is None else held.nbytes for _, held, _ in self._waiting) > self.WAITING:
+            # Small outputs (2 bits a weight) fill the writer's window slowly: put them on the disk now.
+            self._writer.flush()
+            self._release()
 
     def _release(self) -> None:
         while self._waiting and all(self._writer.on_disk(out) for out in self._waiting[0][2]):

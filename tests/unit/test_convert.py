@@ -736,3 +736,20 @@ def test_the_progress_bars_count_exactly_to_their_totals(tmp_path, source):
     convert_checkpoint(tmp_path / source, tmp_path / "out", verify=True, progress=progress)
     assert set(done) == {"convert", "verify"}
     assert all(totals[stage] == {done[stage]} for stage in done)  # a bar that ends at 100 %, not short of it
+
+
+def test_verify_puts_small_outputs_on_the_disk_early_rather_than_hold_their_inputs(tmp_path, monkeypatch):
+    """A packed output (2 bits a weight) fills the writer's 8 MiB window slowly, while its inputs wait to be
+    checked: past `WAITING` bytes of them, the writer puts what it has on the disk."""
+    from bitcpm_cli.core import checkpoint
+
+    make_qat(tmp_path / "qat")
+    events, real_check, real_close = [], convert_module._Checker.check, checkpoint.SafetensorsStreamWriter.close
+    monkeypatch.setattr(convert_module._Checker, "check",
+                        lambda self, name, tensor: events.append("check") or real_check(self, name, tensor))
+    monkeypatch.setattr(checkpoint.SafetensorsStreamWriter, "close",
+                        lambda self: events.append("closed") or real_close(self))
+    monkeypatch.setattr(convert_module._Verifier, "WAITING", 100_000)
+    result = convert_checkpoint(tmp_path / "qat", tmp_path / "packed", fmt="packed", verify=True)
+    assert result.verify.ok and result.shards == 1  # the whole file is far smaller than one 8 MiB window
+    assert events.index("check") < events.index("closed")

@@ -259,3 +259,16 @@ def test_tensors_are_read_and_hashed_in_slices_with_the_same_digest(tmp_path, mo
     read = dict(iter_safetensors(path, digest))
     assert digest.hexdigest() == hashlib.sha256(path.read_bytes()).hexdigest()
     assert all(torch.equal(read[name], tensors[name]) for name in tensors)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_flushing_puts_the_whole_blocks_on_the_disk_and_keeps_the_bytes(tmp_path, size):
+    data = _payload(size)
+    with DirectFile(tmp_path / "out") as handle:
+        step = max(1, size // 5 + 7)
+        for start in range(0, size, step):
+            handle.write(data[start:start + step])
+            handle.flush()
+            end = min(start + step, size)
+            assert handle.durable == end - end % 4096  # every whole block written so far, none partial
+    assert (tmp_path / "out").read_bytes() == data
