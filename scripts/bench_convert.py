@@ -1,7 +1,7 @@
 """Measure `bitcpm convert` on a multi-shard bf16 QAT checkpoint, in one run, against baselines.
 
 - copy: a plain file copy of the same shards (the I/O floor);
-- convert and convert --verify;
+- convert and convert --verify (with --packed: also to the packed format, with and without --verify);
 - load-everything (with --naive): load every shard into memory, quantize every linear, save everything (what a
   naive `torch.load + quantize + torch.save` script does).
 Each runs in its own process; wall time (also with the os.sync() that puts the output on the disk: convert writes
@@ -9,7 +9,7 @@ with direct I/O, the copy into the page cache) and peak RSS are printed with the
 peak RSS <= 0.25x the model size + 400 MB, wall time <= 4x the copy. `--shape 1b` is the BitCPM4-1B shape (vocab
 73,448, hidden 2,048, 28 layers, 16 heads, 2 KV heads, intermediate 6,144: 3.2 GB in bf16).
 
-    python scripts/bench_convert.py [--shape 1b | --layers 14] [--naive] [--repeats 3] [--checkpoint DIR]
+    python scripts/bench_convert.py [--shape 1b | --layers 14] [--naive] [--packed] [--repeats 3] [--checkpoint DIR]
 
 `--checkpoint DIR` keeps the generated checkpoint in DIR (built there on the first run, reused after), so repeated
 measurements skip the minute it takes to generate 3 GB of weights.
@@ -90,6 +90,13 @@ def child_convert_verify(source: Path, output: Path) -> None:
     assert convert_checkpoint(source, output, verify=True).verify.ok
 
 
+def child_packed(source: Path, output: Path, verify: bool = False) -> None:
+    from bitcpm_cli.core.convert import convert_checkpoint
+
+    result = convert_checkpoint(source, output, fmt="packed", verify=verify)
+    assert result.verify is None or result.verify.ok
+
+
 def child_load_everything(source: Path, output: Path) -> None:
     import torch
     from safetensors.torch import load_file
@@ -109,6 +116,7 @@ def child_load_everything(source: Path, output: Path) -> None:
 
 
 CHILDREN = {"copy": child_copy, "convert": child_convert, "convert --verify": child_convert_verify,
+            "packed": child_packed, "packed --verify": lambda source, output: child_packed(source, output, True),
             "load-everything": child_load_everything}
 
 
@@ -126,6 +134,8 @@ def main() -> None:
                         help="default: hidden 2048, 14 layers (1.7 GB); 1b: the BitCPM4-1B shape (3.2 GB)")
     parser.add_argument("--layers", type=int, help="override the number of decoder layers")
     parser.add_argument("--naive", action="store_true", help="also run load-everything (needs ~3x the model in RAM)")
+    parser.add_argument("--packed", action="store_true", help="also convert to the packed format, with and without "
+                                                              "--verify")
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every contender (medians are reported)")
     parser.add_argument("--checkpoint", type=Path, help="build the checkpoint here once and reuse it")
     parser.add_argument("--child", nargs=3, metavar=("KIND", "SOURCE", "OUTPUT"), help=argparse.SUPPRESS)
@@ -150,7 +160,8 @@ def main() -> None:
             size = build_checkpoint(source, dims)
             recorded.write_text(json.dumps(dims))
         size_mb = size / 2**20
-        kinds = ("copy", "convert", "convert --verify") + (("load-everything",) if args.naive else ())
+        kinds = (("copy", "convert", "convert --verify") + (("packed", "packed --verify") if args.packed else ())
+                 + (("load-everything",) if args.naive else ()))
         results = rounds(kinds, args.repeats, lambda kind: run_child(kind, source, Path(tmp) / "out"),
                          Path(tmp) / "out")
     idle = run_child_idle()
@@ -159,7 +170,7 @@ def main() -> None:
     print(f"checkpoint: {size_mb:,.0f} MiB in 4 safetensors shards ({dims}, bf16 latent, ternary g128)")
     print_rounds(results)
     print(f"(a Python process that imports torch and does nothing peaks at {idle:.0f} MiB)")
-    for kind in ("convert", "convert --verify"):
+    for kind in [k for k in results if k not in ("copy", "load-everything")]:
         r = results[kind]
         print(f"{kind + ' wall / copy wall:':36} {r['wall_s'] / copy['wall_s']:.2f}x   (target <= 4x; "
               f"{r['on_disk_s'] / copy['on_disk_s']:.2f}x counting the os.sync() after each)")
