@@ -471,8 +471,8 @@ class DirectFile(_Direct):
 
     @property
     def durable(self) -> int:
-        """Every byte before this offset is in the file and stays as it is (a multiple of ALIGN: a reader without
-        read-ahead that stops at a tensor's end never reads a block still being written)."""
+        """Every byte before this offset is in the file and stays as it is (a multiple of ALIGN, so a DirectReader
+        asked for bytes before it never reads a block still being written)."""
         return self._transferred - self._transferred % self.ALIGN
 
     def write(self, data) -> None:

@@ -608,8 +608,9 @@ def _reference(name: str, tensor: torch.Tensor, targets: dict[str, LayerQuant], 
 
 
 class _Checker:
-    """`--verify`'s check of each input tensor: what it becomes is recomputed from it (the quantizer run again,
-    packed codes unpacked again) and compared, bit for bit, with the output as `written` gives it."""
+    """`--verify`'s check of each input tensor: what it becomes is recomputed from it (the quantizer run again, a
+    packed input unpacked again, a packed output's codes packed again) and compared, bit for bit, with the output
+    as `written` gives it."""
 
     def __init__(self, plan: "ConversionPlan", written: "_ReadBack | _InMemory", progress: ProgressFn | None,
                  total: int):
@@ -696,8 +697,8 @@ class _ReadBack:
     `_Verifier` asks for a tensor only once all its bytes are there (`request`); a reading thread of its own
     (`prefetched`) reads what was asked for, in order, a slice at a time (a read stops at the tensor's end), while
     the checking thread recomputes the reference: `same` and `same_as_file` compare the next tensor slice by
-    slice. The slices are a few buffers used in turn (a fresh buffer each time is fresh
-    memory the kernel must zero: a second of system time at 1B)."""
+    slice. The slices are a few buffers used in turn (a fresh buffer each time is fresh memory the kernel must
+    zero: a second of system time at 1B)."""
 
     SLICE = 8 * 2**20
     AHEAD = 2  # slices read ahead
