@@ -30,3 +30,37 @@ def test_fused_logits_equal_qat_logits_on_cuda(tiny_llama):
         qat = model(ids).logits
         fuse(model)
         assert torch.equal(model(ids).logits, qat)
+
+
+def test_infer_on_cuda_agrees_with_cpu_token_for_token(invoke, tmp_path):
+    import json
+
+    from tests.helpers import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "fused")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello, how are you?\nThe capital of France is\n")
+    for device in ("cuda", "cpu"):
+        result = invoke("infer", "--model", model, "--prompts", prompts, "--output", tmp_path / f"{device}.json",
+                        "--device", device, "--max-new-tokens", "16", "--logprobs", "2")
+        assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "cuda.json").read_text())["runtime"]["device"].startswith("cuda")
+    compared = invoke("compare", tmp_path / "cuda.json", tmp_path / "cpu.json", "--allow-near-ties", "--json")
+    assert compared.exit_code == 0 and json.loads(compared.stdout)["ok"] is True, compared.output
+
+
+def test_training_on_cuda_is_planned_against_its_memory_and_runs(tmp_path):
+    import math
+
+    from bitcpm_cli.core.memory_plan import plan_memory
+    from bitcpm_cli.core.train import train
+    from tests.integration.test_train import config_for, counting_corpus, losses
+    from tests.helpers import build_tiny_model
+
+    build_tiny_model(tmp_path / "float", kind="float")
+    counting_corpus(tmp_path / "count.txt")
+    config = config_for(tmp_path, tmp_path / "run", "device=cuda", "max_steps=4")
+    plan = plan_memory(tmp_path / "float", config, "single", 1, torch.device("cuda", 0))
+    assert (plan.available, plan.available_from) == (torch.cuda.get_device_properties(0).total_memory, "cuda:0 memory")
+    assert train(config).steps == 4
+    assert all(math.isfinite(loss) for loss in losses(tmp_path / "run"))

@@ -49,15 +49,18 @@ def readable_metavar(typer_label: str) -> str:
 
 
 def install_readable_metavars() -> None:
-    """Route Typer's type labels through readable_metavar (explicit metavars are kept as written)."""
-    from typer.core import _TyperParameter
+    """Route Typer's type labels through readable_metavar (explicit metavars are kept as written). This needs
+    Typer 0.29 or later (what pyproject.toml asks for); an older Typer found at run time keeps its own labels in
+    help pages (`<path>` in 0.27) rather than stopping every command with an ImportError."""
+    import typer.core
 
-    original = _TyperParameter.display_type
-    if getattr(original, "_bitcpm", False):
+    parameter = getattr(typer.core, "_TyperParameter", None)
+    original = getattr(parameter, "display_type", None)
+    if original is None or getattr(original, "_bitcpm", False):
         return
 
     def display_type(self, ctx):
         return readable_metavar(original(self, ctx))
 
     display_type._bitcpm = True
-    _TyperParameter.display_type = display_type
+    parameter.display_type = display_type

@@ -11,6 +11,15 @@ from bitcpm_cli.cli.output import readable_metavar
 COMMANDS = sorted(typer.main.get_command(app).commands)
 
 
+def test_an_older_typer_keeps_its_labels_and_every_command_still_imports(monkeypatch):
+    import typer.core
+
+    from bitcpm_cli.cli.output import install_readable_metavars
+
+    monkeypatch.delattr(typer.core, "_TyperParameter", raising=False)  # typer < 0.29, found on a GPU machine
+    install_readable_metavars()  # a no-op there, not an ImportError that stops every command
+
+
 def test_readable_metavar():
     assert readable_metavar("<bool>") == "" and readable_metavar("<int>") == "INT"
     assert readable_metavar("<list[Path]>") == "PATH..." and readable_metavar("<list[str]>") == "TEXT..."
