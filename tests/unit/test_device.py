@@ -7,7 +7,14 @@ from bitcpm_cli.core import device as dev
 from bitcpm_cli.core.errors import DeviceError
 
 
-def test_cpu_and_auto_on_a_cpu_machine():
+@pytest.fixture
+def cpu_machine(monkeypatch):
+    """No CUDA device, also where the tests run on a GPU machine."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+def test_cpu_and_auto_on_a_cpu_machine(cpu_machine):
     assert dev.resolve_device("cpu") == torch.device("cpu")
     assert dev.resolve_device("auto") == torch.device("cpu")
     assert dev.distributed_backend(torch.device("cpu")) == "gloo"
@@ -108,7 +115,7 @@ def test_cann_version_from_toolkit(monkeypatch, tmp_path):
     assert dev.cann_version() == "8.5.1"
 
 
-def test_environment_report_on_cpu():
+def test_environment_report_on_cpu(cpu_machine):
     report = dev.collect_environment()
     assert report["selected"] == "cpu"
     assert report["packages"]["torch"] == torch.__version__
@@ -116,7 +123,7 @@ def test_environment_report_on_cpu():
     assert not [d for d in report["diagnoses"] if d["level"] == "error"]
 
 
-def test_environment_report_lists_stand_in_npus(fake_npu):
+def test_environment_report_lists_stand_in_npus(fake_npu, cpu_machine):
     fake_npu(available=True, count=2)
     report = dev.collect_environment()
     assert report["selected"] == "npu:0"
