@@ -47,6 +47,13 @@ def tiny_llama_config(**overrides):
 
 
 @pytest.fixture
+def cpu_machine(monkeypatch):
+    """No CUDA device, also where the tests run on a GPU machine (where `auto` picks CUDA)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+@pytest.fixture
 def tiny_llama():
     """A 2-layer Llama in float32 with fixed random weights."""
     from transformers import LlamaForCausalLM

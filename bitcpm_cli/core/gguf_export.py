@@ -330,6 +330,10 @@ def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2
                 allow_lossy: bool = False, overwrite: bool = False, quant_type: str | None = None,
                 group_size: int | None = None, scheme_file: str | Path | None = None) -> GgufResult:
     """A QAT, fused or packed model folder -> one GGUF file whose quantized linears equal the fused weights."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise InputError("--format gguf needs gguf-py, which is not installed", hint="pip install -e '.[gguf]'")
     import gguf
 
     from bitcpm_cli.core.convert import plan_conversion

@@ -71,6 +71,18 @@ def test_bad_format_and_size(invoke, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_gguf_without_the_gguf_extra_is_exit_2_naming_the_extra(invoke, tmp_path, monkeypatch):
+    import sys
+
+    make_qat(tmp_path / "qat")
+    before = sorted(p.name for p in (tmp_path / "qat").iterdir())
+    monkeypatch.setitem(sys.modules, "gguf", None)  # not installed (as on a machine without the extra)
+    result = invoke("convert", "-i", tmp_path / "qat", "-o", tmp_path / "m.gguf", "--format", "gguf")
+    assert result.exit_code == 2, result.output
+    assert "needs gguf-py" in result.stderr and "pip install -e '.[gguf]'" in result.stderr
+    assert not (tmp_path / "m.gguf").exists() and sorted(p.name for p in (tmp_path / "qat").iterdir()) == before
+
+
 def test_nan_latent_weight_is_exit_2_naming_the_layer_and_nothing_written(invoke, tmp_path):
     from safetensors.torch import save_file
 
