@@ -130,6 +130,7 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
     notes: list[str] = []
     strategy = choose_strategy(config.deepspeed, config.training_args, notes)
     check_backend(device, strategy)
+    check_reporting(config.training_args.get("report_to"))
     memory = check_memory(model_dir, config, strategy, device)  # from config.json alone (the careful reader)
     require_consistent_config(model_dir)
     read_generation_config(model_dir)  # a broken generation_config.json fails now, not after training
@@ -188,6 +189,24 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
     return TrainResult(str(output), str(final), trainer.state.global_step, metrics.first_loss, metrics.last_loss,
                        str(resume_from) if resume_from else None, scheme.to_dict() if scheme else None, notes,
                        plan.summary)
+
+
+REPORTING_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                      "comet_ml": ("comet_ml",), "neptune": ("neptune",), "clearml": ("clearml",),
+                      "dvclive": ("dvclive",), "codecarbon": ("codecarbon",)}
+
+
+def check_reporting(report_to: Any) -> None:
+    """`report_to` naming an integration whose package is missing is an InputError now, before anything loads
+    (the Trainer would raise a RuntimeError only once the model is loaded and the output folder claimed)."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        packages = REPORTING_PACKAGES.get(str(name).strip())
+        if packages and all(importlib.util.find_spec(p) is None for p in packages):
+            raise InputError(f"report_to={name} needs {packages[0]}, which is not installed",
+                             hint=f"pip install {packages[0]}, or drop report_to={name}")
 
 
 def output_guard(config: TrainConfig) -> OutputGuard:

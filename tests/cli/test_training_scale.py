@@ -112,3 +112,16 @@ def test_deepspeed_that_cannot_be_imported_is_exit_2(invoke, tiny, tmp_path, mon
                     "--output-dir", tmp_path / "run", f"deepspeed={Path(RECIPE).parents[1] / 'deepspeed' / 'zero2.json'}")
     assert result.exit_code == 2 and "deepspeed= is set but DeepSpeed cannot be imported" in result.stderr
     assert "bitcpm[deepspeed]" in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_report_to_tensorboard_without_tensorboard_is_exit_2_naming_the_package(invoke, tiny, tmp_path,
+                                                                                 monkeypatch):
+    import sys
+
+    for name in ("tensorboard", "tensorboardX"):  # not installed (tensorboard is only in the dev extra)
+        monkeypatch.setitem(sys.modules, name, None)
+    result = invoke("train", "--config", RECIPE, "--model", tiny / "float", "--data", tiny / "count.txt",
+                    "--output-dir", tmp_path / "run", "max_steps=2", "report_to=tensorboard")
+    assert result.exit_code == 2, result.output
+    assert "tensorboard" in result.stderr and "pip install tensorboard" in result.stderr
+    assert not (tmp_path / "run").exists()
