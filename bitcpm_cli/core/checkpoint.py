@@ -161,7 +161,13 @@ def _load_bin_state(path: Path) -> dict[str, Any]:
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as exc:
+            if "_use_new_zipfile_serialization" not in str(exc):
+                raise
+            # The format torch wrote before 1.6 cannot be memory-mapped: the same weights_only load reads it whole.
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise InputError(
             f"refusing to load {path}: it holds objects other than tensors ({str(exc).splitlines()[0][:200]})",

@@ -753,3 +753,14 @@ def test_verify_puts_small_outputs_on_the_disk_early_rather_than_hold_their_inpu
     result = convert_checkpoint(tmp_path / "qat", tmp_path / "packed", fmt="packed", verify=True)
     assert result.verify.ok and result.shards == 1  # the whole file is far smaller than one 8 MiB window
     assert events.index("check") < events.index("closed")
+
+
+def test_a_bin_in_the_format_before_torch_1_6_converts_like_any_other(tmp_path):
+    make_qat(tmp_path / "qat")
+    weights = load_file(tmp_path / "qat" / "model.safetensors")
+    torch.save(weights, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)  # cannot be memory-mapped
+    torch.save(weights, tmp_path / "zip.bin")
+    scheme = {"quant_type": "ternary", "group_size": 128}
+    convert_checkpoint(tmp_path / "legacy.bin", tmp_path / "a.safetensors", verify=True, **scheme)
+    convert_checkpoint(tmp_path / "zip.bin", tmp_path / "b.safetensors", **scheme)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
