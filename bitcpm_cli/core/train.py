@@ -159,6 +159,12 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
     teacher = _load_teacher(config, model, device) if config.teacher else None
 
     args = training_arguments(config, output, device, strategy)
+    try:  # an optimizer whose package is missing fails here, before the output folder exists
+        QATTrainer.get_optimizer_cls_and_kwargs(args, model)
+    except ImportError as exc:
+        optim = getattr(args.optim, "value", args.optim)  # an OptimizerNames member
+        raise InputError(f"optim={optim} needs a package that is not installed: {str(exc).splitlines()[0]}",
+                         hint="install it, or leave optim at its default (adamw_torch)") from None
     if strategy.deepspeed is not None and config.bf16:
         notes.append("bf16 under DeepSpeed: final/ holds DeepSpeed's bf16 copy of the latent weights; the fp32 master "
                      "weights are in the last checkpoint (recover them with its zero_to_fp32.py)")

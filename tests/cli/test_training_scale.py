@@ -125,3 +125,15 @@ def test_report_to_tensorboard_without_tensorboard_is_exit_2_naming_the_package(
     assert result.exit_code == 2, result.output
     assert "tensorboard" in result.stderr and "pip install tensorboard" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_an_optimizer_whose_package_is_missing_is_exit_2_before_the_folder_exists(invoke, tiny, tmp_path,
+                                                                                  monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    result = invoke("train", "--config", RECIPE, "--model", tiny / "float", "--data", tiny / "count.txt",
+                    "--output-dir", tmp_path / "run", "max_steps=2", "optim=adamw_bnb_8bit")
+    assert result.exit_code == 2, result.output
+    assert "optim=adamw_bnb_8bit needs a package that is not installed" in result.stderr
+    assert "bitsandbytes" in result.stderr and not (tmp_path / "run").exists()
