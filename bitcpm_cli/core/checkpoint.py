@@ -519,12 +519,11 @@ class DirectFile(_Direct):
             self.abort()
             raise OSError(errno.EIO, "closing a file whose earlier write failed: it is incomplete")
         try:
-            aligned = self._used - self._used % self.ALIGN
-            self._write_all(self._view[:aligned])
-            if self._used > aligned:
+            self.flush()
+            if self._used:  # the partial last block
                 if self.direct:
                     self._buffered()
-                self._write_all(self._view[aligned:self._used])
+                self._write_all(self._view[:self._used])
         finally:
             self.abort()  # everything is written: this only closes
 

@@ -328,11 +328,12 @@ class ConversionPlan:
         transform = self.transform()
         return [s for name in tensor_order(self.files, self.specs) for s in transform.plan(name, self.specs[name])]
 
-    def unchanged(self) -> frozenset[str]:
-        """The safetensors input tensors written as they are (not quantized, same dtype and shape)."""
+    def unchanged(self, out_specs: list[tuple[str, str, tuple[int, ...]]]) -> frozenset[str]:
+        """The safetensors input tensors written as they are (not quantized, same dtype and shape), given
+        `out_specs()`."""
         if self.files.format != "safetensors":
             return frozenset()
-        return frozenset(name for name, dtype, shape in self.out_specs()
+        return frozenset(name for name, dtype, shape in out_specs
                          if name in self.specs and name not in self.targets
                          and (self.specs[name].dtype, self.specs[name].shape) == (dtype, shape))
 
@@ -457,7 +458,7 @@ def convert_checkpoint(
             writer = _ShardedWriter(folder, out_specs, max_shard_bytes, packed_shapes,
                                     staging.name if single else None)
             verifier = _Verifier(plan, writer, progress, tensor_bytes) if verify else None
-            unchanged = plan.unchanged()
+            unchanged = plan.unchanged(out_specs) if verify else frozenset()
             # Quantizing here, writing the output in the background (and checking it on a third thread).
             try:
                 with closing(tensors), verifier or nullcontext():
