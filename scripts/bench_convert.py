@@ -79,19 +79,19 @@ def child_copy(source: Path, output: Path) -> None:
 
 
 def child_convert(source: Path, output: Path) -> None:
-    from bitcpm_cli.core.convert import convert_checkpoint
+    from bitcpm_cli.core.conversion.convert import convert_checkpoint
 
     convert_checkpoint(source, output)
 
 
 def child_convert_verify(source: Path, output: Path) -> None:
-    from bitcpm_cli.core.convert import convert_checkpoint
+    from bitcpm_cli.core.conversion.convert import convert_checkpoint
 
     assert convert_checkpoint(source, output, verify=True).verify.ok
 
 
 def child_packed(source: Path, output: Path, verify: bool = False) -> None:
-    from bitcpm_cli.core.convert import convert_checkpoint
+    from bitcpm_cli.core.conversion.convert import convert_checkpoint
 
     result = convert_checkpoint(source, output, fmt="packed", verify=verify)
     assert result.verify is None or result.verify.ok
@@ -226,7 +226,7 @@ def peak_rss_mb() -> float:
 
 
 def run_child_idle() -> float:
-    code = ("import sys; sys.path.insert(0, 'scripts'); import torch, bitcpm_cli.core.convert; "
+    code = ("import sys; sys.path.insert(0, 'scripts'); import torch, bitcpm_cli.core.conversion.convert; "
             "from bench_convert import peak_rss_mb; print(peak_rss_mb())")
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout)
 

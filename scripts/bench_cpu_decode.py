@@ -75,8 +75,8 @@ def llama_rate(path: Path, prompt: list[int], tokens: int, repeats: int) -> floa
 
 def engine_rate(path: Path, tokens: int, repeats: int) -> float:
     """bitcpm's llama.cpp engine (`infer --engine llama.cpp`) on the same file: its own tokens/s, best of a few."""
-    from bitcpm_cli.core.generate import Prompt
-    from bitcpm_cli.core.llamacpp import run_llamacpp
+    from bitcpm_cli.core.engines.base import Prompt
+    from bitcpm_cli.core.engines.llamacpp import run_llamacpp
 
     prompts = [Prompt(id=0, text="23 24 25 26 27")] * repeats
     results = run_llamacpp(path, prompts, max_new_tokens=tokens)["results"]
@@ -93,8 +93,8 @@ def main() -> None:
 
     import torch
 
-    from bitcpm_cli.core.convert import convert_checkpoint
-    from bitcpm_cli.core.gguf_export import export_gguf
+    from bitcpm_cli.core.conversion.convert import convert_checkpoint
+    from bitcpm_cli.core.conversion.gguf.export import export_gguf
 
     prompt = [1, 424, 401, 412, 413, 300, 301, 302]
     with tempfile.TemporaryDirectory() as tmp:

@@ -35,8 +35,8 @@ STRATEGIES = {
 RANK_SCRIPT = """
 import json, os, resource, sys
 from transformers import TrainerCallback
-from bitcpm_cli.core.recipe import TrainConfig, resolve_config
-from bitcpm_cli.core.train import train
+from bitcpm_cli.core.training.recipe import TrainConfig, resolve_config
+from bitcpm_cli.core.training.train import train
 
 class PeakRss(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):

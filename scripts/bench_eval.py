@@ -49,9 +49,9 @@ def build_mid(folder: Path) -> None:
 
 
 def throughput(root: Path, tokens: int) -> None:
-    from bitcpm_cli.core.convert import convert_checkpoint
-    from bitcpm_cli.core.evaluation import plan_eval, run_eval
-    from bitcpm_cli.core.gguf_export import export_gguf
+    from bitcpm_cli.core.conversion.convert import convert_checkpoint
+    from bitcpm_cli.core.evaluation.perplexity import plan_eval, run_eval
+    from bitcpm_cli.core.conversion.gguf.export import export_gguf
 
     build_mid(root / "qat")
     convert_checkpoint(root / "qat", root / "fused", dtype="bfloat16")
@@ -108,7 +108,7 @@ def memory(root: Path, sizes: list[int]) -> None:
     for scored in sizes:
         child = [sys.executable, "-c", (
             f"import json, sys; sys.path.insert(0, '{ROOT / 'scripts'}'); from bench_convert import peak_rss_mb; "
-            "from bitcpm_cli.core.evaluation import plan_eval, run_eval; "
+            "from bitcpm_cli.core.evaluation.perplexity import plan_eval, run_eval; "
             f"r = run_eval(plan_eval(['{root / 'big'}', '{root / 'big'}2'], '{root / 'words.txt'}', "
             f"context=512, stride=256, max_tokens={scored + 1}, device='cpu')); "
             "print(json.dumps({'tokens': r['models'][0]['tokens'], 'kld': r['models'][1]['vs_reference']['mean_kld'],"

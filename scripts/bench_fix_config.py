@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bitcpm_cli.core.config_check import check_config  # noqa: E402
+from bitcpm_cli.core.model.config_check import check_config
 from tests.helpers import llama_shapes, write_model_dir  # noqa: E402
 
 EIGHT_B = dict(hidden=4096, layers=32, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256)

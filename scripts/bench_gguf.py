@@ -31,7 +31,7 @@ def child_copy(source: Path, output: Path, gguf_type: str) -> None:
 
 
 def child_export(source: Path, output: Path, gguf_type: str) -> None:
-    from bitcpm_cli.core.gguf_export import export_gguf
+    from bitcpm_cli.core.conversion.gguf.export import export_gguf
 
     result = export_gguf(source, output / "model.gguf", gguf_type=gguf_type)
     print(json.dumps({"types": result.tensor_types, "bits_per_weight": round(result.bits_per_weight, 3),

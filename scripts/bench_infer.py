@@ -38,7 +38,8 @@ def main() -> None:
     import torch
     from transformers import GenerationConfig
 
-    from bitcpm_cli.core.generate import Prompt, load_for_inference, run_generation
+    from bitcpm_cli.core.engines.base import Prompt
+    from bitcpm_cli.core.engines.hf import load_for_inference, run_generation
 
     with tempfile.TemporaryDirectory() as tmp:
         build(Path(tmp))

@@ -39,8 +39,8 @@ def build(folder: Path, corpus: Path) -> None:
 
 
 def run(folder: Path, corpus: Path, output: Path, quant_type: str, args) -> float:
-    from bitcpm_cli.core.recipe import TrainConfig, resolve_config
-    from bitcpm_cli.core.train import train
+    from bitcpm_cli.core.training.recipe import TrainConfig, resolve_config
+    from bitcpm_cli.core.training.train import train
 
     config = resolve_config(TrainConfig, None, {
         "model": str(folder), "data": [str(corpus)], "output_dir": str(output), "quant_type": quant_type,

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from bitcpm_cli.core.quant import QuantScheme, load_scheme_file
-from bitcpm_cli.core.recipe import TrainConfig, resolve_config
-from bitcpm_cli.core.sft import SftConfig
+from bitcpm_cli.core.training.recipe import TrainConfig, resolve_config
+from bitcpm_cli.core.training.sft import SftConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 ALL_FILES = sorted(p for p in CONFIGS.rglob("*") if p.suffix in (".yaml", ".yml", ".json"))
@@ -114,7 +114,7 @@ def test_eval_tasks_load_offline(path):
     pytest.importorskip("lm_eval", reason="the eval extra")
     from lm_eval.tasks import TaskManager
 
-    from bitcpm_cli.core.evaluation import _task_config
+    from bitcpm_cli.core.evaluation.tasks import _task_config
 
     manager = TaskManager(include_path=str(path.parent), include_defaults=False)
     config = _task_config(manager, "bitcpm_counting")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bitcpm_cli.core.device import distributed_backend, resolve_device
+from bitcpm_cli.core.runtime.device import distributed_backend, resolve_device
 from bitcpm_cli.core.quant import LayerQuant, QuantScheme, fake_quantize, fuse, prepare
 
 pytestmark = pytest.mark.gpu
@@ -56,7 +56,7 @@ def test_training_on_cuda_is_planned_against_its_memory_and_runs(tmp_path):
     import subprocess
     import sys
 
-    from bitcpm_cli.core.memory_plan import plan_memory
+    from bitcpm_cli.core.training.memory_plan import plan_memory
     from tests.helpers import build_tiny_model
     from tests.integration.test_train import RECIPE, ROOT, config_for, counting_corpus, losses
 

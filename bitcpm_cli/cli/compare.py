@@ -34,9 +34,9 @@ def compare(
 
     Accepts `bitcpm infer` results and bare lists of objects with `token_ids`.
     """
-    from bitcpm_cli.core.checkpoint import load_tokenizer
-    from bitcpm_cli.core.compare import compare_results
-    from bitcpm_cli.core.generate import check_output_path, write_json
+    from bitcpm_cli.core.evaluation.compare import compare_results, require_identical
+    from bitcpm_cli.core.io.outputs import check_output_path, write_json
+    from bitcpm_cli.core.model.hf import load_tokenizer
 
     inputs = [a, b, tokenizer]
     if output is not None:
@@ -52,8 +52,7 @@ def compare(
         _render(report)
         if output is not None:
             out.print(f"wrote {escape(str(output))}")
-    if not report.ok:
-        raise typer.Exit(1)
+    require_identical(report)
 
 
 def _token(token: int | None, text: str | None) -> str:

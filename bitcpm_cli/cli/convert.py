@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Iterator, Optional
 
 import typer
 from rich.markup import escape
@@ -12,20 +12,6 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from bitcpm_cli.cli.output import LEVEL_STYLE, err, out, print_json
-
-SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-
-
-def parse_size(text: str) -> int:
-    from bitcpm_cli.core.errors import InputError
-
-    match = SIZE_RE.match(text)
-    unit = match.group(2).upper() if match else None
-    if not match or unit not in UNITS:
-        raise InputError(f"--max-shard-size {text!r} is not a size", hint="e.g. 5GB, 500MB or 2GiB")
-    return int(float(match.group(1)) * UNITS[unit])
 
 
 def convert(
@@ -58,23 +44,27 @@ def convert(
 
     Replaces `qat-convert.py --input_bin ckpt.bin --output fused.bin --quant_type ternary --group_size -1`.
     """
-    from bitcpm_cli.core.convert import convert_checkpoint
+    from bitcpm_cli.core.conversion.formats import convert as convert_to
+    from bitcpm_cli.core.conversion.formats import reports_progress
 
-    if fmt == "gguf":
-        from bitcpm_cli.core.gguf_export import export_gguf
-
-        result = export_gguf(input_path, output, gguf_type=gguf_type, embeddings=gguf_embeddings,
-                             allow_lossy=allow_lossy, overwrite=overwrite, quant_type=quant_type,
-                             group_size=group_size, scheme_file=scheme)
-        for warning in result.warnings:
-            err.print(f"[bold yellow]WARNING:[/] {escape(warning)}", soft_wrap=True)
-        if json_output:
-            print_json(result.to_dict())
-        else:
-            _render_gguf(result)
+    with _progress_bar(disable=json_output or not err.is_terminal or not reports_progress(fmt)) as progress:
+        result = convert_to(fmt, input_path, output, quant_type=quant_type, group_size=group_size, scheme_file=scheme,
+                            dtype=dtype, verify=verify, overwrite=overwrite, max_shard_size=max_shard_size,
+                            gguf_type=gguf_type, embeddings=gguf_embeddings, allow_lossy=allow_lossy,
+                            progress=progress)
+    for warning in result.warnings:
+        err.print(f"[bold yellow]WARNING:[/] {escape(warning)}", soft_wrap=True)
+    if json_output:
+        print_json(result.to_dict())
         return
+    _renderer(result)(result)
+
+
+@contextmanager
+def _progress_bar(disable: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A bar per stage ("convert", "verify") on stderr, for the formats that report progress."""
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  console=err, transient=True, disable=json_output or not err.is_terminal) as bar:
+                  console=err, transient=True, disable=disable) as bar:
         tasks: dict[str, int] = {}
 
         def progress(stage: str, advance: int, total: int) -> None:
@@ -82,17 +72,14 @@ def convert(
                 tasks[stage] = bar.add_task(stage, total=total)
             bar.advance(tasks[stage], advance)
 
-        result = convert_checkpoint(
-            input_path, output, quant_type=quant_type, group_size=group_size, scheme_file=scheme, fmt=fmt,
-            dtype=dtype, verify=verify, overwrite=overwrite, max_shard_bytes=parse_size(max_shard_size),
-            progress=progress,
-        )
-    for warning in result.warnings:
-        err.print(f"[bold yellow]WARNING:[/] {escape(warning)}", soft_wrap=True)
-    if json_output:
-        print_json(result.to_dict())
-        return
-    _render(result)
+        yield progress
+
+
+def _renderer(result: Any) -> Callable[[Any], None]:
+    """The table printed for a result, by the result's type."""
+    from bitcpm_cli.core.conversion.report import ConvertResult, GgufResult
+
+    return {ConvertResult: _render, GgufResult: _render_gguf}[type(result)]
 
 
 def _render_gguf(result) -> None:
@@ -118,7 +105,7 @@ def _render(result) -> None:
     if result.scheme:
         table.add_row("scheme", f"{result.scheme['quant_type']}, group_size {result.scheme['group_size']}")
     size = f"{result.quantized_bytes_out / 2**20:,.1f} MiB"
-    if result.format == "packed":
+    if result.linear_ratio_vs_bf16 > 1:  # the linears are written smaller than in bf16 (packed codes and scales)
         size += f", {result.linear_ratio_vs_bf16:.2f}x smaller than bf16"
     table.add_row("quantized linears", f"{result.tensors_quantized} ({size})")
     table.add_row("input fingerprint", result.fingerprint)

@@ -21,15 +21,14 @@ def env(
 
     Exit 1 when a diagnosis is an error (e.g. ASCEND_RT_VISIBLE_DEVICES hiding every NPU).
     """
-    from bitcpm_cli.core.device import collect_environment
+    from bitcpm_cli.core.runtime.environment import collect_environment, require_no_errors
 
     report = collect_environment(device)
     if json_output:
         print_json(report)
     else:
         _render(report)
-    if any(d["level"] == "error" for d in report["diagnoses"]):
-        raise typer.Exit(1)
+    require_no_errors(report)
 
 
 def _render(report: dict) -> None:

@@ -40,8 +40,8 @@ def evaluate(
 ) -> None:
     """Score every model on the same tokens: perplexity, and against the reference the KL divergence, its 99th
     percentile and maximum, top-token agreement and RMS probability change (llama.cpp's perplexity tool's names)."""
-    from bitcpm_cli.core.evaluation import check_gates, plan_eval, run_eval, short_names
-    from bitcpm_cli.core.generate import check_output_path, write_json
+    from bitcpm_cli.core.evaluation.perplexity import check_gates, plan_eval, run_eval, short_names
+    from bitcpm_cli.core.io.outputs import check_output_path, write_json
 
     inputs = [*model, data, reference, include_path]
     if output is not None:

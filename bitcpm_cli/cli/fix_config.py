@@ -32,8 +32,8 @@ def fix_config(
     Derives vocab_size, hidden_size, num_hidden_layers, intermediate_size, attention and KV heads, head_dim,
     tie_word_embeddings and the dtype from the tensors, and checks LongRoPE factor lengths.
     """
-    from bitcpm_cli.core.config_check import check_config, write_fixed_config
     from bitcpm_cli.core.errors import InputError
+    from bitcpm_cli.core.model.config_check import check_config, require_fixed, write_fixed_config
 
     if write and output is not None:
         raise InputError("--write and --output both given", hint="--write repairs in place; --output writes elsewhere")
@@ -44,9 +44,7 @@ def fix_config(
         print_json(report.to_dict())
     else:
         _render(report)
-    remaining = report.unfixable if report.written else report.to_fix + report.unfixable
-    if remaining:
-        raise typer.Exit(1)
+    require_fixed(report)
 
 
 def _render(report) -> None:

@@ -38,8 +38,11 @@ def infer(
                                                            "streaming, no table); --output is still written."),
 ) -> None:
     """Generate for each prompt (greedy by default) and write token ids, text, timing and the runtime to JSON."""
-    from bitcpm_cli.core.engines import engine_for, generate
-    from bitcpm_cli.core.generate import check_output_path, check_sampling, read_prompts, write_json
+    from bitcpm_cli.core.engines.base import check_sampling
+    from bitcpm_cli.core.engines.prompts import read_prompts
+    from bitcpm_cli.core.engines.registry import engine_for, generate
+    from bitcpm_cli.core.formats.results import write_results
+    from bitcpm_cli.core.io.outputs import check_output_path
 
     engine_for(model, engine)  # an unknown engine is refused before anything is read
     prompts = read_prompts(prompt, prompts_file)
@@ -66,7 +69,7 @@ def infer(
             if not result["text"]:  # nothing was streamed for it
                 out.print(f"\n[bold]\\[{result['id']}][/] {escape(empty_reply_marker(result))}", end="")
         out.print()
-    write_json(document, output, inputs, overwrite)
+    write_results(document, output, inputs, overwrite)
     if json_output:
         print_json(document)
         return

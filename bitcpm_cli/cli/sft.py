@@ -11,8 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from bitcpm_cli.cli import training as opt
-from bitcpm_cli.core.device import is_main_process
 from bitcpm_cli.cli.output import out, print_json
+from bitcpm_cli.core.runtime.device import is_main_process
 
 SUPERVISED_OPEN, SUPERVISED_CLOSE = "[[", "]]"  # --preview off a terminal
 
@@ -59,8 +59,8 @@ def sft(
     token) carry loss. Same training stack and outputs as `bitcpm train`.
     """
     from bitcpm_cli.core.errors import InputError
-    from bitcpm_cli.core.recipe import resolve_config
-    from bitcpm_cli.core.sft import SftConfig, fine_tune
+    from bitcpm_cli.core.training.recipe import resolve_config
+    from bitcpm_cli.core.training.sft import SftConfig, fine_tune
 
     if list_settings:
         opt.render_settings(SftConfig)
@@ -102,9 +102,9 @@ def _data_summary(summary: dict) -> None:
 def _preview(settings, count: int, json_output: bool = False) -> None:
     import dataclasses
 
-    from bitcpm_cli.core.checkpoint import load_tokenizer
     from bitcpm_cli.core.errors import InputError
-    from bitcpm_cli.core.sft import preview
+    from bitcpm_cli.core.model.hf import load_tokenizer
+    from bitcpm_cli.core.training.sft import preview
 
     if not Path(settings.model).is_dir():
         raise InputError(f"model folder not found ({settings.model})", hint="the tokenizer is read from it")

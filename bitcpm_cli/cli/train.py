@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from bitcpm_cli.cli import training as opt
-from bitcpm_cli.core.device import is_main_process
+from bitcpm_cli.core.runtime.device import is_main_process
 
 
 def train(
@@ -42,8 +42,8 @@ def train(
     checkpoint). Settings also take every transformers TrainingArguments field by its name (learning_rate,
     report_to, fsdp, ...; see --list-settings). Works under torchrun, DeepSpeed ZeRO-1/2/3 and FSDP2.
     """
-    from bitcpm_cli.core.recipe import TrainConfig, resolve_config
-    from bitcpm_cli.core.train import train as run_training
+    from bitcpm_cli.core.training.recipe import TrainConfig, resolve_config
+    from bitcpm_cli.core.training.train import train as run_training
 
     if list_settings:
         opt.render_settings(TrainConfig)

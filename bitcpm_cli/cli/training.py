@@ -40,7 +40,7 @@ LIST_SETTINGS = typer.Option(False, "--list-settings", help="Show every setting 
 
 def render_settings(config_class: type) -> None:
     """Every key=value / recipe setting with its default: one `name = default` line each."""
-    from bitcpm_cli.core.recipe import list_settings
+    from bitcpm_cli.core.training.recipe import list_settings
 
     out.print("# settings: key=value on the command line, or `name: value` in a --config recipe", highlight=False)
     source = None

@@ -4,7 +4,6 @@ import torch
 from safetensors.torch import load_file
 
 from bitcpm_cli.core.quant import LayerQuant, fake_quantize
-
 from tests.unit.test_convert import make_qat
 
 
@@ -38,6 +37,9 @@ def test_folder_packed_verify_json(invoke, tmp_path):
     assert set(report["verify"]["zero_fraction_per_layer"]) == {"0", "1"}
     back = invoke("convert", "-i", tmp_path / "packed", "-o", tmp_path / "fused", "--verify")
     assert back.exit_code == 0 and "input is packed" in back.output
+    assert "smaller than bf16" not in back.stdout  # the table shows the ratio only for linears written smaller
+    table = invoke("convert", "-i", tmp_path / "qat", "-o", tmp_path / "packed2", "--format", "packed")
+    assert table.exit_code == 0 and f"{report['linear_ratio_vs_bf16']:.2f}x smaller than bf16" in table.stdout
     assert "model.layers.1.mlp.down_proj.weight" in load_file(tmp_path / "fused" / "model.safetensors")
 
 

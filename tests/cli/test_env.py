@@ -35,6 +35,7 @@ def test_env_diagnoses_hidden_npus(invoke, fake_npu, monkeypatch):
     assert any("ASCEND_RT_VISIBLE_DEVICES=4 hides every NPU" in d["message"] for d in report["diagnoses"])
     table = invoke("env")
     assert table.exit_code == 1 and "unset ASCEND_RT_VISIBLE_DEVICES" in table.output
+    assert table.stderr.startswith("error: ASCEND_RT_VISIBLE_DEVICES=4 hides every NPU")  # the verdict, after the report
 
 
 def test_env_reports_torch_import_failure(invoke, fake_npu, monkeypatch):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bitcpm_cli.core.convert import convert_checkpoint
+from bitcpm_cli.core.conversion.convert import convert_checkpoint
 from tests.helpers import build_tiny_model
 
 TEXT = "the quick brown fox jumps over the lazy dog\n1 2 3 4 5, and 6!\nHello: is it me you're looking for?\n"

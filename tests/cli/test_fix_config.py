@@ -22,6 +22,9 @@ def test_mismatch_exits_1_with_table_and_writes_nothing(invoke, tmp_path):
     assert "hidden_size" in result.output and "2560" in result.output and "2048" in result.output
     assert "mismatch" in result.output and "--write" in result.output
     assert sorted(p.name for p in model.iterdir()) == before
+    # exit 1 goes through the one error map: the verdict on stderr, the report alone on stdout
+    assert result.stderr.startswith("error: config.json disagrees with the weights in 4 field(s): ")
+    assert "hint: run again with --write" in result.stderr and "error:" not in result.stdout
 
 
 def test_json_report(invoke, tmp_path):

@@ -49,6 +49,8 @@ def test_compare_flags_a_flipped_token(invoke, model, tmp_path):
     flipped = invoke("compare", tmp_path / "a.json", tmp_path / "b.json", "--tokenizer", model)
     assert flipped.exit_code == 1
     assert "diverged" in flipped.output and "0/1 prompts identical" in flipped.output
+    assert flipped.stderr.startswith("error: 1 of 1 prompt(s) differ\nhint: the report above explains each divergence")
+    assert "error:" not in flipped.stdout
     assert invoke("compare", tmp_path / "a.json", tmp_path / "b.json", "--max-tokens", "3").exit_code == 0
 
 

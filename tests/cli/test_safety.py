@@ -100,12 +100,12 @@ def test_staging_left_by_a_killed_convert_is_removed_by_the_next_run(invoke, qat
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_full_or_read_only_disk_is_exit_2_with_nothing_left(invoke, qat, tmp_path, monkeypatch, code):
-    from bitcpm_cli.core import checkpoint
+    from bitcpm_cli.core.io import safetensors
 
     def fail(self, name, tensor):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(checkpoint.SafetensorsStreamWriter, "write", fail)
+    monkeypatch.setattr(safetensors.SafetensorsStreamWriter, "write", fail)
     before = snapshot(qat)
     result = invoke("convert", "-i", qat, "-o", tmp_path / "fused")
     assert result.exit_code == 2 and f"cannot write --output {tmp_path / 'fused'}: {os.strerror(code)}" in result.stderr
@@ -310,7 +310,7 @@ def test_malformed_packed_metadata_is_exit_2(invoke, qat, tmp_path, value):
 
 
 def _recorded(folder: Path) -> dict:
-    from bitcpm_cli.core.checkpoint import safetensors_metadata
+    from bitcpm_cli.core.io.safetensors import safetensors_metadata
 
     return json.loads(safetensors_metadata(folder / "model.safetensors")["bitcpm.packed_shapes"])
 
@@ -365,7 +365,7 @@ def test_longrope_factor_that_is_a_string_is_not_accepted(invoke, model, tmp_pat
 
 # ---- internal errors ---------------------------------------------------------------------------------------
 def test_an_unexpected_exception_is_one_line_and_exit_3(invoke, model, monkeypatch):
-    from bitcpm_cli.core import config_check
+    from bitcpm_cli.core.model import config_check
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("division by zero")

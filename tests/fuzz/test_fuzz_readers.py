@@ -9,15 +9,11 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bitcpm_cli.core.checkpoint import read_safetensors_header
+from bitcpm_cli.core.model.checkpoint import read_safetensors_header
 from bitcpm_cli.core.errors import BitcpmError
-from bitcpm_cli.core.readers import (
-    check_safetensors_header,
-    decode_utf8,
-    parse_json,
-    parse_yaml,
-    read_results,
-)
+from bitcpm_cli.core.io.safetensors import check_safetensors_header
+from bitcpm_cli.core.io.readers import decode_utf8, parse_json, parse_yaml
+from bitcpm_cli.core.formats.results import read_results
 
 FAST = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 

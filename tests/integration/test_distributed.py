@@ -21,8 +21,8 @@ import textwrap
 
 import pytest
 
-from bitcpm_cli.core.recipe import TrainConfig, resolve_config
-from bitcpm_cli.core.train import latest_complete_checkpoint, train
+from bitcpm_cli.core.training.recipe import TrainConfig, resolve_config
+from bitcpm_cli.core.training.train import latest_complete_checkpoint, train
 
 from tests.integration.test_train import RECIPE, ROOT, losses, setup  # noqa: F401 (setup: a fixture)
 
@@ -40,8 +40,8 @@ KILLED_RUN = textwrap.dedent("""
     import json, os, signal, sys
     from transformers import TrainerCallback
     from bitcpm_cli.core.quant.qat import optimizer_steps
-    from bitcpm_cli.core.recipe import TrainConfig, resolve_config
-    from bitcpm_cli.core.train import train
+    from bitcpm_cli.core.training.recipe import TrainConfig, resolve_config
+    from bitcpm_cli.core.training.train import train
 
     class Kill(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):

@@ -9,8 +9,8 @@ import pytest
 pytest.importorskip("gguf", reason="GGUF tests need the gguf extra: pip install -e '.[gguf]'")
 pytest.importorskip("llama_cpp", reason="llama.cpp tests need llama-cpp-python (the gguf extra)")
 
-from bitcpm_cli.core.convert import convert_checkpoint  # noqa: E402
-from bitcpm_cli.core.gguf_export import export_gguf  # noqa: E402
+from bitcpm_cli.core.conversion.convert import convert_checkpoint
+from bitcpm_cli.core.conversion.gguf.export import export_gguf
 from tests.helpers import build_tiny_model  # noqa: E402
 from tests.integration.test_gguf import TOKENIZER, qat_model  # noqa: E402
 

@@ -10,9 +10,9 @@ import torch
 
 gguf = pytest.importorskip("gguf", reason="GGUF tests need the gguf extra: pip install -e '.[gguf]'")
 
-from bitcpm_cli.core.convert import convert_checkpoint  # noqa: E402
-from bitcpm_cli.core.errors import InputError  # noqa: E402
-from bitcpm_cli.core.gguf_export import export_gguf  # noqa: E402
+from bitcpm_cli.core.conversion.convert import convert_checkpoint
+from bitcpm_cli.core.errors import InputError
+from bitcpm_cli.core.conversion.gguf.export import export_gguf
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "configs" / "quickstart" / "tokenizer"
 
@@ -176,7 +176,7 @@ def test_auto_writes_q8_0_when_a_32_block_holds_scales_that_are_multiples(tmp_pa
 
 
 def test_strict_type_is_refused_before_reading_weights_with_grouped_layers(grouped, tmp_path, invoke, monkeypatch):
-    from bitcpm_cli.core import convert
+    from bitcpm_cli.core.conversion import plan as convert
 
     def no_reading(*args, **kwargs):
         raise AssertionError("a tensor was read before the refusal")
@@ -192,7 +192,7 @@ def test_strict_type_is_refused_before_reading_weights_with_grouped_layers(group
 
 
 def test_auto_refuses_rows_that_no_block_fits_naming_the_layers(tmp_path):
-    from bitcpm_cli.core.gguf_export import _Entry, _plan_type
+    from bitcpm_cli.core.conversion.gguf.export import _Entry, _plan_type
 
     entry = _Entry("model.layers.3.mlp.down_proj.weight", "blk.3.ffn_down.weight", (64, 48), "", True, -1)
     assert _plan_type(entry, "auto") == ("Q8_0", "rows of 48 values are not a multiple of 32 (the smallest GGUF "
@@ -201,7 +201,7 @@ def test_auto_refuses_rows_that_no_block_fits_naming_the_layers(tmp_path):
 
 
 def test_block_decoders_match_gguf_py():
-    from bitcpm_cli.core.formats import decode_block_type, encode_block_type
+    from bitcpm_cli.core.formats.gguf_blocks import decode_block_type, encode_block_type
 
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(8, 512, generator=generator).to(torch.bfloat16).float()
@@ -214,7 +214,7 @@ def test_block_decoders_match_gguf_py():
 
 @pytest.mark.parametrize("type_name", ["TQ2_0", "Q4_0", "Q8_0"])
 def test_blocks_of_rows_encode_and_check_as_one_pass_does(monkeypatch, type_name):
-    from bitcpm_cli.core.formats import encode_block_type, reproduces
+    from bitcpm_cli.core.formats.gguf_blocks import encode_block_type, reproduces
     from bitcpm_cli.core.quant import LayerQuant, fake_quantize, functional
 
     generator = torch.Generator().manual_seed(1)

@@ -133,7 +133,7 @@ def test_unknown_byte_level_pretokenizer_is_refused(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     from bitcpm_cli.core.errors import InputError
-    from bitcpm_cli.core.gguf_export import export_gguf
+    from bitcpm_cli.core.conversion.gguf.export import export_gguf
 
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from bitcpm_cli.core.errors import InputError
-from bitcpm_cli.core.recipe import TrainConfig, resolve_config
-from bitcpm_cli.core.train import TrainingDiverged, latest_complete_checkpoint, train
+from bitcpm_cli.core.training.recipe import TrainConfig, resolve_config
+from bitcpm_cli.core.training.trainer import TrainingDiverged
+from bitcpm_cli.core.training.train import latest_complete_checkpoint, train
 
 from tests.helpers import build_tiny_model
 
@@ -68,8 +69,8 @@ def test_loss_falls_and_final_is_a_qat_checkpoint_that_converts(setup, tmp_path,
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from transformers import TrainerCallback
-    from bitcpm_cli.core.recipe import TrainConfig, resolve_config
-    from bitcpm_cli.core.train import train
+    from bitcpm_cli.core.training.recipe import TrainConfig, resolve_config
+    from bitcpm_cli.core.training.train import train
 
     class Kill(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from bitcpm_cli.core.chatdata import read_chat_data
+from bitcpm_cli.core.training.chatdata import read_chat_data
 from bitcpm_cli.core.errors import InputError
-from bitcpm_cli.core.sft import IGNORE, encode_conversation
+from bitcpm_cli.core.training.sft import IGNORE, encode_conversation
 
 from tests.unit.test_sft import tokenizer, write_jsonl  # noqa: F401 (the fixture)
 

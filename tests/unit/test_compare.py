@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from bitcpm_cli.core.compare import compare_results, load_results
+from bitcpm_cli.core.evaluation.compare import compare_results, load_results
 from bitcpm_cli.core.errors import InputError
 
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from bitcpm_cli.core.checkpoint import read_tensor_specs
-from bitcpm_cli.core.config_check import (
+from bitcpm_cli.core.model.checkpoint import read_tensor_specs
+from bitcpm_cli.core.model.config_check import (
     UnsupportedArchitecture,
     check_config,
     require_consistent_config,

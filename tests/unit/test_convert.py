@@ -5,11 +5,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bitcpm_cli.core import convert as convert_module
-from bitcpm_cli.core.convert import convert_checkpoint
+from bitcpm_cli.core.conversion import convert as convert_module
+from bitcpm_cli.core.conversion import plan as plan_module
+from bitcpm_cli.core.conversion import verify as verify_module
+from bitcpm_cli.core.conversion import write as write_module
+from bitcpm_cli.core.conversion.convert import convert_checkpoint
 from bitcpm_cli.core.errors import ConfigError, InputError, QuantError
 from bitcpm_cli.core.quant import LayerQuant, QuantScheme, fake_quantize, plan, plan_state_dict, prepare
-
 from tests.conftest import tiny_llama_config
 from tests.helpers import refuse_direct_io_at_open
 
@@ -182,7 +184,7 @@ def test_verify_compares_bytes_so_a_negative_zero_is_a_mismatch(tmp_path, monkey
     import threading
 
     make_qat(tmp_path / "qat", group_size=-1)
-    real = convert_module.fake_quantize
+    real = plan_module.fake_quantize
 
     def converting_with_negative_zeros(*args, **kwargs):  # the old behaviour: -0.0 where a weight rounds to code 0
         fused = real(*args, **kwargs)
@@ -190,19 +192,20 @@ def test_verify_compares_bytes_so_a_negative_zero_is_a_mismatch(tmp_path, monkey
             return fused  # the check recomputes +0.0
         return torch.where(fused == 0, -0.0 * torch.sign(args[0]).to(fused.dtype), fused)
 
-    monkeypatch.setattr(convert_module, "fake_quantize", converting_with_negative_zeros)
+    monkeypatch.setattr(plan_module, "fake_quantize", converting_with_negative_zeros)  # the conversion
+    monkeypatch.setattr(verify_module, "fake_quantize", converting_with_negative_zeros)  # and the check's reference
     with pytest.raises(convert_module.CheckFailed, match="verification failed: 14 tensor"):
         convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True)
     assert not (tmp_path / "fused").exists()
 
 
 def _corrupt_while_converting(monkeypatch, target: str, change):
-    real = convert_module._Transform.apply
+    real = plan_module.Transform.apply
 
     def apply(self, name, tensor):
         return [(n, change(t) if n == target else t) for n, t in real(self, name, tensor)]
 
-    monkeypatch.setattr(convert_module._Transform, "apply", apply)
+    monkeypatch.setattr(plan_module.Transform, "apply", apply)
 
 
 def test_verify_finds_a_changed_copied_tensor_reading_it_back_a_slice_at_a_time(tmp_path, monkeypatch):
@@ -210,17 +213,17 @@ def test_verify_finds_a_changed_copied_tensor_reading_it_back_a_slice_at_a_time(
     embedding = "model.embed_tokens.weight"
     _corrupt_while_converting(monkeypatch, embedding, lambda t: t.clone().index_fill_(0, torch.tensor([7]), 1.0))
     sliced, reread = [], []
-    real_slices, real_reread = convert_module._ReadBack._slices, convert_module._ReadBack.reread
+    real_slices, real_reread = verify_module.ReadBack._slices, verify_module.ReadBack.reread
 
     def slices(self, name):
         for part in real_slices(self, name):
             sliced.append(part.numel())
             yield part
 
-    monkeypatch.setattr(convert_module._ReadBack, "_slices", slices)
-    monkeypatch.setattr(convert_module._ReadBack, "reread", lambda self, name: reread.append(name) or
+    monkeypatch.setattr(verify_module.ReadBack, "_slices", slices)
+    monkeypatch.setattr(verify_module.ReadBack, "reread", lambda self, name: reread.append(name) or
                         real_reread(self, name))
-    monkeypatch.setattr(convert_module._ReadBack, "SLICE", 1000)  # many slices: the changed row is in one of them
+    monkeypatch.setattr(verify_module.ReadBack, "SLICE", 1000)  # many slices: the changed row is in one of them
     with pytest.raises(convert_module.CheckFailed, match="first: model.embed_tokens.weight"):  # float32 in and out:
         convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32", verify=True)  # copied unchanged
     embedding_bytes = load_file(tmp_path / "qat" / "model.safetensors")[embedding].nbytes
@@ -237,15 +240,16 @@ def test_verify_reads_the_input_once_and_passes_an_unchanged_copy_compared_in_sl
         streams.append(items.__name__)
         return real_prefetched(items, **kwargs)
 
-    held, real_check = {}, convert_module._Checker.check
+    held, real_check = {}, verify_module.Checker.check
 
     def check(self, name, tensor):
         held[name] = tensor is not None
         return real_check(self, name, tensor)
 
-    monkeypatch.setattr(convert_module, "prefetched", prefetched)
-    monkeypatch.setattr(convert_module._Checker, "check", check)
-    monkeypatch.setattr(convert_module._ReadBack, "SLICE", 1000)
+    monkeypatch.setattr(convert_module, "prefetched", prefetched)  # the input, read for the conversion
+    monkeypatch.setattr(verify_module, "prefetched", prefetched)  # the output, read back
+    monkeypatch.setattr(verify_module.Checker, "check", check)
+    monkeypatch.setattr(verify_module.ReadBack, "SLICE", 1000)
     result = convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float32", verify=True)
     assert result.verify.ok and result.verify.tensors_checked == 21
     quantized = {name for name in held if name.endswith(tuple(f"{linear}.weight" for linear in LINEARS))}
@@ -274,8 +278,8 @@ def test_verify_finds_a_written_weight_that_is_not_ternary(tmp_path, monkeypatch
     name = "model.layers.1.mlp.up_proj.weight"
     _corrupt_while_converting(monkeypatch, name, lambda t: t + (1e-3 * torch.arange(t.numel()).reshape(t.shape)).to(t.dtype))
     report = {}
-    real_finish = convert_module._Verifier.finish
-    monkeypatch.setattr(convert_module._Verifier, "finish",
+    real_finish = verify_module.Verifier.finish
+    monkeypatch.setattr(verify_module.Verifier, "finish",
                         lambda self, staging: report.setdefault("verify", real_finish(self, staging)))
     with pytest.raises(convert_module.CheckFailed, match="verification failed"):
         convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True)
@@ -348,7 +352,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(convert_module, "fake_quantize", boom)
+    monkeypatch.setattr(plan_module, "fake_quantize", boom)
     with pytest.raises(RuntimeError):
         convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["qat"]
@@ -462,16 +466,16 @@ def test_bf16_output_of_a_bf16_checkpoint_is_its_qat_forward_in_bf16(tmp_path):
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="O_DIRECT is Linux's")
 @pytest.mark.parametrize("fmt", ["fused", "packed"])
 def test_the_output_is_the_same_whether_the_filesystem_takes_direct_io_or_not(tmp_path, monkeypatch, fmt):
-    from bitcpm_cli.core import checkpoint
+    from bitcpm_cli.core.io import direct
 
     make_qat(tmp_path / "qat")
-    opened, real_init = [], checkpoint.DirectFile.__init__
+    opened, real_init = [], direct.DirectFile.__init__
 
     def spy(self, path):
         real_init(self, path)
         opened.append(self.direct)
 
-    monkeypatch.setattr(checkpoint.DirectFile, "__init__", spy)
+    monkeypatch.setattr(direct.DirectFile, "__init__", spy)
     convert_checkpoint(tmp_path / "qat", tmp_path / "direct", fmt=fmt, verify=True, max_shard_bytes=20_000)
     if not all(opened):
         pytest.skip("this filesystem refuses O_DIRECT: both conversions would go through the page cache")
@@ -488,7 +492,7 @@ def test_a_fused_input_is_recognised_at_its_own_group_size(tmp_path, group_size)
     convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
     again = convert_checkpoint(tmp_path / "fused", tmp_path / "fused2")
     assert again.input_kind == "fused"
-    assert f"every group of {convert_module._describe_group(group_size)} holds" in again.notes[0]
+    assert f"every group of {plan_module._describe_group(group_size)} holds" in again.notes[0]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="lists open files through /proc")
@@ -514,12 +518,13 @@ def test_verify_reads_the_output_back_with_direct_io_on_a_thread_of_its_own_whil
                                                                                               monkeypatch, fmt):
     import threading
 
-    from bitcpm_cli.core import checkpoint
+    from bitcpm_cli.core.io import direct
+    from bitcpm_cli.core.io import safetensors as safetensors_io
 
     make_qat(tmp_path / "qat")
-    monkeypatch.setattr(checkpoint._Direct, "WINDOW", 16 * 1024)  # windows reach the disk long before the end
-    events, real_init, real_check, real_close = [], checkpoint.DirectReader.__init__, convert_module._Checker.check, \
-        checkpoint.SafetensorsStreamWriter.close
+    monkeypatch.setattr(direct._Direct, "WINDOW", 16 * 1024)  # windows reach the disk long before the end
+    events, real_init, real_check, real_close = [], direct.DirectReader.__init__, verify_module.Checker.check, \
+        safetensors_io.SafetensorsStreamWriter.close
 
     def spy(self, path):
         real_init(self, path)
@@ -533,9 +538,9 @@ def test_verify_reads_the_output_back_with_direct_io_on_a_thread_of_its_own_whil
         events.append(("closed",))
         return real_close(self)
 
-    monkeypatch.setattr(checkpoint.DirectReader, "__init__", spy)
-    monkeypatch.setattr(convert_module._Checker, "check", check)
-    monkeypatch.setattr(checkpoint.SafetensorsStreamWriter, "close", close)
+    monkeypatch.setattr(direct.DirectReader, "__init__", spy)
+    monkeypatch.setattr(verify_module.Checker, "check", check)
+    monkeypatch.setattr(safetensors_io.SafetensorsStreamWriter, "close", close)
     result = convert_checkpoint(tmp_path / "qat", tmp_path / "out", fmt=fmt, dtype="float32", verify=True,
                                 max_shard_bytes=150_000)
     assert result.verify.ok and result.verify.tensors_checked == 21 and result.shards > 1
@@ -550,7 +555,7 @@ def test_a_verify_failure_or_a_conversion_failure_leaves_no_thread_and_no_output
     import threading
 
     make_qat(tmp_path / "qat")
-    monkeypatch.setattr(convert_module._ReadBack, "same", lambda self, name, reference: 1 / 0)
+    monkeypatch.setattr(verify_module.ReadBack, "same", lambda self, name, reference: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True)
     monkeypatch.undo()
@@ -564,10 +569,10 @@ def test_a_verify_failure_or_a_conversion_failure_leaves_no_thread_and_no_output
 
 
 def test_verify_finds_bytes_changed_on_their_way_to_the_disk(tmp_path, monkeypatch):
-    from bitcpm_cli.core import checkpoint
+    from bitcpm_cli.core.io import safetensors as safetensors_io
 
     make_qat(tmp_path / "qat")
-    real_write = checkpoint.SafetensorsStreamWriter.write
+    real_write = safetensors_io.SafetensorsStreamWriter.write
 
     def write(self, name, tensor):
         if name == "model.layers.1.self_attn.o_proj.weight":
@@ -575,7 +580,7 @@ def test_verify_finds_bytes_changed_on_their_way_to_the_disk(tmp_path, monkeypat
             tensor.view(-1)[-1] = -tensor.view(-1)[-1] if tensor.view(-1)[-1] != 0 else 1.0
         return real_write(self, name, tensor)
 
-    monkeypatch.setattr(checkpoint.SafetensorsStreamWriter, "write", write)
+    monkeypatch.setattr(safetensors_io.SafetensorsStreamWriter, "write", write)
     with pytest.raises(convert_module.CheckFailed, match="1 tensor.*first: model.layers.1.self_attn.o_proj.weight"):
         convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True)
     assert not (tmp_path / "fused").exists()
@@ -583,7 +588,7 @@ def test_verify_finds_bytes_changed_on_their_way_to_the_disk(tmp_path, monkeypat
 
 def test_verify_reads_the_written_layout_back(tmp_path, monkeypatch):
     make_qat(tmp_path / "qat")
-    real_index = convert_module._ShardedWriter.write_index
+    real_index = write_module.ShardedWriter.write_index
 
     def swapped(self):  # two tensors named in each other's shard
         names = list(self.weight_map)
@@ -591,7 +596,7 @@ def test_verify_reads_the_written_layout_back(tmp_path, monkeypatch):
         self.weight_map[first], self.weight_map[last] = self.weight_map[last], self.weight_map[first]
         real_index(self)
 
-    monkeypatch.setattr(convert_module._ShardedWriter, "write_index", swapped)
+    monkeypatch.setattr(write_module.ShardedWriter, "write_index", swapped)
     with pytest.raises(convert_module.CheckFailed, match="verification failed: 2 tensor"):
         convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True, max_shard_bytes=100_000)
     assert not (tmp_path / "fused").exists()
@@ -621,13 +626,13 @@ def test_verify_of_a_bin_output_checks_the_reference_and_reads_the_saved_file_ba
     ("packed", "fused", "out.safetensors"), ("packed", "fused", "out"), ("qat.bin", "fused", "out")])
 def test_verify_passes_every_mode_and_output_kind_with_windows_reaching_the_disk_mid_file(tmp_path, monkeypatch,
                                                                                           source, fmt, output):
-    from bitcpm_cli.core import checkpoint
+    from bitcpm_cli.core.io import direct
 
     make_qat(tmp_path / "qat")
     convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
     convert_checkpoint(tmp_path / "qat", tmp_path / "packed", fmt="packed")
     torch.save(load_file(tmp_path / "qat" / "model.safetensors"), tmp_path / "qat.bin")
-    monkeypatch.setattr(checkpoint._Direct, "WINDOW", 8 * 1024)
+    monkeypatch.setattr(direct._Direct, "WINDOW", 8 * 1024)
     result = convert_checkpoint(tmp_path / source, tmp_path / output, fmt=fmt, verify=True, max_shard_bytes=60_000,
                                 **({"quant_type": "ternary", "group_size": 128} if source == "qat.bin" else {}))
     assert result.verify.ok and result.verify.tensors_checked == 21
@@ -636,7 +641,7 @@ def test_verify_passes_every_mode_and_output_kind_with_windows_reaching_the_disk
 
 def test_verify_reads_one_shard_at_a_time_and_closes_those_done(tmp_path, monkeypatch):
     make_qat(tmp_path / "qat")
-    open_at_finish, real_finish = [], convert_module._Verifier.finish
+    open_at_finish, real_finish = [], verify_module.Verifier.finish
 
     def finish(self, staging):  # every shard is written and closed by now: what is open is the read-back's
         open_at_finish.append([os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
@@ -644,7 +649,7 @@ def test_verify_reads_one_shard_at_a_time_and_closes_those_done(tmp_path, monkey
                                                     if os.path.exists(f"/proc/self/fd/{fd}") else "")])
         return real_finish(self, staging)
 
-    monkeypatch.setattr(convert_module._Verifier, "finish", finish)
+    monkeypatch.setattr(verify_module.Verifier, "finish", finish)
     result = convert_checkpoint(tmp_path / "qat", tmp_path / "out", fmt="packed", verify=True,
                                 max_shard_bytes=20_000)
     assert result.verify.ok and result.shards > 5
@@ -652,22 +657,22 @@ def test_verify_reads_one_shard_at_a_time_and_closes_those_done(tmp_path, monkey
 
 
 def test_verify_reads_back_the_header_metadata_and_the_whole_index(tmp_path, monkeypatch):
-    from bitcpm_cli.core import checkpoint
+    from bitcpm_cli.core.io import safetensors as safetensors_io
 
     make_qat(tmp_path / "qat")
-    real_init = checkpoint.SafetensorsStreamWriter.__init__
+    real_init = safetensors_io.SafetensorsStreamWriter.__init__
 
     def init(self, path, specs, metadata=None):  # a changed byte in the packed shapes: [128, 128] -> [128, 125]
-        if metadata and convert_module.PACKED_SHAPES_KEY in metadata:
-            shapes = metadata[convert_module.PACKED_SHAPES_KEY]
-            metadata = {**metadata, convert_module.PACKED_SHAPES_KEY: shapes.replace("[128,128]", "[128,125]", 1)}
+        if metadata and write_module.PACKED_SHAPES_KEY in metadata:
+            shapes = metadata[write_module.PACKED_SHAPES_KEY]
+            metadata = {**metadata, write_module.PACKED_SHAPES_KEY: shapes.replace("[128,128]", "[128,125]", 1)}
         real_init(self, path, specs, metadata)
 
-    monkeypatch.setattr(checkpoint.SafetensorsStreamWriter, "__init__", init)
+    monkeypatch.setattr(safetensors_io.SafetensorsStreamWriter, "__init__", init)
     with pytest.raises(convert_module.CheckFailed, match=r"first: model.safetensors \(metadata\)"):
         convert_checkpoint(tmp_path / "qat", tmp_path / "packed", fmt="packed", verify=True)
     monkeypatch.undo()
-    real_index = convert_module._ShardedWriter.write_index
+    real_index = write_module.ShardedWriter.write_index
 
     def index_with_more(self):  # an entry for no tensor, and a wrong total size
         self.weight_map["model.layers.9.mlp.up_proj.weight"] = self.names[0]
@@ -675,7 +680,7 @@ def test_verify_reads_back_the_header_metadata_and_the_whole_index(tmp_path, mon
         real_index(self)
         self.total_size -= 1  # as planned
 
-    monkeypatch.setattr(convert_module._ShardedWriter, "write_index", index_with_more)
+    monkeypatch.setattr(write_module.ShardedWriter, "write_index", index_with_more)
     with pytest.raises(convert_module.CheckFailed, match="verification failed: 2 tensor") as failed:
         convert_checkpoint(tmp_path / "qat", tmp_path / "fused", verify=True, max_shard_bytes=100_000)
     assert "model.layers.9.mlp.up_proj.weight" in str(failed.value.problems)
@@ -695,7 +700,7 @@ def test_a_fused_input_with_negative_zeros_packs_and_verifies(tmp_path):
 
 @pytest.mark.parametrize("change", ["padding", "scale of zero codes"])
 def test_verify_compares_the_packed_codes_and_scales_byte_for_byte(tmp_path, monkeypatch, change):
-    from bitcpm_cli.core import checkpoint
+    from bitcpm_cli.core.io import safetensors as safetensors_io
 
     torch.manual_seed(0)
     weight = torch.randn(8, 6)  # in_features 6: the last byte of a row holds two padding codes
@@ -703,7 +708,7 @@ def test_verify_compares_the_packed_codes_and_scales_byte_for_byte(tmp_path, mon
     save_file({"model.layers.0.mlp.up_proj.weight": weight, "model.norm.weight": torch.ones(6)},
               tmp_path / "in.safetensors")
     base = "model.layers.0.mlp.up_proj"
-    real_write = checkpoint.SafetensorsStreamWriter.write
+    real_write = safetensors_io.SafetensorsStreamWriter.write
 
     def write(self, name, tensor):  # bytes changed on their way to the disk
         if change == "padding" and name == base + ".weight_packed":
@@ -716,7 +721,7 @@ def test_verify_compares_the_packed_codes_and_scales_byte_for_byte(tmp_path, mon
 
     convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "clean", fmt="packed", quant_type="ternary",
                        group_size=-1, verify=True)
-    monkeypatch.setattr(checkpoint.SafetensorsStreamWriter, "write", write)
+    monkeypatch.setattr(safetensors_io.SafetensorsStreamWriter, "write", write)
     with pytest.raises(convert_module.CheckFailed, match=f"first: {base}.weight"):
         convert_checkpoint(tmp_path / "in.safetensors", tmp_path / "out", fmt="packed", quant_type="ternary",
                            group_size=-1, verify=True)
@@ -741,15 +746,15 @@ def test_the_progress_bars_count_exactly_to_their_totals(tmp_path, source):
 def test_verify_puts_small_outputs_on_the_disk_early_rather_than_hold_their_inputs(tmp_path, monkeypatch):
     """A packed output (2 bits a weight) fills the writer's 8 MiB window slowly, while its inputs wait to be
     checked: past `WAITING` bytes of them, the writer puts what it has on the disk."""
-    from bitcpm_cli.core import checkpoint
+    from bitcpm_cli.core.io import safetensors as safetensors_io
 
     make_qat(tmp_path / "qat")
-    events, real_check, real_close = [], convert_module._Checker.check, checkpoint.SafetensorsStreamWriter.close
-    monkeypatch.setattr(convert_module._Checker, "check",
+    events, real_check, real_close = [], verify_module.Checker.check, safetensors_io.SafetensorsStreamWriter.close
+    monkeypatch.setattr(verify_module.Checker, "check",
                         lambda self, name, tensor: events.append("check") or real_check(self, name, tensor))
-    monkeypatch.setattr(checkpoint.SafetensorsStreamWriter, "close",
+    monkeypatch.setattr(safetensors_io.SafetensorsStreamWriter, "close",
                         lambda self: events.append("closed") or real_close(self))
-    monkeypatch.setattr(convert_module._Verifier, "WAITING", 100_000)
+    monkeypatch.setattr(verify_module.Verifier, "WAITING", 100_000)
     result = convert_checkpoint(tmp_path / "qat", tmp_path / "packed", fmt="packed", verify=True)
     assert result.verify.ok and result.shards == 1  # the whole file is far smaller than one 8 MiB window
     assert events.index("check") < events.index("closed")

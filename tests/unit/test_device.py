@@ -3,8 +3,9 @@ import sys
 import pytest
 import torch
 
-from bitcpm_cli.core import device as dev
 from bitcpm_cli.core.errors import DeviceError
+from bitcpm_cli.core.runtime import device as dev
+from bitcpm_cli.core.runtime import environment
 
 
 def test_cpu_and_auto_on_a_cpu_machine(cpu_machine):
@@ -109,7 +110,7 @@ def test_cann_version_from_toolkit(monkeypatch, tmp_path):
 
 
 def test_environment_report_on_cpu(cpu_machine):
-    report = dev.collect_environment()
+    report = environment.collect_environment()
     assert report["selected"] == "cpu"
     assert report["packages"]["torch"].split("+")[0] == torch.__version__.split("+")[0]  # a wheel's metadata may
     assert report["devices"][0]["device"] == "cpu"                                       # omit the +cu130 tag
@@ -118,7 +119,7 @@ def test_environment_report_on_cpu(cpu_machine):
 
 def test_environment_report_lists_stand_in_npus(fake_npu, cpu_machine):
     fake_npu(available=True, count=2)
-    report = dev.collect_environment()
+    report = environment.collect_environment()
     assert report["selected"] == "npu:0"
     assert report["distributed_backend"] == "hccl"
     assert [d["device"] for d in report["devices"]] == ["cpu", "npu:0", "npu:1"]

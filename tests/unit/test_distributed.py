@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from bitcpm_cli.core.distributed import choose_strategy, enable_fsdp_on_cpu
+from bitcpm_cli.core.training.distributed import choose_strategy, enable_fsdp_on_cpu
 from bitcpm_cli.core.errors import ConfigError
 
 

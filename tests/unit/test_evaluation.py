@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from bitcpm_cli.core.evaluation import mean_and_uncertainty, plan_eval, run_eval, vocabulary_mismatch, windows
+from bitcpm_cli.core.evaluation.perplexity import (
+    mean_and_uncertainty,
+    plan_eval,
+    run_eval,
+    vocabulary_mismatch,
+    windows,
+)
 from tests.helpers import build_tiny_model
 
 

@@ -2,10 +2,12 @@ import json
 
 import pytest
 
-from bitcpm_cli.core.convert import convert_checkpoint
+from bitcpm_cli.core.conversion.convert import convert_checkpoint
 from bitcpm_cli.core.errors import ConfigError, DeviceError, InputError
-from bitcpm_cli.core.generate import Prompt, load_for_inference, read_prompts, run_generation
-from bitcpm_cli.core.readers import RESULTS_SCHEMA
+from bitcpm_cli.core.engines.base import Prompt
+from bitcpm_cli.core.engines.hf import load_for_inference, run_generation
+from bitcpm_cli.core.engines.prompts import read_prompts
+from bitcpm_cli.core.formats.results import RESULTS_SCHEMA
 
 from tests.helpers import build_tiny_model
 
@@ -145,3 +147,48 @@ def test_prompt_source_is_exactly_one(tmp_path):
         read_prompts(None, None)
     with pytest.raises(InputError, match="either --prompt"):
         read_prompts(["a"], tmp_path / "p.txt")
+
+
+def test_an_engine_added_to_the_registry_is_used(tmp_path, invoke, monkeypatch):
+    """docs/architecture.md's recipe: an Engine subclass and one line in ENGINES, and `infer` finds it (by --engine
+    and, through `accepts`, by auto); its document is the shared results format."""
+    from bitcpm_cli.core.engines import registry
+    from bitcpm_cli.core.engines.base import Engine, Session, describe_runtime
+    from bitcpm_cli.core.formats.results import read_results, results_document
+
+    class ReverseSession(Session):
+        def __init__(self, path):
+            self.info = {"path": str(path), "fingerprint": "sha256:0", "dtype": "none", "format": "reverse"}
+            self.notes = []
+
+        def generate(self, prompts, **settings):
+            results = [{"id": p.id, "prompt": p.label, "prompt_token_ids": [1], "token_ids": [2, 3],
+                        "text": p.text[::-1], "num_tokens": 2, "latency_s": 0.5, "tokens_per_s": 4.0}
+                       for p in prompts]
+            sampling = {"temperature": 0.0, "top_p": 1.0, "seed": settings["seed"],
+                        "max_new_tokens": settings["max_new_tokens"], "chat_template": False, "batch_size": 1,
+                        "logprobs": 0}
+            return results_document(self.info, describe_runtime("reverse", "cpu", "test"), sampling, results,
+                                    0.5, self.notes)
+
+    class ReverseEngine(Engine):
+        name = "reverse"
+
+        def accepts(self, path):
+            return path.suffix == ".rev"
+
+        def open(self, path, **options):
+            return ReverseSession(path)
+
+    monkeypatch.setitem(registry.ENGINES, "reverse", ReverseEngine())
+    model = tmp_path / "m.rev"
+    model.write_text("")
+    for engine in ("reverse", "auto"):
+        out = tmp_path / f"{engine}.json"
+        result = invoke("infer", "-m", model, "-p", "abc", "-o", out, "--engine", engine, "--quiet")
+        assert result.exit_code == 0, result.output
+        document = json.loads(out.read_text())
+        assert document["runtime"]["engine"] == "reverse" and document["results"][0]["text"] == "cba"
+        assert read_results(out)[1][0]["token_ids"] == [2, 3]
+    refused = invoke("infer", "-m", model, "-p", "abc", "-o", tmp_path / "x.json", "--engine", "nope")
+    assert refused.exit_code == 2 and "auto, hf, llama.cpp, reverse" in refused.stderr

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from bitcpm_cli.core.convert import convert_checkpoint
-from bitcpm_cli.core.inference_ready import make_inference_ready
+from bitcpm_cli.core.conversion.convert import convert_checkpoint
+from bitcpm_cli.core.model.inference_ready import make_inference_ready
 
 from tests.helpers import build_tiny_model
 

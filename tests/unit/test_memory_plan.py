@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from bitcpm_cli.core.memory_plan import GIB, Settings, Shape, estimate, plan_memory
-from bitcpm_cli.core.recipe import TrainConfig, resolve_config
+from bitcpm_cli.core.training.memory_plan import GIB, Settings, Shape, estimate, plan_memory
+from bitcpm_cli.core.training.recipe import TrainConfig, resolve_config
 
 BITCPM4_1B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 73448, "hidden_size": 2048,
               "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 2,

@@ -1,4 +1,4 @@
-"""The output guard (core/outputs.py): confinement, claims, stale staging, disk errors, never clobbering."""
+"""The output guard (core/io/outputs.py): confinement, claims, stale staging, disk errors, never clobbering."""
 
 import errno
 import multiprocessing
@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from bitcpm_cli.core.errors import InputError
-from bitcpm_cli.core.outputs import OutputGuard, check_output, remove_stale, write_text_output
+from bitcpm_cli.core.io.outputs import OutputGuard, check_output, remove_stale, write_text_output
 
 
 def dead_pid() -> int:

@@ -1,4 +1,4 @@
-"""The careful readers (core/readers.py): every limit and check, with the error naming file and line or field."""
+"""The careful readers (core/io/readers.py, core/io/safetensors.py, core/formats/results.py): every limit and check, with the error naming file and line or field."""
 
 import json
 import struct
@@ -7,17 +7,17 @@ import sys
 
 import pytest
 
-from bitcpm_cli.core.checkpoint import find_weight_files, read_safetensors_header
+from bitcpm_cli.core.model.checkpoint import find_weight_files, read_safetensors_header
 from bitcpm_cli.core.errors import BitcpmError, ConfigError, InputError
-from bitcpm_cli.core.readers import (
+from bitcpm_cli.core.io.readers import (
     MAX_JSON_DEPTH,
     iter_text_lines,
     parse_json,
     parse_yaml,
     read_json_file,
-    read_results,
     read_text_file,
 )
+from bitcpm_cli.core.formats.results import read_results
 
 
 def test_json_depth_huge_ints_and_non_finite_numbers_are_refused():
@@ -151,7 +151,7 @@ def test_empty_tensors_where_one_ends_are_read_and_hashed_once(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from bitcpm_cli.core.checkpoint import iter_safetensors
+    from bitcpm_cli.core.model.checkpoint import iter_safetensors
 
     values = struct.pack("<4f", 1, 2, 3, 4)
     header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},  # listed before the empty one
@@ -169,7 +169,7 @@ def test_json_prompt_files_are_read_without_torch(tmp_path):
     # `infer -m x.gguf --prompts p.jsonl` stays on the torch-free llama.cpp path
     (tmp_path / "p.jsonl").write_text('{"prompt": "Hi"}\n{"messages": [{"role": "user", "content": "Yo"}]}\n')
     (tmp_path / "p.json").write_text('[{"prompt": "Hi"}]')
-    code = ("import sys; from bitcpm_cli.core.generate import read_prompts; "
+    code = ("import sys; from bitcpm_cli.core.engines.prompts import read_prompts; "
             "assert len(read_prompts(None, sys.argv[1])) == 2 and len(read_prompts(None, sys.argv[2])) == 1; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "p.jsonl"), str(tmp_path / "p.json")],

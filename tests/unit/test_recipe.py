@@ -1,7 +1,7 @@
 import pytest
 
 from bitcpm_cli.core.errors import ConfigError
-from bitcpm_cli.core.recipe import TrainConfig, resolve_config
+from bitcpm_cli.core.training.recipe import TrainConfig, resolve_config
 
 BASE = {"model": "m", "data": ["d.jsonl"], "output_dir": "out"}
 
@@ -88,7 +88,7 @@ def test_every_other_training_arguments_field_passes_through(tmp_path):
     assert "remove_unused_columns: bitcpm sets this itself" in text
     assert "unknown setting 'report_too' (did you mean 'report_to'?)" in text
     every = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    from bitcpm_cli.core.recipe import HF_REFUSED, list_settings
+    from bitcpm_cli.core.training.recipe import HF_REFUSED, list_settings
 
     listed = {row["name"] for row in list_settings(TrainConfig)} | {a for row in list_settings(TrainConfig)
                                                                       for a in row["aliases"]}

@@ -2,10 +2,10 @@ import json
 
 import pytest
 
-from bitcpm_cli.core.chatdata import read_chat_data
+from bitcpm_cli.core.training.chatdata import read_chat_data
 from bitcpm_cli.core.errors import InputError
-from bitcpm_cli.core.recipe import resolve_config
-from bitcpm_cli.core.sft import (
+from bitcpm_cli.core.training.recipe import resolve_config
+from bitcpm_cli.core.training.sft import (
     IGNORE,
     SftConfig,
     build_examples,

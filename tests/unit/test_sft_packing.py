@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bitcpm_cli.core.errors import InputError
-from bitcpm_cli.core.sft import IGNORE, Example, ExampleDataset, check_packing_isolation, collate, pack
+from bitcpm_cli.core.training.sft import IGNORE, Example, ExampleDataset, check_packing_isolation, collate, pack
 
 from tests.conftest import tiny_llama_config
 

@@ -10,14 +10,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import bitcpm_cli.core.checkpoint as checkpoint
-from bitcpm_cli.core.checkpoint import (
-    BackgroundIO,
-    DirectFile,
-    DirectReader,
-    iter_safetensors,
-    prefetched,
-)
+import bitcpm_cli.core.io.direct as direct
+import bitcpm_cli.core.model.checkpoint as checkpoint
+from bitcpm_cli.core.io.background import BackgroundIO, prefetched
+from bitcpm_cli.core.io.direct import DirectFile, DirectReader
+from bitcpm_cli.core.model.checkpoint import iter_safetensors
 from tests.helpers import refuse_direct_io_at_open
 
 
@@ -227,7 +224,7 @@ def _shards(tmp_path):
 def test_a_file_being_written_is_read_back_exactly_below_its_durable_offset(tmp_path, monkeypatch):
     """What --verify does while converting: read a tensor once its writer's `durable` has passed its end. The
     reader never reads a block the writer may still be writing, nor keeps one in its window."""
-    monkeypatch.setattr(checkpoint._Direct, "WINDOW", 64 * 1024)  # many windows in a small file
+    monkeypatch.setattr(direct._Direct, "WINDOW", 64 * 1024)  # many windows in a small file
     data = _payload(1_000_003)
     real_preadv, reads = os.preadv, []
 

@@ -59,23 +59,39 @@ class Quantized:
         return (grouped * self.scales.unsqueeze(-1)).reshape(self.codes.shape).to(dtype)
 
 
+def _ternary(w: torch.Tensor, abs_w: torch.Tensor, spec: LayerQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes in {-1, 0, +1}, scale the mean |w| of the group (BitNet b1.58's absmean)."""
+    scales = abs_w.mean(dim=-1, keepdim=True).clamp_min(TERNARY_EPS)
+    return torch.div(w, scales, out=abs_w).round_().clamp_(-1, 1), scales  # in place: fewer temporaries
+
+
+def _binary(w: torch.Tensor, abs_w: torch.Tensor, spec: LayerQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes in {-1, +1} (the sign, 0 counted as +1), scale the mean |w| of the group."""
+    return torch.where(w >= 0, 1.0, -1.0), abs_w.mean(dim=-1, keepdim=True)
+
+
+def _integer(w: torch.Tensor, abs_w: torch.Tensor, spec: LayerQuant) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric intN (N = spec.bits): codes in [-2^(N-1), 2^(N-1) - 1], scale max |w| / (2^(N-1) - 1)."""
+    qmax = 2 ** (spec.bits - 1) - 1
+    scales = abs_w.amax(dim=-1, keepdim=True) / qmax
+    # An all-zero group has scale 0: divide by 1 instead so its codes are 0 rather than NaN.
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    return torch.clamp(torch.round(w / safe), -qmax - 1, qmax), scales
+
+
+# Every quant type that quantizes (scheme.QUANT_TYPES but "none"): grouped weight, its |w| (free to overwrite), the
+# layer's spec -> float32 codes and scales. A new quant type is one function here and its name in QUANT_TYPES.
+QUANTIZERS = {"ternary": _ternary, "binary": _binary, "int2": _integer, "int4": _integer, "int8": _integer}
+
+
 def _codes_and_scales(weight: torch.Tensor, spec: LayerQuant, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 codes [rows, groups, group_len] and scales [rows, groups, 1]."""
     check_groupable(weight.shape, spec.group_size, name)
+    quantizer = QUANTIZERS.get(spec.quant_type)
+    if quantizer is None:
+        raise QuantError(f"{name}: quant_type {spec.quant_type!r} does not quantize", hint="skip this module")
     w = _grouped(weight, spec.group_size)
-    abs_w = w.abs()
-    if spec.quant_type == "ternary":
-        scales = abs_w.mean(dim=-1, keepdim=True).clamp_min(TERNARY_EPS)
-        return torch.div(w, scales, out=abs_w).round_().clamp_(-1, 1), scales  # in place: fewer temporaries
-    if spec.quant_type == "binary":
-        return torch.where(w >= 0, 1.0, -1.0), abs_w.mean(dim=-1, keepdim=True)
-    if spec.bits is not None:
-        qmax = 2 ** (spec.bits - 1) - 1
-        scales = abs_w.amax(dim=-1, keepdim=True) / qmax
-        # An all-zero group has scale 0: divide by 1 instead so its codes are 0 rather than NaN.
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        return torch.clamp(torch.round(w / safe), -qmax - 1, qmax), scales
-    raise QuantError(f"{name}: quant_type {spec.quant_type!r} does not quantize", hint="skip this module")
+    return quantizer(w, w.abs(), spec)
 
 
 # A CPU weight is quantized in blocks of whole rows of about this many elements, on one thread: the float32

@@ -9,7 +9,6 @@ from bitcpm_cli.core.errors import QuantError, collect
 from bitcpm_cli.core.quant.functional import check_groupable, fake_quantize
 from bitcpm_cli.core.quant.scheme import CONFIG_KEY, LayerQuant, QuantScheme
 
-
 _optimizer_steps = 0
 _step_hook = None
 

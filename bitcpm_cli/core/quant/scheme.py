@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from bitcpm_cli.core.errors import ConfigError, collect, did_you_mean
-from bitcpm_cli.core.readers import read_structured_file
+from bitcpm_cli.core.io.readers import read_structured_file
 
 QUANT_TYPES = ("ternary", "binary", "int2", "int4", "int8", "none")
 DEFAULT_SKIP = ("lm_head", "embed_tokens")
