@@ -13,8 +13,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+import yaml
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from bitcpm_cli.core.conversion.formats import convert
+from bitcpm_cli.core.engines.base import Prompt
+from bitcpm_cli.core.engines.registry import generate
 from bitcpm_cli.core.errors import CheckFailed, InputError
-from bitcpm_cli.core.io.outputs import OutputGuard
+from bitcpm_cli.core.evaluation.compare import compare_results
+from bitcpm_cli.core.evaluation.perplexity import markdown_table, plan_eval, run_eval
+from bitcpm_cli.core.formats.results import write_results
+from bitcpm_cli.core.io.outputs import OutputGuard, write_json
+from bitcpm_cli.core.model.hf import quiet_transformers
+from bitcpm_cli.core.training.callbacks import METRICS_FILE, plot_losses
+from bitcpm_cli.core.training.recipe import TrainConfig, resolve_config
+from bitcpm_cli.core.training.sft import SftConfig, fine_tune
+from bitcpm_cli.core.training.train import train
 
 ASSETS = Path(__file__).resolve().parents[2] / "configs" / "quickstart"
 
@@ -80,7 +95,6 @@ def run_quickstart(output_dir: str | Path, on_stage: StageFn | None = None,
 @dataclass
 class _Run:
     """What the stages share: the output folder and its subfolders, the result they fill in, the training events."""
-
     output: Path
     result: QuickstartResult
     on_event: EventFn | None = None
@@ -112,10 +126,6 @@ def _stage(run: _Run, on_stage: StageFn, name: str, work: Callable[[_Run], str])
 
 
 def _build(run: _Run) -> str:
-    import torch
-    import yaml
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     values = yaml.safe_load((ASSETS / "model.yaml").read_text())
     values.pop("model_type", None)
     torch.manual_seed(0)
@@ -126,9 +136,6 @@ def _build(run: _Run) -> str:
 
 
 def _pretrain(run: _Run) -> str:
-    from bitcpm_cli.core.training.recipe import TrainConfig, resolve_config
-    from bitcpm_cli.core.training.train import train
-
     config = resolve_config(TrainConfig, ASSETS / "train.yaml", {
         "model": str(run.base), "data": [str(ASSETS / "corpus.txt")], "output_dir": str(run.pretrain)})
     trained = train(config, on_event=run.on_event)
@@ -137,9 +144,6 @@ def _pretrain(run: _Run) -> str:
 
 
 def _fine_tune(run: _Run) -> str:
-    from bitcpm_cli.core.training.recipe import resolve_config
-    from bitcpm_cli.core.training.sft import SftConfig, fine_tune
-
     config = resolve_config(SftConfig, ASSETS / "sft.yaml", {
         "model": str(run.pretrain / "final"), "data": [str(ASSETS / "chat.jsonl")], "output_dir": str(run.sft)})
     tuned = fine_tune(config, on_event=run.on_event)
@@ -148,8 +152,6 @@ def _fine_tune(run: _Run) -> str:
 
 
 def _convert(run: _Run) -> str:
-    from bitcpm_cli.core.conversion.formats import convert
-
     result, qat = run.result, run.sft / "final"
     fused_run = convert("fused", qat, run.fused, verify=True)
     packed_run = convert("packed", qat, run.packed, verify=True)
@@ -168,10 +170,6 @@ def _convert(run: _Run) -> str:
 
 def _generate(run: _Run, model: Path, pairs: list[tuple[str, str]], chat: bool, name: str) -> list[dict[str, Any]]:
     """Greedy replies to the pairs' prompts, written as `results-<name>.json` (as `bitcpm infer` writes them)."""
-    from bitcpm_cli.core.engines.base import Prompt
-    from bitcpm_cli.core.engines.registry import generate
-    from bitcpm_cli.core.formats.results import write_results
-
     prompts = [Prompt(i, text=p) for i, (p, _) in enumerate(pairs)]
     document = generate(model, prompts, device="cpu", dtype="bfloat16", max_new_tokens=8, chat=chat)
     write_results(document, run.output / f"results-{name}.json")
@@ -195,9 +193,6 @@ def _infer(run: _Run) -> str:
 
 
 def _compare(run: _Run) -> str:
-    from bitcpm_cli.core.evaluation.compare import compare_results
-    from bitcpm_cli.core.io.outputs import write_json
-
     output, result = run.output, run.result
     report = compare_results(output / "results-qat.json", output / "results-fused.json")
     write_json(report.to_dict(), output / "compare.json")
@@ -215,9 +210,6 @@ def _compare(run: _Run) -> str:
 
 
 def _evaluate(run: _Run) -> str:
-    from bitcpm_cli.core.evaluation.perplexity import plan_eval, run_eval
-    from bitcpm_cli.core.io.outputs import write_json
-
     held_out = run.output / "held-out.txt"
     held_out.write_text("".join(" ".join(str(n) for n in range(start, start + length)) + "\n"
                                 for start in HELD_OUT_STARTS for length in (8, 12, 16, 20)))
@@ -244,9 +236,6 @@ STAGES: tuple[tuple[str, Callable[[_Run], str]], ...] = (
 
 
 def _pipeline(output: Path, result: QuickstartResult, on_stage: StageFn, on_event: EventFn | None = None) -> None:
-    from bitcpm_cli.core.model.hf import quiet_transformers
-    from bitcpm_cli.core.training.callbacks import METRICS_FILE, plot_losses
-
     run = _Run(output, result, on_event)
     # no progress bars, and warnings off as `train` turns them off from the second stage on (the first logs none);
     # transformers' settings are as they were once the pipeline ends
@@ -279,8 +268,6 @@ def summary_markdown(result: QuickstartResult) -> str:
               "| format | bytes |", "| --- | --- |"]
     lines += [f"| {name} | {size:,} |" for name, size in result.sizes.items()]
     if result.evaluation is not None:
-        from bitcpm_cli.core.evaluation.perplexity import markdown_table
-
         lines += ["", "## What each step cost (`bitcpm eval` on held-out text)", ""]
         lines += markdown_table(result.evaluation)
         lines += ["", "The fine-tuned model learned to answer with three numbers and stop, so long counting lines have a "
