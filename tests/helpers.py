@@ -156,3 +156,58 @@ def refuse_direct_io_at_open(monkeypatch) -> None:
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(os, "open", no_direct)
+
+
+# ---- the installed script, and real small / read-only file systems --------------------------------------------------
+def bitcpm_script(*args, cwd=None, env: dict | None = None, unset: tuple[str, ...] = ("BITCPM_DEBUG",),
+                  wrap: list[str] | None = None, timeout: int = 600):
+    """Run the installed `bitcpm` script (beside this interpreter) in a subprocess, stdin closed. `env` adds
+    variables (DS_ACCELERATOR defaults to cpu as CI sets it; pass unset=("DS_ACCELERATOR",) to drop it); `wrap`
+    prefixes the command (e.g. a mount namespace from `small_filesystem`)."""
+    import os
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "bitcpm"
+    assert script.is_file(), f"the bitcpm script is not installed beside {sys.executable} (pip install -e .)"
+    environment = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), **(env or {})}
+    for name in unset:
+        environment.pop(name, None)
+    return subprocess.run([*(wrap or []), str(script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd, env=environment)
+
+
+_NAMESPACES: list[bool] = []
+
+
+def mount_namespaces_work() -> bool:
+    """Whether `unshare -rm` can mount a tmpfs here (root, or unprivileged user namespaces allowed)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    if not _NAMESPACES:
+        ok = shutil.which("unshare") is not None
+        if ok:
+            with tempfile.TemporaryDirectory() as folder:
+                probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {folder}"],
+                                       capture_output=True, stdin=subprocess.DEVNULL)
+                ok = probe.returncode == 0
+        _NAMESPACES.append(ok)
+    return _NAMESPACES[0]
+
+
+def small_filesystem(mountpoint: Path, size: str = "1m", read_only: bool = False,
+                     listing: Path | None = None) -> list[str]:
+    """A command prefix that runs its command with a fresh tmpfs of `size` (read-only with `read_only`) mounted on
+    `mountpoint`, in a private mount namespace (nothing is mounted for anyone else, nothing to clean up); with
+    `listing`, what the tmpfs holds after the command (`ls -A`) is written there. Skips the calling test, with the
+    reason, where mount namespaces are not available."""
+    import pytest
+
+    if not mount_namespaces_work():
+        pytest.skip("needs `unshare -rm` (root or unprivileged user namespaces) to mount a small or read-only tmpfs")
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    run = 'exec "$@"' if listing is None else f'"$@"; code=$?; ls -A "{mountpoint}" > "{listing}"; exit $code'
+    return ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o {options} tmpfs "{mountpoint}" && {run}', "sh"]

@@ -10,7 +10,7 @@ from typer.core import TyperGroup
 
 from bitcpm_cli import __version__
 from bitcpm_cli.cli import compare, convert, env, evaluate, fix_config, infer, quickstart, sft, train
-from bitcpm_cli.cli.output import install_readable_metavars, print_error
+from bitcpm_cli.cli.output import install_readable_metavars, json_printed, json_stdout, print_error, print_json
 from bitcpm_cli.core.errors import BitcpmError, CheckFailed
 
 # Exit codes (README, docs/reference.md): 0 done / check passed, 1 check found a problem, 2 could not run (bad
@@ -31,14 +31,23 @@ def _is_cli_flow(exc: BaseException) -> bool:
 
 class _BitcpmGroup(TyperGroup):
     def invoke(self, ctx: typer.Context):
+        as_json = "--json" in ctx.args and "--help" not in ctx.args and "-h" not in ctx.args
+        with json_stdout(as_json):
+            return self._invoke(ctx, as_json)
+
+    def _invoke(self, ctx: typer.Context, as_json: bool):
         debug = lambda: ctx.meta.get(DEBUG_KEY) or os.environ.get("BITCPM_DEBUG") == "1"  # noqa: E731
         try:
             return super().invoke(ctx)
         except BitcpmError as exc:
             if debug():
                 traceback.print_exc()
+            code = exit_code_for(exc)
+            if as_json and code == 1 and not json_printed():  # a check that failed still reports, as JSON
+                print_json({"schema": "bitcpm.check/1", "exit_code": code, "error": exc.message, "hint": exc.hint,
+                            "problems": exc.problems or [exc.message]})
             print_error(exc.message, exc.hint, exc.problems)
-            raise typer.Exit(exit_code_for(exc)) from None
+            raise typer.Exit(code) from None
         except Exception as exc:  # a bug: one line, exit 3, the traceback only when asked for
             if _is_cli_flow(exc):
                 raise  # usage errors (exit 2), --help and explicit exits keep typer's handling

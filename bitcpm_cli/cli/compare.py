@@ -34,10 +34,11 @@ def compare(
 
     Accepts `bitcpm infer` results and bare lists of objects with `token_ids`.
     """
-    from bitcpm_cli.core.evaluation.compare import compare_results, require_identical
+    from bitcpm_cli.core.evaluation.compare import check_options, compare_results, require_identical
     from bitcpm_cli.core.io.outputs import check_output_path, write_json
     from bitcpm_cli.core.model.hf import load_tokenizer
 
+    check_options(max_tokens, tie_margin)  # before the tokenizer loads
     inputs = [a, b, tokenizer]
     if output is not None:
         check_output_path(output, inputs, overwrite)

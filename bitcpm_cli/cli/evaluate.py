@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bitcpm_cli.cli.output import LEVEL_STYLE, err, out, print_json
+from bitcpm_cli.core.errors import InputError
 
 
 def evaluate(
@@ -20,7 +21,10 @@ def evaluate(
                               ".parquet (`text`)."),
     reference: Optional[Path] = typer.Option(None, "--reference", help="The model the others are compared with "
                                              "(default: the first --model); its tokenizer tokenizes the corpus."),
-    context: int = typer.Option(512, "--context", help="Tokens per window."),
+    context: int = typer.Option(512, "--context", help="Tokens per window (llama.cpp scoring: per chunk, "
+                                "llama-perplexity's -c)."),
+    scoring: str = typer.Option("windows", "--scoring", help="windows: documents in sliding windows (default); "
+                                "llama.cpp: llama-perplexity's chunks of the .txt file as one string, exactly."),
     stride: Optional[int] = typer.Option(None, "--stride", help="Tokens between windows (default: context / 2); "
                                          "every token after the first is scored once."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Score only the corpus' first N tokens."),
@@ -35,24 +39,33 @@ def evaluate(
     max_kld: Optional[float] = typer.Option(None, "--max-kld", help="Exit 1 when a model's mean KLD exceeds this."),
     min_top1: Optional[float] = typer.Option(None, "--min-top1", help="Exit 1 when a model's same-top-token % is "
                                              "below this."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model folders' own Python code."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model folders' and task "
+                                           "files' (--include-path) own Python code."),
+    per_token: Optional[Path] = typer.Option(None, "--per-token", help="Write each scored token's NLL (and KLD / "
+                                             "same top token against the reference) to this JSON Lines file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output / --per-token file."),
 ) -> None:
     """Score every model on the same tokens: perplexity, and against the reference the KL divergence, its 99th
     percentile and maximum, top-token agreement and RMS probability change (llama.cpp's perplexity tool's names)."""
-    from bitcpm_cli.core.evaluation.perplexity import check_gates, plan_eval, run_eval, short_names
+    from bitcpm_cli.core.evaluation.perplexity import check_gates, plan_eval, run_eval, scheme, short_names
     from bitcpm_cli.core.io.outputs import check_output_path, write_json
 
     inputs = [*model, data, reference, include_path]
     if output is not None:
         check_output_path(output, inputs, overwrite)
+    if per_token is not None:
+        if output is not None and per_token.resolve() == output.resolve():
+            raise InputError(f"--per-token and --output name the same file ({per_token})",
+                             hint="write the per-token file and the report to two paths")
+        check_output_path(per_token, inputs, overwrite, what="--per-token")
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     plan = plan_eval(model, data, reference=reference, context=context, stride=stride, max_tokens=max_tokens,
                      device=device, dtype=dtype, trust_remote_code=trust_remote_code, tasks=task_list,
-                     include_path=include_path, max_kld=max_kld, min_top1=min_top1)
+                     include_path=include_path, max_kld=max_kld, min_top1=min_top1, scoring=scoring,
+                     per_token=per_token, overwrite=overwrite)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
                TimeRemainingColumn())
-    progress = Progress(*columns, console=err, transient=True)
+    progress = Progress(*columns, console=err, transient=True, disable=not err.is_terminal)
     bars: dict[str, Any] = {}
 
     def on_progress(label: str, done: int, total: int) -> None:
@@ -72,15 +85,15 @@ def evaluate(
     if as_json:
         print_json(report)
     else:
-        _render(report, output, short_names(report))
+        _render(report, output, short_names(report), scheme(report["settings"]))
     check_gates(report)
 
 
-def _render(report: dict, output: Path | None, name) -> None:
+def _render(report: dict, output: Path | None, name, how: str) -> None:
     """One column a model, one row a figure (fits a terminal for several models)."""
     data = report["data"]
     table = Table(title=f"{data['scored_tokens']:,} tokens of {escape(data['path'])}, context "
-                        f"{report['settings']['context']}, stride {report['settings']['stride']}",
+                        f"{report['settings']['context']}, {how}",
                   caption="KLD, same top and RMS Δp: against the reference (ref)")
     table.add_column("")
     for m in report["models"]:
@@ -93,6 +106,9 @@ def _render(report: dict, output: Path | None, name) -> None:
     table.add_row("format", *[f"{m['format']} {m['dtype']}" for m in models])
     table.add_row("PPL", *[f"{m['ppl']:.4g}" for m in models])
     table.add_row("PPL 95 %", *[f"{m['ppl_95'][0]:.4g}-{m['ppl_95'][1]:.4g}" for m in models])
+    if report["settings"].get("scoring") == "llama.cpp":  # as llama-perplexity prints its final estimate
+        table.add_row("llama.cpp PPL", *[escape(m["llama_cpp"]["final_estimate"].removeprefix("Final estimate: PPL = "))
+                                         for m in models])
     table.add_row("mean KLD", *versus("mean_kld", ".4g"))
     table.add_row("99 % KLD", *versus("p99_kld", ".4g"))
     table.add_row("max KLD", *versus("max_kld", ".4g"))

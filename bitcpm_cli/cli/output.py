@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from rich.console import Console
 from rich.markup import escape
@@ -15,10 +17,57 @@ err = Console(stderr=True, highlight=False)
 LEVEL_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan", "ok": "green"}
 
 
+class _JsonStdout:
+    stream: Any = None  # where print_json writes while a --json command runs (the real stdout)
+    printed = False
+
+
 def print_json(data: Any) -> None:
     """Machine-readable output on stdout, untouched by rich (no wrapping, no markup)."""
-    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
+    stream = _JsonStdout.stream or sys.stdout
+    stream.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    stream.flush()
+    _JsonStdout.printed = True
+
+
+@contextmanager
+def json_stdout(active: bool) -> Iterator[None]:
+    """While a `--json` command runs, stdout holds only its JSON: everything else written there (Python prints,
+    library loggers such as DeepSpeed's, C code, child processes) goes to stderr. At the file-descriptor level when
+    stdout is a real file, else (an in-process runner's buffer) by swapping sys.stdout."""
+    if not active:
+        yield
+        return
+    real = sys.stdout
+    real.flush()
+    try:
+        fd = real.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
+    saved = os.dup(fd) if fd is not None else None
+    if saved is not None:
+        sys.stderr.flush()
+        os.dup2(sys.stderr.fileno(), fd)
+        _JsonStdout.stream = open(saved, "w", encoding="utf-8", closefd=False)
+    else:
+        _JsonStdout.stream, sys.stdout = real, sys.stderr
+    _JsonStdout.printed = False
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        _JsonStdout.stream.flush()
+        if saved is not None:
+            os.dup2(saved, fd)
+            os.close(saved)
+        else:
+            sys.stdout = real
+        _JsonStdout.stream = None
+
+
+def json_printed() -> bool:
+    """Whether the running --json command has printed its document."""
+    return _JsonStdout.printed
 
 
 def print_error(message: str, hint: str | None = None, problems: list[str] | tuple[str, ...] = ()) -> None:

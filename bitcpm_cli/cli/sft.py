@@ -63,7 +63,7 @@ def sft(
     from bitcpm_cli.core.training.sft import SftConfig, fine_tune
 
     if list_settings:
-        opt.render_settings(SftConfig)
+        opt.render_settings(SftConfig, json_output)
         return
     given = opt.flags(
         model=model, data=data, output_dir=output_dir, max_steps=max_steps, quant_type=quant_type,

@@ -46,7 +46,7 @@ def train(
     from bitcpm_cli.core.training.train import train as run_training
 
     if list_settings:
-        opt.render_settings(TrainConfig)
+        opt.render_settings(TrainConfig, json_output)
         return
 
     settings = resolve_config(TrainConfig, config, opt.flags(

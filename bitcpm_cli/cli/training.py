@@ -38,10 +38,14 @@ LIST_SETTINGS = typer.Option(False, "--list-settings", help="Show every setting 
                              "transformers TrainingArguments field) with its default, then exit.")
 
 
-def render_settings(config_class: type) -> None:
-    """Every key=value / recipe setting with its default: one `name = default` line each."""
+def render_settings(config_class: type, json_output: bool = False) -> None:
+    """Every key=value / recipe setting with its default: one `name = default` line each; with --json, a JSON list
+    of {name, default, aliases, source} (defaults JSON cannot hold, such as enum members, as their repr)."""
     from bitcpm_cli.core.training.recipe import list_settings
 
+    if json_output:
+        print_json([{**row, "default": _json_value(row["default"])} for row in list_settings(config_class)])
+        return
     out.print("# settings: key=value on the command line, or `name: value` in a --config recipe", highlight=False)
     source = None
     for row in list_settings(config_class):
@@ -54,6 +58,22 @@ def render_settings(config_class: type) -> None:
         if row["source"].startswith("refused"):
             line += f"  [{row['source']}]"
         out.print(escape(line), highlight=False, soft_wrap=True)
+
+
+def _json_value(value: Any) -> Any:
+    """A setting's default as JSON holds it: JSON types as they are, enum members by value, anything else as repr."""
+    import enum
+    import json
+
+    if isinstance(value, enum.Enum):
+        value = value.value
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
+
+
 JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout (progress stays on stderr).")
 
 

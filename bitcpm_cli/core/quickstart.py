@@ -25,6 +25,7 @@ from bitcpm_cli.core.evaluation.compare import compare_results
 from bitcpm_cli.core.evaluation.perplexity import markdown_table, plan_eval, run_eval
 from bitcpm_cli.core.formats.results import write_results
 from bitcpm_cli.core.io.outputs import OutputGuard, write_json
+from bitcpm_cli.core.io.readers import special_kind
 from bitcpm_cli.core.model.hf import quiet_transformers
 from bitcpm_cli.core.training.callbacks import METRICS_FILE, plot_losses
 from bitcpm_cli.core.training.recipe import TrainConfig, resolve_config
@@ -72,7 +73,8 @@ def run_quickstart(output_dir: str | Path, on_stage: StageFn | None = None,
         raise InputError(f"the quickstart assets are missing ({ASSETS})",
                          hint="run from a clone of the bitcpm repository installed with `pip install -e .`")
     if output.exists() and not output.is_dir():
-        raise InputError(f"--output-dir is a file ({output})", hint="pass a new or empty folder")
+        raise InputError(f"--output-dir is {special_kind(output) or 'a file'}, not a folder ({output})",
+                         hint="pass a new or empty folder")
     if output.exists() and any(output.iterdir()):
         raise InputError(f"{output} is not empty", hint="remove it or pass another --output-dir")
     guard = OutputGuard(output, [ASSETS], overwrite=True, kind="dir", what="--output-dir", staged=False)

@@ -33,6 +33,9 @@ STRATEGIES = {
     "zero2": [f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero2.json'}"],
     "zero3": [f"deepspeed={ROOT / 'configs' / 'deepspeed' / 'zero3.json'}"],
     "fsdp": ["fsdp=full_shard", f"fsdp_config={ROOT / 'configs' / 'fsdp' / 'fsdp2.json'}"],
+    # as Hugging Face users write it, no fsdp_config: transformers' default FULL_STATE_DICT used to train every step
+    # and then die at the first checkpoint save ("invalid python storage"); bitcpm fills in configs/fsdp/fsdp2.json's
+    "fsdp-hf": ["fsdp=full_shard"],
 }
 LOSS_RTOL, WEIGHT_ATOL = 1e-4, 1e-4
 
@@ -104,6 +107,8 @@ def killed_and_resumed(request, setup):
 def test_losses_match_one_process_step_by_step_through_a_kill_and_resume(single, killed_and_resumed):
     name, output, _, resumed = killed_and_resumed
     assert "resumed from checkpoint-2" in resumed.stdout
+    # plain fsdp=full_shard (no fsdp_config) saves its checkpoints with configs/fsdp/fsdp2.json's settings, said so
+    assert ("fsdp: version=2, state_dict_type=SHARDED_STATE_DICT" in resumed.stdout) == (name == "fsdp-hf")
     assert ("no zero_fraction" in resumed.stdout) == (name != "zero2")  # no fused-weight cache when weights shard
     reference, distributed = losses(single), losses(output)
     assert len(reference) == len(distributed) == STEPS
@@ -154,3 +159,4 @@ def test_sft_under_fsdp_writes_a_chat_ready_final(setup, tmp_path, invoke):
     assert json.loads((final / "config.json").read_text())["bitcpm_quant"]["quant_type"] == "ternary"
     assert (final / "generation_config.json").is_file()
     assert invoke("convert", "-i", final, "-o", tmp_path / "fused", "--verify").exit_code == 0
+

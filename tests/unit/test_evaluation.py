@@ -62,9 +62,9 @@ def test_perplexity_is_exp_of_the_mean_nll_computed_independently(float_model, t
     report = run_eval(plan_eval([float_model], tmp_path / "t.txt", context=128, device="cpu"))
     tokenizer = AutoTokenizer.from_pretrained(float_model)
     ids = []
+    assert tokenizer("x")["input_ids"][0] != tokenizer.bos_token_id  # this tokenizer adds no BOS: eval adds none
     for line in text:
-        ids += [tokenizer.bos_token_id] + tokenizer(line, add_special_tokens=False)["input_ids"] + [
-            tokenizer.eos_token_id]
+        ids += tokenizer(line, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     model = LlamaForCausalLM.from_pretrained(float_model, dtype=torch.float32).eval()
     assert len(ids) <= 128  # one window: every token sees all tokens before it
     with torch.no_grad():  # token by token, each from the tokens before it

@@ -62,7 +62,8 @@ def test_the_registry_holds_exactly_llama_and_minicpm():
     (tiny(model_type=None), LlamaArchitecture, []),
     (tiny(model_type="mistral", sliding_window=None), LlamaArchitecture, []),
     (tiny(model_type="minicpm", scale_emb=12, scale_depth=1.4, dim_model_base=16), MiniCPMArchitecture, []),
-    (tiny(model_type="minicpm", rope_parameters=longrope()), MiniCPMArchitecture, []),
+    (tiny(model_type="minicpm", scale_emb=1, scale_depth=1, dim_model_base=32, rope_parameters=longrope()),
+     MiniCPMArchitecture, []),
     (tiny(rope_parameters=longrope()), MiniCPMArchitecture, [LONGROPE_NOTE]),
     (tiny(rope_scaling=longrope()), MiniCPMArchitecture, [LONGROPE_NOTE]),
     (tiny(model_type="mistral", rope_parameters=longrope()), MiniCPMArchitecture, [LONGROPE_NOTE]),
@@ -77,9 +78,9 @@ def test_each_config_goes_to_its_architecture(config, chosen, notes):
 def test_a_llama_config_with_minicpm_scales_is_llama_with_a_note():
     arch = select_architecture(tiny(scale_emb=12, scale_depth=1.4))
     assert type(arch) is LlamaArchitecture
-    assert arch.notes == ["config.json sets scale_emb, scale_depth but model_type 'llama' does not use them "
-                          "(transformers ignores them too): set model_type minicpm if the model was trained with "
-                          "them"]
+    assert arch.notes == [("config.json sets scale_emb, scale_depth but model_type 'llama' does not use them "
+                          "(transformers ignores them too, so they are written as 1.0): set model_type minicpm if the "
+                          "model was trained with them")]
     longrope_llama = select_architecture(tiny(scale_emb=12, rope_parameters=longrope()))
     assert type(longrope_llama) is MiniCPMArchitecture
     assert len(longrope_llama.notes) == 2 and longrope_llama.notes[0].startswith("config.json sets scale_emb but")
@@ -175,7 +176,8 @@ def test_longrope_factor_lists_of_the_wrong_length_are_both_named():
 
 def test_a_single_problem_is_the_message_alone():
     with pytest.raises(CheckFailed) as info:
-        select_architecture(tiny(model_type="minicpm", partial_rotary_factor=0.5))
+        select_architecture(tiny(model_type="minicpm", scale_emb=12, scale_depth=1.4, dim_model_base=16,
+                                 partial_rotary_factor=0.5))
     assert str(info.value) == ("cannot export model_type 'minicpm' exactly: partial_rotary_factor: llama.cpp's llama "
                                "/ minicpm rotate the whole head")
     assert info.value.problems == []
@@ -200,12 +202,36 @@ def test_only_minicpm_writes_the_minicpm_scales():
     assert values["add_head_count"] == 4 and values["add_head_count_kv"] == 2 and values["add_key_length"] == 8
 
 
-def test_minicpm_scales_default_to_neutral():
+def test_a_minicpm_config_without_its_scales_is_refused_naming_them():
+    """MiniCPM's own code defaults each scale to 1 (logits / hidden_size) and llama.cpp's converter refuses such a
+    config: no value bitcpm could write is known to be the trained one (issue 23 item 12)."""
+    with pytest.raises(ConfigError) as info:
+        select_architecture(tiny(model_type="minicpm"))
+    assert str(info.value) == ("config.json (model_type 'minicpm') does not set scale_emb, scale_depth and "
+                               "dim_model_base: GGUF export cannot tell the scales the model was trained with")
+    with pytest.raises(ConfigError, match="does not set dim_model_base:"):
+        select_architecture(tiny(model_type="minicpm", scale_emb=12, scale_depth=1.4))
+    with pytest.raises(ConfigError, match="dim_model_base: config.json says 0"):
+        select_architecture(tiny(model_type="minicpm", scale_emb=12, scale_depth=1.4, dim_model_base=0))
+
+
+def test_a_longrope_llama_writes_neutral_scales_whatever_its_config_sets():
+    """transformers' Llama ignores scale_emb / scale_depth / dim_model_base; the minicpm architecture chosen for its
+    LongRoPE must too (it wrote them: mean KLD 2.38 against the HF model on the published BitCPM4-1B config)."""
     pytest.importorskip("gguf", reason="metadata needs gguf-py (the gguf extra)")
     writer = Writer()
-    select_architecture(tiny(model_type="minicpm")).metadata(writer)
+    arch = select_architecture(tiny(scale_emb=12, scale_depth=1.4, dim_model_base=16, rope_parameters=longrope()))
+    assert type(arch) is MiniCPMArchitecture
+    arch.metadata(writer)
     values = writer.values()
     assert (values["add_embedding_scale"], values["add_residual_scale"], values["add_logit_scale"]) == (1.0, 1.0, 1.0)
+
+
+def test_refusal_texts_name_the_registered_architectures(monkeypatch):
+    monkeypatch.setitem(ARCHITECTURES, "toy", GgufArchitecture)
+    assert select_architecture(tiny()).__class__ is LlamaArchitecture
+    with pytest.raises(CheckFailed, match="llama.cpp's llama / minicpm / toy use silu"):
+        select_architecture(tiny(hidden_act="gelu"))
 
 
 def test_rope_metadata_linear_and_longrope():

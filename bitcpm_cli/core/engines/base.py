@@ -26,6 +26,8 @@ class ModelCard:
     encode: Callable[[str], list[int]]  # the model's own tokenizer: text -> ids, without BOS/EOS
     bos: int | None
     eos: int | None
+    add_bos: bool  # the model's tokenizer puts BOS before a plain text (transformers: its post-processor; GGUF:
+    # tokenizer.ggml.add_bos_token, llama_vocab_get_add_bos); `eval` scores as it does
 
 
 class Session:
@@ -61,6 +63,11 @@ class Engine:
     def card(self, path: Path, trust_remote_code: bool = False) -> ModelCard:
         raise NotImplementedError
 
+    def check_chat_template(self, path: Path, trust_remote_code: bool = False) -> str:
+        """Compile the chat template `--chat` will render for this model, without loading its weights (a broken
+        one is an InputError naming where it came from); returns that source."""
+        raise NotImplementedError
+
     def open(self, path: Path, *, device: str = "auto", dtype: str = "bfloat16", trust_remote_code: bool = False,
              qat_forward: bool = False, context: int | None = None) -> Session:
         raise NotImplementedError
@@ -81,8 +88,10 @@ class Prompt:
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float, logprobs: int, batch_size: int = 1,
-                   seed: int = 0) -> None:
-    """Every sampling setting finite and in range, all problems reported at once (before any model is loaded)."""
+                   seed: int = 0, vocab_size: int | None = None) -> None:
+    """Every sampling setting finite and in range, all problems reported at once: before any model is loaded, and
+    again by the engine once it knows the model's vocabulary (`vocab_size`: the logits of a step), before generating:
+    --logprobs K is at most the vocabulary in every engine (never clamped)."""
     problems = []
     if max_new_tokens < 1:
         problems.append(f"--max-new-tokens {max_new_tokens}: must be at least 1")
@@ -90,6 +99,8 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, logpro
         problems.append(f"--batch-size {batch_size}: must be at least 1")
     if logprobs < 0:
         problems.append(f"--logprobs {logprobs}: must be at least 0")
+    elif vocab_size is not None and logprobs > vocab_size:
+        problems.append(f"--logprobs {logprobs}: more than the model's vocabulary of {vocab_size} tokens")
     if not (math.isfinite(temperature) and 0 <= temperature <= 100):
         problems.append(f"--temperature {temperature}: must be a number within [0, 100] (0 = greedy)")
     if not (math.isfinite(top_p) and 0 < top_p <= 1):

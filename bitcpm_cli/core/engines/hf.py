@@ -22,9 +22,11 @@ from bitcpm_cli.core.engines.base import (
 )
 from bitcpm_cli.core.errors import InputError
 from bitcpm_cli.core.formats.results import results_document
+from bitcpm_cli.core.model.chat import render_chat
 from bitcpm_cli.core.model.checkpoint import read_config, read_tensor_specs
-from bitcpm_cli.core.model.config_check import require_consistent_config
+from bitcpm_cli.core.model.config_check import require_consistent_config, require_valid_scales
 from bitcpm_cli.core.model.hf import DTYPES, dtype_kwarg, hf_loading, load_tokenizer
+from bitcpm_cli.core.model.tokenizer_bos import adds_bos
 from bitcpm_cli.core.runtime.device import resolve_device
 
 
@@ -38,6 +40,20 @@ class LoadedModel:
 
 
 # ---- model loading ---------------------------------------------------------------------------------
+def require_model_folder(path: Path) -> None:
+    """The transformers engine reads a model folder: a missing path, or a file (a .gguf one named as such), is an
+    InputError saying what to pass."""
+    if path.is_dir():
+        return
+    if path.is_file() and path.suffix == ".gguf":
+        raise InputError(f"{path} is a GGUF file: the hf engine (transformers) reads a model folder",
+                         hint="run a .gguf file with --engine llama.cpp (or --engine auto)")
+    if path.exists():
+        raise InputError(f"{path} is not a model folder", hint="pass a Hugging Face model folder or a .gguf file")
+    raise InputError(f"model folder not found ({path})", hint="pass a Hugging Face model folder (bitcpm convert "
+                                                              "writes one) or a .gguf file")
+
+
 def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfloat16",
                        trust_remote_code: bool = False, fuse_qat: bool = True) -> LoadedModel:
     """Load a fused, float, QAT or packed model for generation; QAT checkpoints are fused on load, exactly as
@@ -49,9 +65,7 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfl
     from bitcpm_cli.core.formats.packed import PACKED_SUFFIX
 
     path = Path(path)
-    if not path.is_dir():
-        raise InputError(f"model folder not found ({path})", hint="pass a Hugging Face model folder (bitcpm convert "
-                                                                  "writes one)")
+    require_model_folder(path)
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}", hint="bfloat16 is what the NPU uses")
     config = read_config(path)
@@ -59,6 +73,8 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfl
     packed = any(name.endswith(PACKED_SUFFIX) for name in specs)
     if not packed:
         require_consistent_config(path)
+    else:  # packed shapes are not the config's, but its MiniCPM scales must still be numbers the model can use
+        require_valid_scales(config, path / "config.json")
     target = resolve_device(device)  # a missing device fails here, before anything heavy is loaded
     torch_dtype = getattr(torch, dtype)
     from bitcpm_cli.core.model.hf import quiet_transformers
@@ -158,10 +174,17 @@ class _CallbackStreamer:
         pass
 
 
+def _logits_width(model) -> int:
+    """How many logits a generation step has: the output head's rows (config.json's vocab_size without one)."""
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    return int(weight.shape[0]) if weight is not None else int(model.config.vocab_size)
+
+
 def _encode(tokenizer, prompt: Prompt, chat: bool) -> list[int]:
     if chat:
         messages = prompt.messages or [{"role": "user", "content": prompt.text}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = render_chat(tokenizer, messages, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     if prompt.text is None:
         raise InputError(f"prompt {prompt.id} has messages but --chat was not given",
@@ -178,13 +201,15 @@ def run_generation(loaded: LoadedModel, prompts: list[Prompt], *, max_new_tokens
     import transformers
     from transformers import GenerationConfig, set_seed
 
-    from bitcpm_cli.core.model.chat import end_of_turn_ids, ensure_chat_template
+    from bitcpm_cli.core.model.chat import check_chat_template, end_of_turn_ids, ensure_chat_template
 
-    check_sampling(max_new_tokens, temperature, top_p, logprobs, batch_size, seed)
     tokenizer, model = loaded.tokenizer, loaded.model
+    check_sampling(max_new_tokens, temperature, top_p, logprobs, batch_size, seed, vocab_size=_logits_width(model))
     notes = list(loaded.notes)
     if chat and ensure_chat_template(tokenizer):
         notes.append("the tokenizer has no chat template: used bitcpm's default (ChatML)")
+    if chat:
+        check_chat_template(tokenizer)
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
@@ -273,8 +298,7 @@ class HFEngine(Engine):
         return path.is_dir()
 
     def card(self, path: Path, trust_remote_code: bool = False) -> ModelCard:
-        if not path.is_dir():
-            raise InputError(f"model folder not found ({path})", hint="pass a model folder or a .gguf file")
+        require_model_folder(path)
         config = read_config(path)
         tokenizer = load_tokenizer(path, trust_remote_code)
         width = config.get("vocab_size") or len(tokenizer)
@@ -283,7 +307,15 @@ class HFEngine(Engine):
             tokens[index] = token
         return ModelCard(str(path), tokens, config.get("max_position_embeddings"),
                          lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
-                         tokenizer.bos_token_id, tokenizer.eos_token_id)
+                         tokenizer.bos_token_id, tokenizer.eos_token_id, adds_bos(tokenizer))
+
+    def check_chat_template(self, path: Path, trust_remote_code: bool = False) -> str:
+        from bitcpm_cli.core.model.chat import check_chat_template, ensure_chat_template
+
+        require_model_folder(path)
+        tokenizer = load_tokenizer(path, trust_remote_code)
+        ensure_chat_template(tokenizer)
+        return check_chat_template(tokenizer)
 
     def open(self, path: Path, *, device: str = "auto", dtype: str = "bfloat16", trust_remote_code: bool = False,
              qat_forward: bool = False, context: int | None = None) -> Session:

@@ -33,16 +33,19 @@ def _load(path: Path, seed: int):
     return llama_cpp, _open(path, "--engine llama.cpp takes a .gguf file", n_ctx=0, seed=seed)
 
 
-def _render_chat(template: str | None, messages: list[dict[str, str]], special: dict[str, str]) -> str:
-    """The GGUF's chat template, rendered by transformers' own renderer (its sandbox, `raise_exception`,
-    `strftime_now`, loop controls), as `apply_chat_template` renders it for the transformers engine."""
-    from transformers.utils.chat_template_utils import render_jinja_template
+def gguf_template_source(path: Path) -> str:
+    """Where a GGUF file's chat template lives, for error messages."""
+    return f"{path}'s tokenizer.chat_template"
 
-    from bitcpm_cli.core.model.chat import DEFAULT_CHAT_TEMPLATE
 
-    rendered, _ = render_jinja_template([messages], chat_template=template or DEFAULT_CHAT_TEMPLATE,
-                                        add_generation_prompt=True, **special)
-    return rendered[0]
+def _render_chat(path: Path, template: str | None, messages: list[dict[str, str]], special: dict[str, str]) -> str:
+    """The GGUF's chat template (bitcpm's default ChatML without one), rendered by transformers' own renderer (its
+    sandbox, `raise_exception`, `strftime_now`, loop controls), as `apply_chat_template` renders it for the
+    transformers engine; a template that fails is an InputError naming the GGUF's tokenizer.chat_template."""
+    from bitcpm_cli.core.model.chat import render_template
+
+    return render_template(template, messages, source=gguf_template_source(path), add_generation_prompt=True,
+                           **special)
 
 
 def _top(logits: np.ndarray, k: int, chosen: int) -> list[list[float]]:
@@ -62,6 +65,7 @@ def run_llamacpp(model: str | Path, prompts: list[Prompt], *, max_new_tokens: in
     llama_cpp, llm = _load(path, seed)
     try:
         metadata = llm.metadata
+        check_sampling(max_new_tokens, temperature, top_p, logprobs, seed=seed, vocab_size=llm.n_vocab())
         eos_ids = {llm.token_eos()}
         if chat:
             for token in END_OF_TURN_TOKENS:
@@ -74,7 +78,7 @@ def run_llamacpp(model: str | Path, prompts: list[Prompt], *, max_new_tokens: in
         results, total_time, notes = [], 0.0, []
         for prompt in prompts:
             if chat:
-                text = _render_chat(metadata.get("tokenizer.chat_template"),
+                text = _render_chat(path, metadata.get("tokenizer.chat_template"),
                                     prompt.messages or [{"role": "user", "content": prompt.text}], special)
                 ids = llm.tokenize(text.encode(), add_bos=False, special=True)
             elif prompt.text is None:
@@ -206,9 +210,24 @@ class LlamaCppEngine(Engine):
     def card(self, path: Path, trust_remote_code: bool = False) -> ModelCard:
         self.require()
         tokens, max_context, vocab = read_vocabulary(path)
+        probe = vocab.tokenize(b"hello", add_bos=True, special=False)  # BOS only where the GGUF says add_bos
         return ModelCard(str(path), tokens, max_context,
                          lambda text: vocab.tokenize(text.encode(), add_bos=False, special=False),
-                         vocab.token_bos(), vocab.token_eos())
+                         vocab.token_bos(), vocab.token_eos(), bool(probe) and probe[0] == vocab.token_bos())
+
+    def check_chat_template(self, path: Path, trust_remote_code: bool = False) -> str:
+        from bitcpm_cli.core.model.chat import DEFAULT_TEMPLATE_SOURCE, compile_template
+
+        self.require()
+        vocab = read_vocabulary(path)[2]
+        try:
+            template = vocab.metadata.get("tokenizer.chat_template")
+        finally:
+            vocab.close()
+        if template is None:
+            return DEFAULT_TEMPLATE_SOURCE
+        compile_template(template, gguf_template_source(path))
+        return gguf_template_source(path)
 
     def open(self, path: Path, *, device: str = "auto", dtype: str = "bfloat16", trust_remote_code: bool = False,
              qat_forward: bool = False, context: int | None = None) -> Session:

@@ -8,7 +8,7 @@ from typing import Any
 
 from bitcpm_cli.core.engines.base import Prompt
 from bitcpm_cli.core.errors import InputError
-from bitcpm_cli.core.io.readers import json_records, read_text_file
+from bitcpm_cli.core.io.readers import file_problem, json_records, read_text_file
 
 
 # ---- prompts -------------------------------------------------------------------------------------
@@ -36,8 +36,8 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | Path | None) -> 
     if prompts:
         return [Prompt(i, text=p) for i, p in enumerate(prompts)]
     path = Path(prompts_file)
-    if not path.is_file():
-        raise InputError(f"prompts file not found ({path})", hint="check the path")
+    if problem := file_problem(path, "prompts file"):
+        raise InputError(problem, hint="pass a .txt (one prompt a line) or .jsonl / .json file")
     if path.suffix in (".jsonl", ".json"):
         result = [_prompt_from_json(obj, i, where) for i, (where, obj) in enumerate(json_records(path, "prompts"))]
     else:

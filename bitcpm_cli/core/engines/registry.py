@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bitcpm_cli.core.engines.base import Engine
-from bitcpm_cli.core.engines.hf import HFEngine
+from bitcpm_cli.core.engines.hf import HFEngine, require_model_folder
 from bitcpm_cli.core.engines.llamacpp import LlamaCppEngine
 from bitcpm_cli.core.errors import InputError
 
@@ -23,6 +23,8 @@ def engine_for(path: str | Path, name: str = "auto") -> Engine:
         if name not in ENGINES:
             raise InputError(f"--engine {name!r} is not one of auto, {', '.join(ENGINES)}",
                              hint="auto picks llama.cpp for .gguf files and hf for model folders")
+        if name == "hf":
+            require_model_folder(path)  # a .gguf file is named as such, with the engine that runs it
         return ENGINES[name]
     for engine in ENGINES.values():
         if engine.accepts(path):
@@ -38,6 +40,8 @@ def generate(path: str | Path, prompts: list, *, engine: str = "auto", device: s
     """`bitcpm infer`: open the model with its engine and generate for every prompt (a results document)."""
     chosen = engine_for(path, engine)
     chosen.require()
+    if settings.get("chat"):  # a broken chat template fails here, before the weights load
+        chosen.check_chat_template(Path(path), trust_remote_code)
     session = chosen.open(Path(path), device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     try:
         return session.generate(prompts, seed=seed, **settings)

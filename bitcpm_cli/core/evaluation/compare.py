@@ -8,11 +8,12 @@ divergent step tells the two apart.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bitcpm_cli.core.errors import CheckFailed, InputError
+from bitcpm_cli.core.errors import CheckFailed, InputError, collect
 from bitcpm_cli.core.formats.results import read_results
 
 REPORT_SCHEMA = "bitcpm.compare/1"
@@ -186,11 +187,21 @@ def _compare_pair(ea: Entry, eb: Entry, max_tokens: int | None, tie_margin: floa
     return result
 
 
+def check_options(max_tokens: int | None, tie_margin: float) -> None:
+    """compare's numbers, before anything is read: every problem at once."""
+    problems = []
+    if max_tokens is not None and max_tokens < 1:
+        problems.append(f"--max-tokens {max_tokens} must be at least 1 (e.g. --max-tokens 50)")
+    if not (math.isfinite(tie_margin) and tie_margin >= 0):
+        problems.append(f"--tie-margin {tie_margin} must be a finite number of nats, 0 or more (default "
+                        f"{DEFAULT_TIE_MARGIN}); NaN would make every flip a real divergence and inf every flip a tie")
+    collect(problems, InputError, "bad compare options", hint="e.g. --max-tokens 50 --tie-margin 0.1")
+
+
 def compare_results(path_a: str | Path, path_b: str | Path, max_tokens: int | None = None,
                     tie_margin: float = DEFAULT_TIE_MARGIN, allow_near_ties: bool = False,
                     tokenizer: Any = None) -> CompareReport:
-    if max_tokens is not None and max_tokens < 1:
-        raise InputError(f"--max-tokens {max_tokens} must be at least 1", hint="e.g. --max-tokens 50")
+    check_options(max_tokens, tie_margin)
     a, b = load_results(path_a), load_results(path_b)
     notes = _settings_notes(a, b)
     matched_by, pairs = _pair(a, b, notes)

@@ -1,7 +1,9 @@
 """`bitcpm eval`: what ternarization and each conversion cost, measured on the same token ids.
 
-The corpus is tokenized once, with the reference's tokenizer; every model (float, QAT through its fake quantizer,
-fused, packed, GGUF through llama.cpp) scores those ids in sliding windows, one model in memory at a time. The
+The corpus is tokenized once, with the reference's tokenizer (BOS where that tokenizer adds it to a plain text); every
+model (float, QAT through its fake quantizer, fused, packed, GGUF through llama.cpp) scores those ids, one model in
+memory at a time, in sliding windows (`--scoring windows`) or in llama-perplexity's chunks (`--scoring llama.cpp`;
+see core/evaluation/scoring.py for both). The
 statistics are those of llama.cpp's `llama-perplexity --kl-divergence` (tools/perplexity/perplexity.cpp), with the
 same names and definitions:
 
@@ -31,6 +33,20 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from bitcpm_cli.core.errors import CheckFailed, InputError
+from bitcpm_cli.core.io.readers import file_problem
+from bitcpm_cli.core.evaluation.scoring import (
+    PER_TOKEN_SCHEMA,
+    SCORING,
+    Segment,
+    llamacpp_estimate,
+    llamacpp_segments,
+    per_token_lines,
+    read_as_llamacpp,
+    scored_positions,
+    window_segments,
+    windows,
+    write_per_token,
+)
 from bitcpm_cli.core.evaluation.tasks import add_kept, resolve_tasks, run_tasks
 
 EVAL_SCHEMA = "bitcpm.eval/1"
@@ -39,19 +55,11 @@ Z95 = 1.959964
 ProgressFn = Callable[[str, int, int], None]  # (model label, tokens scored so far, tokens to score)
 
 
-# ---- windows ---------------------------------------------------------------------------------------------
-def windows(n_tokens: int, context: int, stride: int) -> Iterator[tuple[int, int, int]]:
-    """(begin, end, first) of each window: tokens [begin, end) go in, tokens first .. end - 1 are scored. Window
-    ends advance by `stride`, so every token after the first is scored exactly once, with at least
-    context - stride tokens before it (except in the first window)."""
-    if not 1 <= stride < context:
-        raise ValueError("need 1 <= stride < context")
-    scored_to, end = 1, min(context, n_tokens)
-    while scored_to < n_tokens:
-        yield max(0, end - context), end, scored_to
-        scored_to, end = end, min(end + stride, n_tokens)
+__all__ = ["check_gates", "markdown_table", "mean_and_uncertainty", "plan_eval", "run_eval", "scheme", "short_names",
+           "vocabulary_mismatch", "windows"]
 
 
+# ---- statistics ------------------------------------------------------------------------------------------
 def mean_and_uncertainty(total: float, total2: float, count: int) -> tuple[float, float]:
     """llama.cpp's mean_and_uncertainty: the mean and the standard error of the mean (0 for 10 values or fewer)."""
     if count < 1:
@@ -68,7 +76,7 @@ class EvalPlan:
     cards: list[Any]
     data: Path
     context: int
-    stride: int
+    stride: int | None  # None with --scoring llama.cpp
     max_tokens: int | None
     device: str
     dtype: str
@@ -78,52 +86,29 @@ class EvalPlan:
     max_kld: float | None
     min_top1: float | None
     harness: tuple[Any, list[Any]] | None = None  # (lm_eval TaskManager, task configs) with --tasks
+    scoring: str = "windows"  # or "llama.cpp" (core/evaluation/scoring.py)
+    per_token: Path | None = None  # --per-token: where the per-token file goes
+    overwrite: bool = False  # replace an existing --per-token file
 
 
 def plan_eval(models: list[str | Path], data: str | Path, *, reference: str | Path | None = None, context: int = 512,
               stride: int | None = None, max_tokens: int | None = None, device: str = "auto",
               dtype: str = "float32", trust_remote_code: bool = False, tasks: list[str] | None = None,
               include_path: str | Path | None = None, max_kld: float | None = None,
-              min_top1: float | None = None) -> EvalPlan:
+              min_top1: float | None = None, scoring: str = "windows", per_token: str | Path | None = None,
+              overwrite: bool = False) -> EvalPlan:
     """Check every input (all problems at once), then read each model's vocabulary and context length without its
     weights: a model that cannot be compared is refused before any model is loaded."""
     from bitcpm_cli.core.engines.registry import engine_for
-    from bitcpm_cli.core.model.hf import DTYPES
-    from bitcpm_cli.core.training.data import SUFFIXES
 
     paths = [Path(m) for m in models]
     if reference is not None and Path(reference) in paths:
         paths.remove(Path(reference))
     if reference is not None:
         paths.insert(0, Path(reference))
-    stride = context // 2 if stride is None else stride
-    problems = []
-    if not paths:
-        problems.append("no --model given")
-    if len(set(paths)) != len(paths):
-        problems.append("a model is named twice")
-    for path in paths:
-        if not path.exists():
-            problems.append(f"model not found ({path})")
-    data = Path(data)
-    if not data.is_file():
-        problems.append(f"--data file not found ({data})")
-    elif data.suffix not in SUFFIXES:
-        problems.append(f"--data {data} is not .txt, .jsonl (a `text` field) or .parquet (a `text` column)")
-    if context < 2:
-        problems.append(f"--context {context}: need at least 2 tokens")
-    elif not 1 <= stride < context:
-        problems.append(f"--stride {stride}: need 1 <= stride < --context ({context})")
-    if max_tokens is not None and max_tokens < 2:
-        problems.append(f"--max-tokens {max_tokens}: need at least 2")
-    if dtype not in DTYPES:
-        problems.append(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if max_kld is not None and max_kld < 0:
-        problems.append(f"--max-kld {max_kld}: need >= 0")
-    if min_top1 is not None and not 0 <= min_top1 <= 100:
-        problems.append(f"--min-top1 {min_top1}: need a percentage from 0 to 100")
-    if (max_kld is not None or min_top1 is not None) and len(paths) < 2:
-        problems.append("--max-kld / --min-top1 compare models with the reference: give at least two models")
+    problems = _model_problems(paths, Path(data), scoring)
+    problems += _setting_problems(context, stride, max_tokens, dtype, scoring)
+    problems += _gate_problems(max_kld, min_top1, len(paths))
     if include_path is not None and not tasks:
         problems.append("--include-path is only used with --tasks")
     if include_path is not None and not Path(include_path).is_dir():
@@ -131,7 +116,8 @@ def plan_eval(models: list[str | Path], data: str | Path, *, reference: str | Pa
     if problems:
         raise InputError(problems[0], hint="fix the options named above", problems=problems if len(problems) > 1
                          else ())
-    harness = resolve_tasks(tasks, include_path) if tasks else None
+    stride = (context // 2 if stride is None else stride) if scoring == "windows" else None
+    harness = resolve_tasks(tasks, include_path, trust_remote_code) if tasks else None
     engines = [engine_for(path) for path in paths]
     for engine in engines:
         engine.require()
@@ -147,8 +133,65 @@ def plan_eval(models: list[str | Path], data: str | Path, *, reference: str | Pa
         raise InputError(problems[0], hint="compare models that share the reference's tokenizer, with --context "
                                            "within every model's context length",
                          problems=problems if len(problems) > 1 else ())
-    return EvalPlan(paths, cards, data, context, stride, max_tokens, device, dtype, trust_remote_code,
-                    list(tasks or []), Path(include_path) if include_path else None, max_kld, min_top1, harness)
+    return EvalPlan(paths, cards, Path(data), context, stride, max_tokens, device, dtype, trust_remote_code,
+                    list(tasks or []), Path(include_path) if include_path else None, max_kld, min_top1, harness,
+                    scoring, Path(per_token) if per_token is not None else None, overwrite)
+
+
+def _model_problems(paths: list[Path], data: Path, scoring: str) -> list[str]:
+    from bitcpm_cli.core.training.data import SUFFIXES
+
+    problems = []
+    if not paths:
+        problems.append("no --model given")
+    if len(set(paths)) != len(paths):
+        problems.append("a model is named twice")
+    for path in paths:
+        if not path.exists():
+            problems.append(f"model not found ({path})")
+    if problem := file_problem(data, "--data file"):
+        problems.append(problem)
+    elif scoring == "llama.cpp" and data.suffix != ".txt":
+        problems.append(f"--scoring llama.cpp reads --data as one plain text file, as llama-perplexity -f does: "
+                        f"{data} is not a .txt file")
+    elif data.suffix not in SUFFIXES:
+        problems.append(f"--data {data} is not .txt, .jsonl (a `text` field) or .parquet (a `text` column)")
+    return problems
+
+
+def _setting_problems(context: int, stride: int | None, max_tokens: int | None, dtype: str, scoring: str) -> list[str]:
+    from bitcpm_cli.core.model.hf import DTYPES
+
+    problems = []
+    if scoring not in SCORING:
+        problems.append(f"--scoring {scoring!r} is not one of {', '.join(SCORING)}")
+    elif scoring == "llama.cpp":
+        if context < 3:
+            problems.append(f"--context {context}: --scoring llama.cpp scores the tokens after a chunk's first half "
+                            "but the last, so it needs at least 3")
+        if stride is not None:
+            problems.append("--stride is for --scoring windows: llama.cpp's chunks do not overlap")
+    elif context < 2:
+        problems.append(f"--context {context}: need at least 2 tokens")
+    elif stride is not None and not 1 <= stride < context:
+        problems.append(f"--stride {stride}: need 1 <= stride < --context ({context})")
+    if max_tokens is not None and max_tokens < 2:
+        problems.append(f"--max-tokens {max_tokens}: need at least 2")
+    if dtype not in DTYPES:
+        problems.append(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return problems
+
+
+def _gate_problems(max_kld: float | None, min_top1: float | None, models: int) -> list[str]:
+    """A gate that could never fire (NaN, infinity) or means nothing (a negative KLD, a percentage outside 0-100)."""
+    problems = []
+    if max_kld is not None and not (math.isfinite(max_kld) and max_kld >= 0):
+        problems.append(f"--max-kld {max_kld}: need a finite number >= 0 (a mean KLD in nats)")
+    if min_top1 is not None and not (math.isfinite(min_top1) and 0 <= min_top1 <= 100):
+        problems.append(f"--min-top1 {min_top1}: need a percentage from 0 to 100")
+    if (max_kld is not None or min_top1 is not None) and models < 2:
+        problems.append("--max-kld / --min-top1 compare models with the reference: give at least two models")
+    return problems
 
 
 def vocabulary_mismatch(reference: list[str | None], other: list[str | None]) -> str | None:
@@ -162,16 +205,22 @@ def vocabulary_mismatch(reference: list[str | None], other: list[str | None]) ->
 
 
 # ---- corpus ------------------------------------------------------------------------------------------------
-def tokenize_corpus(plan: EvalPlan, folder: Path) -> tuple[np.ndarray, int]:
-    """The corpus as token ids (BOS + document + EOS, concatenated, as training packs it), written to a file in
-    `folder` and memory-mapped; (ids, documents)."""
+def tokenize_corpus(plan: EvalPlan, folder: Path) -> tuple[np.ndarray, int | None]:
+    """The corpus as token ids, memory-mapped from a file in `folder`; (ids, documents). `windows`: BOS (where the
+    reference's tokenizer adds it to a plain text) + document + EOS, concatenated, as `bitcpm train` packs them;
+    `llama.cpp`: the file as one string, as llama-perplexity tokenizes it (documents: None)."""
     from bitcpm_cli.core.training.data import iter_texts
 
     card = plan.cards[0]
+    bos = card.bos if card.add_bos else None
     path, count, documents = folder / "tokens.int32", 0, 0
+    if plan.scoring == "llama.cpp":
+        ids = read_as_llamacpp(plan.data, card.encode, bos, plan.max_tokens, plan.context)
+        ids.tofile(path)
+        return np.memmap(path, dtype=np.int32, mode="r", shape=(len(ids),)), None
     with path.open("wb") as handle:
         for text in iter_texts([plan.data]):
-            ids = ([card.bos] if card.bos is not None else []) + card.encode(text)
+            ids = ([bos] if bos is not None else []) + card.encode(text)
             ids += [card.eos] if card.eos is not None else []
             if plan.max_tokens is not None:
                 ids = ids[:plan.max_tokens - count]
@@ -185,47 +234,69 @@ def tokenize_corpus(plan: EvalPlan, folder: Path) -> tuple[np.ndarray, int]:
     return np.memmap(path, dtype=np.int32, mode="r", shape=(count,)), documents
 
 
+def segments(ids: np.ndarray, plan: EvalPlan) -> Iterator[Segment]:
+    """The forward passes of the plan's scoring scheme (core/evaluation/scoring.py)."""
+    if plan.scoring == "llama.cpp":
+        card = plan.cards[0]
+        return llamacpp_segments(ids, plan.context, card.bos if card.add_bos else None)
+    return window_segments(ids, plan.context, plan.stride)
+
+
 # ---- scoring ---------------------------------------------------------------------------------------------------
 class ReferenceStore:
     """The reference's distribution at every scored position: top-K ids and log-probs, the log of the rest's mass,
-    the log-prob of the corpus' next token and the argmax. Memory-mapped files in a temporary folder."""
+    the log-prob of the corpus' next token and the argmax. Memory-mapped files in a temporary folder; with
+    --per-token also where each scored token is (its position in the corpus, its chunk)."""
 
-    def __init__(self, folder: Path, positions: int, vocab: int):
+    def __init__(self, folder: Path, positions: int, vocab: int, per_token: bool = False):
         self.k = min(TOP_K, vocab - 1)
         shapes = {"top_ids": ((positions, self.k), np.int32), "top_logp": ((positions, self.k), np.float32),
                   "rest_logp": ((positions,), np.float32), "target_logp": ((positions,), np.float32),
                   "argmax": ((positions,), np.int32)}
+        if per_token:
+            shapes.update({"position": ((positions,), np.int64), "chunk": ((positions,), np.int32),
+                           "target": ((positions,), np.int32)})
         for name, (shape, dtype) in shapes.items():
             setattr(self, name, np.memmap(folder / f"reference-{name}", dtype=dtype, mode="w+", shape=shape))
+        self.per_token = per_token
 
 
 class Accumulator:
-    """Sums for one model (llama.cpp's kl_divergence_result) plus the per-token KLD on disk for its percentiles."""
+    """Sums for one model (llama.cpp's kl_divergence_result) plus the per-token KLD on disk for its percentiles;
+    with --per-token also each token's NLL and top-token agreement."""
 
-    def __init__(self, folder: Path, label: str, positions: int, compare: bool):
+    def __init__(self, folder: Path, label: str, positions: int, compare: bool, per_token: bool = False):
         self.count = 0
         self.sum_nll = self.sum_nll2 = 0.0
         self.sum_kld = self.sum_kld2 = 0.0
         self.sum_dp = self.sum_dp2 = self.sum_dp4 = 0.0
         self.same_top = 0
         self.rest_mass_max = 0.0
-        self.kld = np.memmap(folder / f"kld-{label}", dtype=np.float32, mode="w+", shape=(positions,)) \
-            if compare else None
+        self.running_ppl: list[float] = []  # exp(mean NLL so far) after each pass, as llama-perplexity prints it
+
+        def array(name: str, dtype: Any, wanted: bool):
+            return np.memmap(folder / f"{name}-{label}", dtype=dtype, mode="w+", shape=(positions,)) if wanted \
+                else None
+
+        self.kld = array("kld", np.float32, compare)
+        self.nll = array("nll", np.float64, per_token)
+        self.same = array("same", np.int8, per_token and compare)
 
 
 def score_model(session, ids: np.ndarray, plan: EvalPlan, store: ReferenceStore, acc: Accumulator,
                 is_reference: bool, vocab: int, label: str, on_progress: ProgressFn) -> None:
     import torch
 
-    total = len(ids) - 1
-    for begin, end, first in windows(len(ids), plan.context, plan.stride):
-        logits = session.score(ids[begin:end])
+    total = scored_positions(len(ids), plan.scoring, plan.context)
+    j0 = 0
+    for segment in segments(ids, plan):
+        logits = session.score(segment.inputs)
         if logits.shape[-1] != vocab:
             raise InputError(f"{label} gives {logits.shape[-1]} logits a position, its vocabulary has {vocab}",
                              hint="check the model's config (vocab_size) against its tokenizer")
-        logits = logits[first - 1 - begin:end - 1 - begin]
-        j0, j1 = first - 1, end - 1  # positions in the store: token t is scored at t - 1
-        targets = torch.from_numpy(np.asarray(ids[first:end], dtype=np.int64)).unsqueeze(1)
+        logits = logits[segment.row0:segment.row1]
+        j1 = j0 + len(segment.targets)  # positions in the store, in scoring order
+        targets = torch.from_numpy(np.asarray(segment.targets, dtype=np.int64)).unsqueeze(1)
         logp = torch.log_softmax(logits.float(), dim=-1)
         target_logp = logp.gather(1, targets).squeeze(1)
         argmax = logits.argmax(dim=-1)
@@ -233,41 +304,66 @@ def score_model(session, ids: np.ndarray, plan: EvalPlan, store: ReferenceStore,
         acc.count += len(nll)
         acc.sum_nll += float(nll.sum())
         acc.sum_nll2 += float((nll * nll).sum())
+        acc.running_ppl.append(math.exp(acc.sum_nll / acc.count))
+        if acc.nll is not None:
+            acc.nll[j0:j1] = nll.numpy()
         if is_reference:
-            top_logp, top_ids = logp.topk(store.k, dim=-1)
-            store.top_ids[j0:j1] = top_ids.numpy()
-            store.top_logp[j0:j1] = top_logp.numpy()
-            store.rest_logp[j0:j1] = logp.scatter_(1, top_ids, -math.inf).logsumexp(-1).numpy()
-            store.target_logp[j0:j1] = target_logp.numpy()
-            store.argmax[j0:j1] = argmax.numpy()
+            _store_reference(store, j0, j1, logp, target_logp, argmax, segment)
         else:
-            top_ids = torch.from_numpy(np.asarray(store.top_ids[j0:j1], dtype=np.int64))
-            p_logp = torch.from_numpy(np.asarray(store.top_logp[j0:j1]))
-            q_logp = logp.gather(1, top_ids)
-            p_rest = torch.from_numpy(np.asarray(store.rest_logp[j0:j1]))
-            q_rest = logp.scatter_(1, top_ids, -math.inf).logsumexp(-1)
-            # identical float32 inputs give identical differences, so equal distributions give exactly 0
-            kld = ((p_logp.double().exp() * (p_logp - q_logp).double()).sum(-1)
-                   + p_rest.double().exp() * (p_rest - q_rest).double())
-            acc.kld[j0:j1] = kld.float().numpy()
-            acc.sum_kld += float(kld.sum())
-            acc.sum_kld2 += float((kld * kld).sum())
-            acc.same_top += int((argmax == torch.from_numpy(np.asarray(store.argmax[j0:j1], dtype=np.int64))).sum())
-            ref_target = torch.from_numpy(np.asarray(store.target_logp[j0:j1])).double()
-            dp = target_logp.double().exp() - ref_target.exp()
-            acc.sum_dp += float(dp.sum())
-            acc.sum_dp2 += float((dp * dp).sum())
-            acc.sum_dp4 += float((dp ** 4).sum())
-            acc.rest_mass_max = max(acc.rest_mass_max, float(p_rest.double().exp().max()))
+            _compare(store, acc, j0, j1, logp, target_logp, argmax)
         on_progress(label, j1, total)
+        j0 = j1
 
 
-def model_statistics(acc: Accumulator) -> dict[str, Any]:
+def _store_reference(store: ReferenceStore, j0: int, j1: int, logp, target_logp, argmax, segment: Segment) -> None:
+    top_logp, top_ids = logp.topk(store.k, dim=-1)
+    store.top_ids[j0:j1] = top_ids.numpy()
+    store.top_logp[j0:j1] = top_logp.numpy()
+    store.rest_logp[j0:j1] = logp.scatter_(1, top_ids, -math.inf).logsumexp(-1).numpy()
+    store.target_logp[j0:j1] = target_logp.numpy()
+    store.argmax[j0:j1] = argmax.numpy()
+    if store.per_token:
+        store.position[j0:j1] = np.arange(segment.position, segment.position + j1 - j0)
+        store.chunk[j0:j1] = segment.chunk
+        store.target[j0:j1] = segment.targets
+
+
+def _compare(store: ReferenceStore, acc: Accumulator, j0: int, j1: int, logp, target_logp, argmax) -> None:
+    """KLD(reference || model) over the reference's top K + the rest, top-token agreement and dp for one pass."""
+    import torch
+
+    top_ids = torch.from_numpy(np.asarray(store.top_ids[j0:j1], dtype=np.int64))
+    p_logp = torch.from_numpy(np.asarray(store.top_logp[j0:j1]))
+    q_logp = logp.gather(1, top_ids)
+    p_rest = torch.from_numpy(np.asarray(store.rest_logp[j0:j1]))
+    q_rest = logp.scatter_(1, top_ids, -math.inf).logsumexp(-1)
+    # identical float32 inputs give identical differences, so equal distributions give exactly 0
+    kld = ((p_logp.double().exp() * (p_logp - q_logp).double()).sum(-1)
+           + p_rest.double().exp() * (p_rest - q_rest).double())
+    acc.kld[j0:j1] = kld.float().numpy()
+    acc.sum_kld += float(kld.sum())
+    acc.sum_kld2 += float((kld * kld).sum())
+    same = argmax == torch.from_numpy(np.asarray(store.argmax[j0:j1], dtype=np.int64))
+    acc.same_top += int(same.sum())
+    if acc.same is not None:
+        acc.same[j0:j1] = same.numpy().astype(np.int8)
+    ref_target = torch.from_numpy(np.asarray(store.target_logp[j0:j1])).double()
+    dp = target_logp.double().exp() - ref_target.exp()
+    acc.sum_dp += float(dp.sum())
+    acc.sum_dp2 += float((dp * dp).sum())
+    acc.sum_dp4 += float((dp ** 4).sum())
+    acc.rest_mass_max = max(acc.rest_mass_max, float(p_rest.double().exp().max()))
+
+
+def model_statistics(acc: Accumulator, scoring: str = "windows") -> dict[str, Any]:
     mean_nll, nll_unc = mean_and_uncertainty(acc.sum_nll, acc.sum_nll2, acc.count)
     ppl = math.exp(mean_nll)
     stats: dict[str, Any] = {
         "tokens": acc.count, "mean_nll": mean_nll, "mean_nll_unc": nll_unc, "ppl": ppl, "ppl_unc": ppl * nll_unc,
         "ppl_95": [math.exp(mean_nll - Z95 * nll_unc), math.exp(mean_nll + Z95 * nll_unc)]}
+    if scoring == "llama.cpp":  # what llama-perplexity prints: [1]ppl,[2]ppl,... and its final estimate
+        stats["llama_cpp"] = {**llamacpp_estimate(acc.sum_nll, acc.sum_nll2, acc.count),
+                              "chunks": len(acc.running_ppl), "running_ppl": acc.running_ppl}
     if acc.kld is None:
         return stats
     kld_mean, kld_unc = mean_and_uncertainty(acc.sum_kld, acc.sum_kld2, acc.count)
@@ -287,59 +383,99 @@ def model_statistics(acc: Accumulator) -> dict[str, Any]:
 
 # ---- the whole evaluation --------------------------------------------------------------------------------------
 def run_eval(plan: EvalPlan, on_progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Score every model of the plan on the same ids; run the harness tasks when asked. The report (bitcpm.eval/1)."""
-    from bitcpm_cli.core.engines.registry import engine_for
-
+    """Score every model of the plan on the same ids; run the harness tasks when asked; write --per-token. The report
+    (bitcpm.eval/1)."""
     on_progress = on_progress or (lambda label, done, total: None)
     reports: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bitcpm-eval-") as tmp:
         folder = Path(tmp)
         ids, documents = tokenize_corpus(plan, folder)
         vocab = len(plan.cards[0].tokens)
-        store = ReferenceStore(folder, len(ids) - 1, vocab)
+        positions = scored_positions(len(ids), plan.scoring, plan.context)
+        store = ReferenceStore(folder, positions, vocab, per_token=plan.per_token is not None)
+        kept: list[Accumulator] = []
         for index, path in enumerate(plan.models):
-            engine = engine_for(path)
-            session = engine.open(path, device=plan.device, dtype=plan.dtype,
-                                  trust_remote_code=plan.trust_remote_code, qat_forward=True, context=plan.context)
-            try:
-                acc = Accumulator(folder, str(index), len(ids) - 1, compare=index > 0)
-                began = time.perf_counter()
-                score_model(session, ids, plan, store, acc, index == 0, vocab, str(path), on_progress)
-                elapsed = time.perf_counter() - began
-                entry = {"path": str(path), "engine": engine.name, "format": session.info["format"],
-                         "dtype": session.info["dtype"], "fingerprint": session.info["fingerprint"],
-                         "reference": index == 0, **model_statistics(acc),
-                         "tokens_per_s": round(acc.count / elapsed, 3) if elapsed else None,
-                         "notes": list(session.notes)}
-                if plan.tasks:
-                    entry["tasks"] = run_tasks(session, plan.tasks, plan.harness)
-                    if entry["tasks"] is None:
-                        entry["notes"].append("tasks not run: lm-evaluation-harness evaluates transformers "
-                                              "models, not GGUF files")
-                del acc
-            finally:
-                session.close()
-                del session
+            entry, acc = _score_one(plan, index, path, ids, store, vocab, folder, on_progress)
             reports.append(entry)
+            if plan.per_token is not None:
+                kept.append(acc)
+            del acc
+        if plan.per_token is not None:
+            _write_per_token(plan, store, kept, len(ids))
         n_tokens = len(ids)
-        del ids, store
+        del ids, store, kept
     if plan.tasks:
         add_kept(reports, plan.tasks)
-    notes = [f"KLD over the reference's top {min(TOP_K, vocab - 1)} tokens plus the rest's mass: exact for equal "
-             "distributions, otherwise short of the full KLD by at most the reference's mass outside its top "
-             "tokens times the tail's KLD"]
-    report = {
-        "schema": EVAL_SCHEMA, "reference": str(plan.models[0]),
-        "data": {"path": str(plan.data), "documents": documents, "tokens": n_tokens, "scored_tokens": n_tokens - 1,
-                 "tokenizer": str(plan.models[0])},
-        "settings": {"context": plan.context, "stride": plan.stride, "max_tokens": plan.max_tokens,
-                     "device": plan.device, "dtype": plan.dtype, "kld_top_k": min(TOP_K, vocab - 1),
-                     "tasks": plan.tasks, "include_path": str(plan.include_path) if plan.include_path else None},
+    return _report(plan, reports, documents, n_tokens, positions, vocab)
+
+
+def _score_one(plan: EvalPlan, index: int, path: Path, ids: np.ndarray, store: ReferenceStore, vocab: int,
+               folder: Path, on_progress: ProgressFn) -> tuple[dict[str, Any], Accumulator]:
+    """Open one model, score it, close it; (its report entry, its sums)."""
+    from bitcpm_cli.core.engines.registry import engine_for
+
+    engine = engine_for(path)
+    session = engine.open(path, device=plan.device, dtype=plan.dtype, trust_remote_code=plan.trust_remote_code,
+                          qat_forward=True, context=plan.context)
+    try:
+        acc = Accumulator(folder, str(index), store.argmax.shape[0], compare=index > 0,
+                          per_token=plan.per_token is not None)
+        began = time.perf_counter()
+        score_model(session, ids, plan, store, acc, index == 0, vocab, str(path), on_progress)
+        elapsed = time.perf_counter() - began
+        entry = {"path": str(path), "engine": engine.name, "format": session.info["format"],
+                 "dtype": session.info["dtype"], "fingerprint": session.info["fingerprint"],
+                 "reference": index == 0, **model_statistics(acc, plan.scoring),
+                 "tokens_per_s": round(acc.count / elapsed, 3) if elapsed else None,
+                 "notes": list(session.notes)}
+        if plan.tasks:
+            entry["tasks"] = run_tasks(session, plan.tasks, plan.harness)
+            if entry["tasks"] is None:
+                entry["notes"].append("tasks not run: lm-evaluation-harness evaluates transformers "
+                                      "models, not GGUF files")
+    finally:
+        session.close()
+        del session
+    return entry, acc
+
+
+def _write_per_token(plan: EvalPlan, store: ReferenceStore, kept: list[Accumulator], n_tokens: int) -> None:
+    header = {"schema": PER_TOKEN_SCHEMA, "scoring": plan.scoring, "data": str(plan.data), "tokens": n_tokens,
+              "scored_tokens": int(store.position.shape[0]), "context": plan.context, "stride": plan.stride,
+              "add_bos": plan.cards[0].add_bos, "tokenizer": str(plan.models[0]),
+              "models": [str(m) for m in plan.models], "reference": str(plan.models[0])}
+    lines = per_token_lines(header, store.position, store.chunk, store.target, [a.nll for a in kept],
+                            [a.kld for a in kept], [a.same for a in kept])
+    inputs = [*plan.models, plan.data, plan.include_path]
+    write_per_token(plan.per_token, inputs, plan.overwrite, lines)
+
+
+def _report(plan: EvalPlan, reports: list[dict[str, Any]], documents: int | None, n_tokens: int, positions: int,
+            vocab: int) -> dict[str, Any]:
+    notes = [(f"KLD over the reference's top {min(TOP_K, vocab - 1)} tokens plus the rest's mass: exact for equal "
+              "distributions, otherwise short of the full KLD by at most the reference's mass outside its top "
+              "tokens times the tail's KLD")]
+    reference = plan.cards[0]
+    for card in plan.cards[1:]:
+        if card.add_bos != reference.add_bos:
+            notes.append(f"{card.path}'s tokenizer {'adds' if card.add_bos else 'adds no'} BOS to a plain text, the "
+                         f"reference's {'does' if reference.add_bos else 'does not'}: every model scored the "
+                         "reference's tokens")
+    data = {"path": str(plan.data), "documents": documents, "tokens": n_tokens, "scored_tokens": positions,
+            "tokenizer": str(plan.models[0]), "add_bos": reference.add_bos}
+    if plan.scoring == "llama.cpp":
+        data["chunks"] = n_tokens // plan.context
+    return {
+        "schema": EVAL_SCHEMA, "reference": str(plan.models[0]), "data": data,
+        "settings": {"scoring": plan.scoring, "context": plan.context, "stride": plan.stride,
+                     "max_tokens": plan.max_tokens, "device": plan.device, "dtype": plan.dtype,
+                     "kld_top_k": min(TOP_K, vocab - 1), "tasks": plan.tasks,
+                     "include_path": str(plan.include_path) if plan.include_path else None,
+                     "per_token": str(plan.per_token) if plan.per_token is not None else None},
         "models": reports,
         "gates": {"max_kld": plan.max_kld, "min_top1": plan.min_top1, "failures": gate_failures(reports, plan)},
         "notes": notes,
     }
-    return report
 
 
 def gate_failures(reports: list[dict[str, Any]], plan: EvalPlan) -> list[str]:
@@ -374,12 +510,19 @@ def short_names(report: dict[str, Any]) -> Callable[[str], str]:
     return name
 
 
+def scheme(settings: dict[str, Any]) -> str:
+    """How the tokens were scored, in a few words (table titles)."""
+    if settings.get("scoring") == "llama.cpp":
+        return "llama-perplexity's chunks (second halves scored)"
+    return f"stride {settings['stride']}"
+
+
 def markdown_table(report: dict[str, Any]) -> list[str]:
     """The report as a Markdown table (SUMMARY.md)."""
     data, settings = report["data"], report["settings"]
     name = short_names(report)
-    lines = [f"{data['scored_tokens']} tokens of `{Path(data['path']).name}`, context {settings['context']}, stride "
-             f"{settings['stride']}, {settings['dtype']}; reference: `{name(report['reference'])}`.", "",
+    lines = [(f"{data['scored_tokens']} tokens of `{Path(data['path']).name}`, context {settings['context']}, "
+              f"{scheme(settings)}, {settings['dtype']}; reference: `{name(report['reference'])}`."), "",
              "| model | format | PPL (95 % interval) | mean KLD | 99 % KLD | max KLD | same top % | RMS Δp % |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in report["models"]:

@@ -72,6 +72,23 @@ def _check_result(item: Any, where: str, problems: list[str]) -> None:
                                            and _finite(pair[1]) for pair in step) for step in steps)
         if not good:
             problems.append(f"{where}.top_logprobs: must be a list (one per token) of [[token_id, logprob], ...]")
+        else:
+            _check_logprobs(steps, item.get("token_ids"), where, problems)
+
+
+LOGPROB_SLACK = 1e-6  # float rounding of log_softmax's largest entry; anything above is not a log-probability
+
+
+def _check_logprobs(steps: list, token_ids: Any, where: str, problems: list[str]) -> None:
+    """One step per generated token, and log-probabilities that are log-probabilities (at most 0)."""
+    if isinstance(token_ids, list) and len(steps) != len(token_ids):
+        problems.append(f"{where}.top_logprobs: {len(steps)} step(s) for {len(token_ids)} token_ids; a results file "
+                        "holds one step per generated token")
+    positive = [(index, pair[1]) for index, step in enumerate(steps) for pair in step if pair[1] > LOGPROB_SLACK]
+    if positive:
+        index, value = positive[0]
+        problems.append(f"{where}.top_logprobs[{index}]: logprob {value} is above 0 ({len(positive)} such value(s)); "
+                        "a log-probability is at most 0")
 
 
 def _check_meta(data: dict[str, Any], path: Path, problems: list[str]) -> None:

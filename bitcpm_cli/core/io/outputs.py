@@ -33,10 +33,12 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from bitcpm_cli.core.errors import InputError
+from bitcpm_cli.core.io.readers import special_kind
 
 STAGING_PREFIX = ".bitcpm-tmp-"
 CLAIM_PREFIX = ".bitcpm-claim-"
@@ -64,6 +66,13 @@ def _within(child: Path, parent: Path) -> bool:
     return child == parent or parent in child.parents
 
 
+def anchored(path: str | os.PathLike[str]) -> Path:
+    """`path` with its folder resolved now (symlinks, `..`) and its own name kept: where a run writes and cleans up,
+    fixed at the start, so a parent retargeted mid-run cannot scatter its staging files or claims."""
+    path = Path(path).expanduser().absolute()
+    return path.parent.resolve() / path.name
+
+
 def check_output(output: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None] = (), *,
                  overwrite: bool = False, kind: str | None = None, what: str = "--output",
                  make_parents: bool = False) -> Path:
@@ -85,7 +94,15 @@ def check_output(output: str | os.PathLike[str], inputs: Iterable[str | os.PathL
                              hint="choose an output path that does not contain the inputs")
     if not make_parents and not output.parent.is_dir():
         raise InputError(f"the folder of {what} does not exist ({output.parent})", hint="create it first")
+    writable_parent = next((p for p in [output.parent, *output.parent.parents] if p.exists()), None)
+    if writable_parent is not None and not os.access(writable_parent, os.W_OK):  # read-only mount or no permission
+        raise InputError(f"cannot write {what} {output}: {writable_parent} is not writable (read-only file system or "
+                         "no permission)", hint="choose a writable location; nothing was written")
     if output.exists() or output.is_symlink():
+        special = special_kind(output)
+        if special:
+            raise InputError(f"{what} is {special}, not a {'folder' if kind == 'dir' else 'regular file'} ({output})",
+                             hint="name a regular file or a new path; bitcpm never replaces a device, FIFO or socket")
         if kind == "file" and output.is_dir():
             raise InputError(f"{what} is a folder ({output})", hint="name a file, e.g. results.json")
         if kind == "dir" and not output.is_dir():
@@ -96,12 +113,18 @@ def check_output(output: str | os.PathLike[str], inputs: Iterable[str | os.PathL
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
+    """Remove what a run created, quietly: cleanup never raises (on a read-only file system even unlinking a path
+    that is not there fails with EROFS, which would hide the error being reported)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    if stat.S_ISDIR(mode):
         shutil.rmtree(path, ignore_errors=True)
     else:
         try:
             path.unlink()
-        except FileNotFoundError:
+        except OSError:
             pass
 
 
@@ -139,8 +162,9 @@ class OutputGuard:
         self.inputs = [i for i in inputs if i is not None]
         self.overwrite, self.kind, self.what, self.staged = overwrite, kind, what, staged
         self.keep_on_error = keep_on_error
-        self.output = check_output(output, self.inputs, overwrite=overwrite, kind=kind, what=what,
-                                   make_parents=not staged)
+        check_output(output, self.inputs, overwrite=overwrite, kind=kind, what=what, make_parents=not staged)
+        self.output = anchored(output)
+        self.shown = Path(output)  # as the user named it, for messages
         self.staging = self.output.parent / f"{STAGING_PREFIX}{os.getpid()}-{self.output.name}"
         self.claim_path = self.output.parent / f"{CLAIM_PREFIX}{self.output.name}"
         self._claim: Path | None = None
@@ -179,7 +203,7 @@ class OutputGuard:
         # the claim appears with the pid already in it (a hard link of a finished pid file), so a concurrent run never
         # reads an empty claim and takes it for one left by a killed run
         pid_file = self.scratch_path("claim")
-        pid_file.unlink(missing_ok=True)
+        _remove(pid_file)
         with os.fdopen(os.open(pid_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644), "w") as handle:
             handle.write(f"{os.getpid()}\n")
         try:
@@ -197,7 +221,7 @@ class OutputGuard:
                 except (OSError, ValueError):
                     holder = 0
                 if holder and pid_alive(holder):
-                    raise InputError(f"another bitcpm run (pid {holder}) is writing {self.output}",
+                    raise InputError(f"another bitcpm run (pid {holder}) is writing {self.shown}",
                                      hint="wait for it to finish, or choose another output path") from None
                 claim.unlink(missing_ok=True)  # left by a killed run
                 continue
@@ -209,7 +233,7 @@ class OutputGuard:
                 with os.fdopen(fd, "w") as handle:
                     handle.write(f"{os.getpid()}\n")
             return claim
-        raise InputError(f"cannot claim {self.output}: another run keeps taking it", hint="try again")
+        raise InputError(f"cannot claim {self.shown}: another run keeps taking it", hint="try again")
 
     def scratch_path(self, suffix: str) -> Path:
         """A pid-named path beside the output for an intermediate file: removed by commit() and abort(), and as
@@ -244,7 +268,7 @@ class OutputGuard:
                 try:
                     os.link(staging, output)  # atomic, fails if the output appeared meanwhile
                 except FileExistsError:
-                    raise InputError(f"{self.what} appeared while this run was writing it ({output})",
+                    raise InputError(f"{self.what} appeared while this run was writing it ({self.shown})",
                                      hint="choose a new path, or pass --overwrite") from None
                 except OSError as exc:
                     if exc.errno not in (errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP):
@@ -253,7 +277,7 @@ class OutputGuard:
                 staging.unlink(missing_ok=True)
             return
         if not self.overwrite:
-            raise InputError(f"{self.what} appeared while this run was writing it ({output})",
+            raise InputError(f"{self.what} appeared while this run was writing it ({self.shown})",
                              hint="choose a new path, or pass --overwrite")
         if staging.is_file() and output.is_file() and not output.is_symlink():
             os.replace(staging, output)
@@ -272,15 +296,21 @@ class OutputGuard:
         keep = self.keep_on_error is not None and self.output.is_dir() and self.keep_on_error(self.output)
         if not keep:
             if self._found is not None and self.output.is_dir():  # a folder that was there: only what this run added
-                for name in sorted(set(os.listdir(self.output)) - self._found):
+                try:
+                    added = sorted(set(os.listdir(self.output)) - self._found)
+                except OSError:
+                    added = []
+                for name in added:
                     _remove(self.output / name)
             for path in reversed(self._created):
                 _remove(path)
         self._release()
         if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS and self._ours(exc):
             reason = exc.strerror or os.strerror(exc.errno)
-            raise InputError(f"cannot write {self.what} {self.output}: {reason}",
-                             hint="choose a writable location with enough free space; nothing was written") from None
+            kept = ("; what it held that is complete is kept (e.g. checkpoints --resume continues from)" if keep
+                    else "; nothing was written")
+            raise InputError(f"cannot write {self.what} {self.shown}: {reason}",
+                             hint="choose a writable location with enough free space" + kept) from None
 
     def _ours(self, exc: OSError) -> bool:
         if exc.filename is None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -31,6 +33,37 @@ UTF8_HINT = "save the file as UTF-8"
 
 class _Limit(Exception):
     """Raised from inside the JSON decoder's hooks; turned into an InputError with the location."""
+
+
+SPECIAL_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+                 (stat.S_ISSOCK, "a socket"))
+
+
+def special_kind(path: str | os.PathLike[str]) -> str | None:
+    """'a FIFO', 'a character device', ... for a path that is (or links to) neither a regular file nor a folder;
+    None for a regular file, a folder, or nothing there. Never opens the path (opening a FIFO blocks)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    return next((name for test, name in SPECIAL_KINDS if test(mode)), None)
+
+
+def file_problem(path: str | os.PathLike[str], what: str) -> str | None:
+    """Why `path` cannot be read as the file `what` names (not found, a folder, a FIFO or device...), or None for a
+    regular file (or a link to one). Never opens the path: opening a FIFO would block."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"{what} not found ({path})"
+    except OSError as exc:
+        return f"{what} cannot be read ({path}): {exc.strerror or exc}"
+    if stat.S_ISDIR(mode):
+        return f"{what} is a folder, not a file ({path})"
+    special = special_kind(path)
+    if special:
+        return f"{what} is {special}, not a regular file ({path})"
+    return None
 
 
 def is_int(value: Any) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bitcpm_cli.core.errors import ConfigError, InputError
-from bitcpm_cli.core.io.readers import parse_json, read_json_file
+from bitcpm_cli.core.io.readers import file_problem, parse_json, read_json_file
 from bitcpm_cli.core.io.safetensors import (
     MAX_HEADER_BYTES,
     SAFETENSORS_DTYPES,
@@ -58,6 +58,8 @@ def find_weight_files(path: str | Path) -> WeightFiles:
     path = Path(path)
     if not path.exists():
         raise InputError(f"no such file or directory ({path})", hint="pass a Hugging Face model directory")
+    if not path.is_dir() and (problem := file_problem(path, "the weight file")):
+        raise InputError(problem, hint="pass a model folder or a .safetensors / .bin file")
     if path.is_file():
         if path.suffix == ".safetensors":
             return WeightFiles("safetensors", (path,))
@@ -92,12 +94,18 @@ def _shards_from_index(index: Path) -> tuple[Path, ...]:
                              hint="each weight_map value must name a shard file in the model folder")
         if shard not in shards:
             shards[shard] = _confined_shard(folder, tensor, shard, index)
-    missing = [s for s, path in sorted(shards.items()) if not path.is_file()]
+    missing = [s for s, path in sorted(shards.items()) if not path.exists()]
+    unreadable = [problem for s, path in sorted(shards.items()) if s not in missing
+                  and (problem := file_problem(path, f"shard {s}"))]
     if missing:
         raise InputError(
             f"weight index names {len(missing)} missing shard(s) ({index}): {', '.join(missing)}",
             hint="download or copy the missing shard files next to the index",
         )
+    if unreadable:
+        raise InputError(f"weight index names {len(unreadable)} shard(s) that are not regular files ({index}): "
+                         + unreadable[0], hint="each shard must be a regular safetensors / .bin file",
+                         problems=unreadable if len(unreadable) > 1 else ())
     return tuple(index.parent / s for s in sorted(shards))
 
 

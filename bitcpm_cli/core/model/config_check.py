@@ -122,6 +122,35 @@ def _rotary_factor(config: dict[str, Any]) -> tuple[Any, bool]:
     return factor, _number(factor) and 0 < factor <= 1
 
 
+# MiniCPM's scales: embeddings x scale_emb, residual branches x scale_depth / sqrt(layers), logits / (hidden_size /
+# dim_model_base); read by the model types whose name starts with "minicpm" (transformers ignores them elsewhere)
+SCALE_FIELDS = ("scale_emb", "scale_depth", "dim_model_base")
+SCALE_HINT = "set it from the model's release (MiniCPM releases use scale_emb 12, scale_depth 1.4, dim_model_base 256)"
+
+
+def reads_scales(config: dict[str, Any]) -> bool:
+    """Whether the config's model type computes with MiniCPM's scale fields."""
+    return str(config.get("model_type") or "").lower().startswith("minicpm")
+
+
+def scale_field_problems(config: dict[str, Any]) -> list[str]:
+    """Each MiniCPM scale field that a MiniCPM config sets to something other than a positive finite number (null
+    counts as not set): `dim_model_base: 0` divides by zero, a negative or zero scale flips or erases a signal."""
+    if not reads_scales(config):
+        return []
+    return [f"{key}: config.json says {config[key]!r}, model_type {config.get('model_type')!r} needs a positive "
+            "number" for key in SCALE_FIELDS if config.get(key) is not None and not (_number(config[key])
+                                                                                     and config[key] > 0)]
+
+
+def require_valid_scales(config: dict[str, Any], where: str | Path) -> None:
+    """ConfigError naming every invalid MiniCPM scale field of `config` (read from `where`)."""
+    problems = scale_field_problems(config)
+    if problems:
+        raise ConfigError(f"invalid MiniCPM scale in {where}: " + problems[0], hint=SCALE_HINT,
+                          problems=problems if len(problems) > 1 else ())
+
+
 def _derive_head_dim(q_out: int, kv_out: int, config: dict[str, Any], override: int | None) -> tuple[int, str]:
     def fits(d: Any) -> bool:
         return _positive_int(d) and q_out % d == 0 and kv_out % d == 0
@@ -286,6 +315,7 @@ def _compare(config: dict[str, Any], derived: dict[str, Any]) -> list[FieldCheck
             if value is not None and not (isinstance(value, list) and all(_number(v) for v in value)):
                 checks.append(FieldCheck(f"{key}.{name}", value, "a list of numbers", "unfixable",
                                          "RoPE factors are a list of numbers; take the list from the model's release"))
+    checks += _scale_checks(config)
     for key, length in _factor_lengths(config):
         ok = length == rotary // 2
         checks.append(FieldCheck(
@@ -294,6 +324,13 @@ def _compare(config: dict[str, Any], derived: dict[str, Any]) -> list[FieldCheck
                           "from the model's original release",
         ))
     return checks
+
+
+def _scale_checks(config: dict[str, Any]) -> list[FieldCheck]:
+    """fix-config's view of the MiniCPM scale fields: unfixable (they cannot be derived from the weights)."""
+    bad = {problem.split(":", 1)[0] for problem in scale_field_problems(config)}
+    return [FieldCheck(key, config[key], "a positive number", "unfixable", SCALE_HINT) for key in SCALE_FIELDS
+            if key in bad]
 
 
 def check_config(model_dir: str | Path, head_dim: int | None = None) -> ConfigReport:
@@ -368,8 +405,10 @@ def write_fixed_config(report: ConfigReport, output: str | Path | None = None, o
 def require_consistent_config(model_dir: str | Path) -> ConfigReport | None:
     """For commands that load a model: stop with the fix-config hint instead of a size-mismatch traceback.
 
-    Returns None for architectures this check does not understand (the command then loads as usual).
+    Returns None for architectures this check does not understand (the command then loads as usual); invalid MiniCPM
+    scale fields are refused for every architecture.
     """
+    require_valid_scales(read_config(model_dir), Path(model_dir) / "config.json")
     try:
         report = check_config(model_dir)
     except UnsupportedArchitecture:

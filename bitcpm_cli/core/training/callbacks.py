@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -22,14 +23,49 @@ PLOT_FILE = "loss.png"
 EventFn = Callable[[dict[str, Any]], None]
 
 
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The checkpoint-N folders of a run, oldest first."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def latest_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint that was written to the end (our marker is written after the Trainer's save)."""
+    complete = [p for p in checkpoints(output_dir) if (p / COMPLETE_MARKER).is_file()]
+    return complete[-1] if complete else None
+
+
 class CompletionMarker(TrainerCallback):
-    """Written after the Trainer's save returns: a checkpoint without it is half-written."""
+    """Written after the Trainer's save returns: a checkpoint without it is half-written.
+
+    It also rotates checkpoints (the Trainer is given save_total_limit=None): only once the new checkpoint is marked
+    complete are the older complete ones beyond `limit` removed, so a run killed at any point keeps a checkpoint
+    `--resume` uses (the Trainer's own rotation deletes the old one before the new one is marked)."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = limit
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
                 (folder / COMPLETE_MARKER).write_text(json.dumps({"step": state.global_step}) + "\n")
+                rotate_checkpoints(Path(args.output_dir), self.limit, state.global_step)
+
+
+def rotate_checkpoints(output_dir: Path, limit: int | None, newest: int) -> list[Path]:
+    """Remove complete checkpoints older than step `newest` beyond the newest `limit` complete ones (the marker
+    first, so a folder half-removed is never taken for complete); half-written ones are left to --resume's cleanup.
+    Returns what was removed."""
+    if limit is None:
+        return []
+    complete = [p for p in checkpoints(output_dir) if (p / COMPLETE_MARKER).is_file()
+                and int(p.name.split("-")[-1]) <= newest]
+    removed = complete[:-limit] if len(complete) > limit else []
+    for folder in removed:
+        (folder / COMPLETE_MARKER).unlink()
+        shutil.rmtree(folder)
+    return removed
 
 
 class MetricsLogger:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from bitcpm_cli.core.errors import BitcpmError, InputError
-from bitcpm_cli.core.io.readers import json_records, read_json_file
+from bitcpm_cli.core.io.readers import file_problem, json_records, read_json_file, read_text_file
 
 FORMATS = ("auto", "alpaca", "sharegpt", "openai", "messages")  # messages: the OpenAI format's old name here
 COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools")
@@ -50,7 +50,7 @@ class ChatData:
     conversations: list[Conversation]
     formats: dict[str, str]
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> records
-    skipped_where: list[str] = field(default_factory=list)  # the first few places, for the report
+    skipped_where: list[str] = field(default_factory=list)  # `file:line: reason` of every skipped record
     ignored_fields: dict[str, int] = field(default_factory=dict)  # field -> records that had it
 
 
@@ -100,16 +100,20 @@ def parse_columns(items: list[str], data_files: list[str]) -> dict[str, Mapping]
             problems.append(f"columns: {path} is not a dataset_info.json (a JSON object)")
             continue
         if "columns" in info or "tags" in info or "formatting" in info:  # one entry: it applies to every file
-            shared = Mapping(info.get("formatting"), dict(info.get("columns", {})), dict(info.get("tags", {})))
+            shared = _entry_mapping(info, f"{path}", problems)
             continue
-        for entry in info.values():
+        for name, entry in info.items():
             if isinstance(entry, dict) and "file_name" in entry:
+                where = f"{path} entry {name!r}"
+                if not isinstance(entry["file_name"], str) or not entry["file_name"]:
+                    problems.append(f"columns: {where}: file_name must be a file name (a string), got "
+                                    f"{type(entry['file_name']).__name__}")
+                    continue
                 unsupported = sorted(set(entry) - {"file_name", "formatting", "columns", "tags", "file_sha1"})
                 if unsupported:
                     problems.append(f"columns: {entry['file_name']}: {', '.join(unsupported)} not supported by bitcpm "
                                     "sft (text-only supervised data, every record used)")
-                by_file[Path(entry["file_name"]).name] = Mapping(entry.get("formatting"), dict(entry.get("columns", {})),
-                                                                 dict(entry.get("tags", {})))
+                by_file[Path(entry["file_name"]).name] = _entry_mapping(entry, where, problems)
         unlisted = [name for name in data_files if Path(name).name not in by_file]
         if unlisted:
             problems.append(f"columns: {path} has no entry whose file_name is {Path(unlisted[0]).name}")
@@ -129,6 +133,26 @@ def parse_columns(items: list[str], data_files: list[str]) -> dict[str, Mapping]
         raise InputError(problems[0], hint="e.g. --columns prompt=question --columns response=answer, or "
                                           "--columns data/dataset_info.json", problems=problems[1:])
     return {name: by_file.get(Path(name).name, shared) for name in data_files}
+
+
+def _entry_mapping(entry: dict[str, Any], where: str, problems: list[str]) -> Mapping:
+    """One dataset_info.json entry's formatting / columns / tags, each of the shape LLaMA-Factory reads (a string;
+    objects of string to string); a part of another shape is a problem naming the entry, and is left out."""
+    formatting = entry.get("formatting")
+    if formatting is not None and not isinstance(formatting, str):
+        problems.append(f"columns: {where}: formatting must be a string, got {type(formatting).__name__}")
+        formatting = None
+    parts = []
+    for key in ("columns", "tags"):
+        part = entry.get(key, {})
+        if part is None:
+            part = {}
+        if not isinstance(part, dict) or not all(isinstance(v, str) for v in part.values()):
+            shown = type(part).__name__ if not isinstance(part, dict) else "an object with non-string values"
+            problems.append(f"columns: {where}: {key} must be an object of field names (strings), got {shown}")
+            part = {}
+        parts.append(dict(part))
+    return Mapping(formatting, *parts)
 
 
 def _text(value: Any, what: str) -> str:
@@ -256,6 +280,38 @@ def detect(record: Any, mapping: Mapping) -> str | None:
     return "alpaca" if prompt in record and response in record else None
 
 
+class RecordLines:
+    """`file:line` for a record of a .json list (whose readers name it `file[index]`): the line its element starts
+    on, found by decoding the list element by element only when a record is reported (a .jsonl place is kept)."""
+
+    def __init__(self, path: Path):
+        self.path, self._starts = path, None
+
+    def place(self, where: str) -> str:
+        prefix = f"{self.path}["
+        if not (where.startswith(prefix) and where.endswith("]") and where[len(prefix):-1].isdigit()):
+            return where
+        if self._starts is None:
+            self._starts = json_list_lines(read_text_file(self.path, "conversations"))
+        index = int(where[len(prefix):-1])
+        return f"{self.path}:{self._starts[index]}" if index < len(self._starts) else where
+
+
+def json_list_lines(text: str) -> list[int]:
+    """The 1-based line on which each element of a top-level JSON list starts (the text is known to parse)."""
+    decoder, space = json.JSONDecoder(), " \t\r\n"
+    position, line, counted, starts = text.index("[") + 1, 1, 0, []
+    while True:
+        while position < len(text) and text[position] in space + ",":
+            position += 1
+        if position >= len(text) or text[position] == "]":
+            return starts
+        line += text.count("\n", counted, position)
+        counted = position
+        starts.append(line)
+        _, position = decoder.raw_decode(text, position)
+
+
 def read_chat_data(paths: list[str], fmt: str = "auto", columns: list[str] = ()) -> ChatData:
     """Every conversation of every file; abnormal records and unused fields are counted, never silently dropped."""
     if fmt == "messages":
@@ -266,12 +322,13 @@ def read_chat_data(paths: list[str], fmt: str = "auto", columns: list[str] = ())
     ignored: Counter = Counter()
     for name in paths:
         path = Path(name)
-        if not path.is_file():
-            raise InputError(f"data file not found ({path})", hint="pass .json or .jsonl chat data")
+        if problem := file_problem(path, "data file"):
+            raise InputError(problem, hint="pass .json or .jsonl chat data")
         if path.suffix not in (".json", ".jsonl"):
             raise InputError(f"data file {path} is not .json or .jsonl", hint="chat data comes as JSON lines or a list")
         mapping = mappings[name]
         located = json_records(path, "conversations")
+        lines = RecordLines(path)
         file_format = mapping.formatting or fmt
         if file_format == "auto" and located:
             file_format = detect(located[0][1], mapping)
@@ -300,8 +357,7 @@ def read_chat_data(paths: list[str], fmt: str = "auto", columns: list[str] = ())
                                                        file_format == "openai")
             except _Skip as skip:
                 skipped[str(skip)] += 1
-                if len(data.skipped_where) < 3:
-                    data.skipped_where.append(f"{where}: {skip}")
+                data.skipped_where.append(f"{lines.place(where)}: {skip}")
                 continue
             ignored.update(key for key in record if key not in used and key not in REFUSED)
             ignored.update(extra)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from bitcpm_cli.core.errors import InputError
-from bitcpm_cli.core.io.readers import iter_text_lines, parse_json
+from bitcpm_cli.core.io.readers import file_problem, iter_text_lines, parse_json
 
 SUFFIXES = (".jsonl", ".txt", ".parquet")
 
@@ -22,8 +22,8 @@ def check_data_files(paths: list[str]) -> list[Path]:
     problems = []
     files = [Path(p) for p in paths]
     for path in files:
-        if not path.is_file():
-            problems.append(f"data file not found ({path})")
+        if problem := file_problem(path, "data file"):
+            problems.append(problem)
         elif path.suffix not in SUFFIXES:
             problems.append(f"data file {path} is not .jsonl, .txt or .parquet")
     if problems:

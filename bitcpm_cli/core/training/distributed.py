@@ -8,9 +8,10 @@ Strategies: plain DDP, DeepSpeed ZeRO-1/2/3 (`deepspeed=FILE.json`) and FSDP (`f
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from bitcpm_cli.core.errors import ConfigError, DeviceError
 from bitcpm_cli.core.io.readers import read_json_file
@@ -24,6 +25,7 @@ class Strategy:
     kind: str  # single, ddp, zero1, zero2, zero3, fsdp
     world: int
     deepspeed: dict[str, Any] | None = None
+    fsdp_config: dict[str, Any] | None = None  # FSDP: the fsdp_config given, FSDP_DEFAULTS filled in
 
     def shards(self, part: str) -> int:
         return shards(self.kind, self.world, part)
@@ -46,7 +48,18 @@ def read_deepspeed_config(path: str) -> dict[str, Any]:
     data = read_json_file(file, "deepspeed config", error=ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"deepspeed: {file} must hold a JSON object", hint="see configs/deepspeed/zero2.json")
+    for section in DEEPSPEED_SECTIONS:  # transformers walks these as objects (a list or a number crashes it)
+        parent, _, child = section.partition(".")
+        node = data.get(parent) if not child else (data.get(parent) or {}).get(child)
+        if node is not None and not isinstance(node, dict):
+            raise ConfigError(f"deepspeed: {section} must be a JSON object, got {type(node).__name__} ({file})",
+                              hint=f'e.g. "optimizer": {{"type": "AdamW", "params": {{"lr": "auto"}}}}, or drop '
+                                   f"{section}")
     return data
+
+
+DEEPSPEED_SECTIONS = ("optimizer", "scheduler", "zero_optimization", "bf16", "fp16", "checkpoint", "optimizer.params",
+                      "scheduler.params")
 
 
 def choose_strategy(deepspeed: str | None, training_args: dict[str, Any], notes: list[str]) -> Strategy:
@@ -70,8 +83,116 @@ def choose_strategy(deepspeed: str | None, training_args: dict[str, Any], notes:
         return Strategy({0: "ddp", 1: "zero1", 2: "zero2", 3: "zero3"}[stage] if world > 1 or stage else "single",
                         world, config)
     if fsdp:
-        return Strategy("fsdp", world)
+        return Strategy("fsdp", world, fsdp_config=fsdp_settings(training_args.get("fsdp_config"), notes))
     return Strategy("ddp" if world > 1 else "single", world)
+
+
+# What `fsdp=full_shard` alone runs as (configs/fsdp/fsdp2.json): FSDP2, whose sharded checkpoints save and resume.
+# transformers' own default state_dict_type (FULL_STATE_DICT) trains every step, then its first checkpoint save
+# dies in save_pretrained ("Attempted to access the data pointer on an invalid python storage").
+FSDP_DEFAULTS = {"version": 2, "state_dict_type": "SHARDED_STATE_DICT", "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                 "reshard_after_forward": True, "cpu_ram_efficient_loading": False}
+
+
+def fsdp_settings(given: Any, notes: list[str]) -> dict[str, Any]:
+    """The fsdp_config a run uses: the one given (a JSON file or a mapping), with every FSDP_DEFAULTS key it leaves
+    out filled in (a note names them). Keys may carry transformers' `fsdp_` prefix."""
+    if given is None:
+        config: dict[str, Any] = {}
+    elif isinstance(given, dict):
+        config = dict(given)
+    elif isinstance(given, str):
+        file = Path(given)
+        if not file.is_file():
+            raise ConfigError(f"fsdp_config: file not found ({file})", hint="e.g. configs/fsdp/fsdp2.json")
+        config = read_json_file(file, "fsdp_config", error=ConfigError)
+        if not isinstance(config, dict):
+            raise ConfigError(f"fsdp_config: {file} must hold a JSON object", hint="see configs/fsdp/fsdp2.json")
+    else:
+        raise ConfigError(f"fsdp_config must be a JSON file or a mapping, got {type(given).__name__}",
+                          hint="e.g. fsdp_config=configs/fsdp/fsdp2.json")
+    present = {key.removeprefix("fsdp_") for key in config}
+    filled = {key: value for key, value in FSDP_DEFAULTS.items() if key not in present}
+    if filled:
+        notes.append("fsdp: " + ", ".join(f"{key}={value}" for key, value in filled.items()) + " (not set in "
+                     "fsdp_config; bitcpm's FSDP defaults, as configs/fsdp/fsdp2.json: sharded checkpoints that "
+                     "save and resume, final/ consolidated)")
+    return {**config, **filled}
+
+
+# the "auto" values transformers fills only once the model and the step count are known (trainer_config_finalize)
+FILLED_LATER = ("zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
+                "zero_optimization.stage3_param_persistence_threshold", "scheduler.params.total_num_steps",
+                "scheduler.params.warmup_num_steps")
+
+
+def check_deepspeed_config(args: Any, source: str) -> None:
+    """Before the output folder exists: the DeepSpeed config (as transformers filled its "auto" values from the
+    recipe) must agree with the recipe, pass DeepSpeed's own config check, and name an optimizer DeepSpeed can build.
+    transformers itself reports a contradiction only once training starts, DeepSpeed a bad value only in
+    deepspeed.initialize (both exit 3, after the output folder was made)."""
+    import copy
+
+    hf_config = getattr(args, "hf_deepspeed_config", None)
+    if hf_config is None:
+        return
+    hint = f'set it to "auto" (the recipe then decides) or to the recipe\'s value, in {source}'
+    if hf_config.mismatches:
+        first = [_mismatch(line) for line in hf_config.mismatches]
+        raise ConfigError(f"deepspeed: {first[0]}", problems=first[1:], hint=hint)
+    config = copy.deepcopy(hf_config.config)
+    for key in FILLED_LATER:
+        node, leaf = hf_config.find_config_node(key)
+        if isinstance(node, dict) and node.get(leaf) == "auto":
+            _set(config, key, 1)  # a placeholder: transformers puts a number there once the model is loaded
+    config.pop("train_batch_size", None)  # checked against the world size above; DeepSpeed's check sees one rank
+    _check_optimizer_type(config, source)
+    _run_deepspeed_check(config, source)
+
+
+def _mismatch(line: str) -> str:
+    """transformers' `- ds KEY=VALUE vs hf NAME=VALUE` as a sentence naming the DeepSpeed key and the setting."""
+    ds_part, _, hf_part = line.lstrip("- ").partition(" vs hf ")
+    key, _, value = ds_part.removeprefix("ds ").partition("=")
+    name, _, wanted = hf_part.partition("=")
+    return f"{key} is {value} but the recipe's {name} makes it {wanted}"
+
+
+def _set(config: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        config = config[part]
+    config[leaf] = value
+
+
+def _check_optimizer_type(config: dict[str, Any], source: str) -> None:
+    """DeepSpeed builds its own optimizers (Adam, AdamW, Lamb, ...) or any torch.optim class by its name."""
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    optimizer = config.get("optimizer")
+    if optimizer is None:
+        return
+    kind = optimizer.get("type") if isinstance(optimizer, dict) else None
+    if not isinstance(kind, str) or (kind.lower() not in DEEPSPEED_OPTIMIZERS and
+                                     not isinstance(getattr(torch.optim, kind, None), type)):
+        raise ConfigError(f"deepspeed: optimizer.type {kind!r} is not an optimizer DeepSpeed can build ({source})",
+                          hint=f"one of {', '.join(DEEPSPEED_OPTIMIZERS)} or a torch.optim class (e.g. AdamW), or "
+                               "drop the optimizer block (bitcpm's recipe then sets the optimizer)")
+
+
+def _run_deepspeed_check(config: dict[str, Any], source: str) -> None:
+    """DeepSpeed's own parsing and sanity checks of the config (DeepSpeedConfig), as deepspeed.initialize runs them."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(config)
+    except (AssertionError, ValueError, TypeError, KeyError, AttributeError) as exc:  # pydantic's errors are
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]  # ValueErrors
+        raise ConfigError(f"deepspeed: DeepSpeed rejects {source}: {'; '.join(lines[:4]) or type(exc).__name__}",
+                          hint='fix the key named above; "auto" lets the recipe set train_micro_batch_size_per_gpu, '
+                               "gradient_accumulation_steps, train_batch_size and gradient_clipping (see "
+                               "configs/deepspeed/zero2.json)") from None
 
 
 def end_distributed() -> None:
@@ -110,6 +231,45 @@ def check_backend(device: Any, strategy: Strategy) -> None:
         if stale:
             raise DeviceError(f"stale extension build lock {stale[0]}: DeepSpeed would wait on it forever",
                               hint=lock_hint(stale[0]))
+
+
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextmanager
+def scoped_rendezvous() -> Iterator[None]:
+    """What `single_process_rendezvous` sets lasts one run: afterwards (also after a failure) the one-process group
+    it led to is destroyed and the variables are put back, so a library caller's process runs again as before."""
+    saved = {name: os.environ.get(name) for name in RENDEZVOUS_VARIABLES}
+    try:
+        yield
+    finally:
+        if {name: os.environ.get(name) for name in RENDEZVOUS_VARIABLES} != saved:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def single_process_rendezvous(strategy: Strategy) -> str | None:
+    """DeepSpeed started without a launcher (no rank in the environment) asks MPI (mpi4py) for its rank and dies
+    without it: set up the one-process group a launcher would, as transformers' docs do for notebooks. Returns the
+    note saying so, or None when a launcher (torchrun, deepspeed, mpirun, srun) set the rank."""
+    if strategy.deepspeed is None or any(name in os.environ for name in LAUNCHER_VARIABLES):
+        return None
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return f"DeepSpeed without a launcher: one process, its process group on 127.0.0.1:{port}"
 
 
 def save_final_model(trainer: Any, staging: Path) -> None:

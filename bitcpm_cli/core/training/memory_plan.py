@@ -106,8 +106,8 @@ class MemoryPlan:
 
     def lines(self) -> list[str]:
         rows = [f"{name}: {size / GIB:.2f} GiB" for name, size in self.parts.items()]
-        rows.append(f"total per rank: {self.total / GIB:.2f} GiB ({self.strategy}, {self.parameters / 1e9:.2f} B "
-                    "parameters)")
+        rows.append(f"total per rank: {self.total / GIB:.2f} GiB ({self.strategy}, "
+                    f"{human_count(self.parameters)} parameters)")
         if self.available is not None:
             rows.append(f"available per rank: {self.available / GIB:.2f} GiB ({self.available_from}); a run fits "
                         f"within {FIT_FRACTION:.0%} of it")
@@ -117,6 +117,14 @@ class MemoryPlan:
         return {"parts": self.parts, "total": self.total, "strategy": self.strategy, "parameters": self.parameters,
                 "available": self.available, "available_from": self.available_from, "fits": self.fits,
                 "suggestions": self.suggestions}
+
+
+def human_count(count: int) -> str:
+    """A parameter count in the unit that shows it: 2.62 M, 1.24 B, 950 (never "0.00 B")."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.2f} {unit}"
+    return str(count)
 
 
 def estimate(shape: Shape, settings: Settings) -> dict[str, int]:

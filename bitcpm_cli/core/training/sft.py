@@ -16,7 +16,17 @@ import torch
 from transformers import TrainerCallback
 
 from bitcpm_cli.core.errors import InputError
-from bitcpm_cli.core.model.chat import CHATML_TOKENS, DEFAULT_CHAT_TEMPLATE, end_of_turn_ids, load_template
+from bitcpm_cli.core.model.chat import (
+    CHATML_TOKENS,
+    DEFAULT_CHAT_TEMPLATE,
+    DEFAULT_TEMPLATE_SOURCE,
+    check_chat_template,
+    end_of_turn_ids,
+    load_template,
+    render_chat,
+    set_chat_template,
+    template_source,
+)
 from bitcpm_cli.core.training.chatdata import FORMATS, read_chat_data
 from bitcpm_cli.core.training.recipe import TrainConfig
 
@@ -49,6 +59,7 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     position_ids: list[int] | None = None  # packed sequences: positions restart at 0 for every example
+    turns_cut: int = 0  # turns past max_length that were not rendered for masking (truncation drops them)
 
     @property
     def supervised(self) -> int:
@@ -67,57 +78,69 @@ def setup_chat_tokenizer(tokenizer: Any, template: str | None) -> list[str]:
     notes = []
     chosen = load_template(template)
     if chosen is not None:
-        tokenizer.chat_template = chosen
+        set_chat_template(tokenizer, chosen, template_source(template))
     elif not getattr(tokenizer, "chat_template", None):
-        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        set_chat_template(tokenizer, DEFAULT_CHAT_TEMPLATE, DEFAULT_TEMPLATE_SOURCE)
         notes.append("the tokenizer has no chat template: using ChatML (<|im_start|>role ... <|im_end|>)")
     if tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE:
         missing = [t for t in CHATML_TOKENS if t not in tokenizer.get_vocab()]
         if missing:
             tokenizer.add_special_tokens({"additional_special_tokens": missing})
             notes.append(f"added {', '.join(missing)} to the tokenizer (the embeddings grow to match)")
+    check_chat_template(tokenizer)  # a broken template fails here, before any data is rendered or model loaded
     if not tokenizer.is_fast:
         raise InputError("SFT masking needs a fast tokenizer (tokenizer.json)",
                          hint="convert the tokenizer with transformers' AutoTokenizer(use_fast=True) and save it")
     return notes
 
 
-def encode_conversation(tokenizer: Any, messages: list[dict[str, Any]],
-                        tools: list[dict[str, Any]] | None = None) -> Example | None:
+def encode_conversation(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                        max_length: int | None = None) -> Example | None:
     """Token ids and labels (assistant spans only); None when the conversation has no assistant turn.
 
     As in LLaMA-Factory, an assistant turn's target is everything the template renders for it after the generation
     prompt: its content (or tool calls), the end-of-turn token and the separator up to the next turn.
+    With `max_length`, prefixes are rendered only until one reaches past the first max_length tokens (the labels of
+    those tokens are exactly as without the cut; later turns are cut away by truncation, counted in `turns_cut`), so
+    a very long conversation costs what its first max_length tokens do, not the square of its turns.
     """
-    render = lambda turns, prompt: tokenizer.apply_chat_template(  # noqa: E731
-        turns, tools=tools, tokenize=False, add_generation_prompt=prompt)
+    if not any(message["role"] == "assistant" for message in messages):
+        return None
+    render = lambda turns, prompt: render_chat(  # noqa: E731
+        tokenizer, turns, tools=tools, add_generation_prompt=prompt)
     text = render(messages, False)
-    spans = []
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = encoded["offset_mapping"]
+    cut = offsets[max_length - 1][1] if max_length is not None and len(offsets) > max_length else len(text) + 1
+    spans, turns_cut = [], 0
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before, through = render(messages[:k], True), render(messages[:k + 1], False)
+        before = render(messages[:k], True)
+        if len(before) >= cut:  # this turn starts after the tokens training keeps: so do all later ones
+            turns_cut = len(messages) - k
+            break
+        through = render(messages[:k + 1], False)
         if not (text.startswith(through) and through.startswith(before)):
             raise InputError("the chat template does not render conversations as growing prefixes, so assistant "
                              "turns cannot be located", hint="use --template chatml or a prefix-consistent template")
         spans.append((len(before), len(through)))
-    if not spans:
-        return None
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     labels = [token if any(start < end_ and end > start_ for start_, end_ in spans) else IGNORE
-              for token, (start, end) in zip(encoded["input_ids"], encoded["offset_mapping"])]
-    return Example(encoded["input_ids"], labels)
+              for token, (start, end) in zip(encoded["input_ids"], offsets)]
+    return Example(encoded["input_ids"], labels, turns_cut=turns_cut)
 
 
 def build_examples(config: SftConfig, tokenizer: Any) -> SftData:
     chat = read_chat_data(config.data, config.format, config.columns)
     conversations, formats = chat.conversations, chat.formats
-    examples, no_assistant, truncated_away, truncated = [], 0, 0, 0
+    examples, no_assistant, truncated_away, truncated, turns_cut, cut_conversations = [], 0, 0, 0, 0, 0
     for conversation in conversations:
-        example = encode_conversation(tokenizer, conversation.messages, conversation.tools)
+        example = encode_conversation(tokenizer, conversation.messages, conversation.tools, config.max_length)
         if example is None:
             no_assistant += 1
             continue
+        turns_cut += example.turns_cut
+        cut_conversations += bool(example.turns_cut)
         if len(example.input_ids) > config.max_length:
             truncated += 1
             example = Example(example.input_ids[:config.max_length], example.labels[:config.max_length])
@@ -133,11 +156,17 @@ def build_examples(config: SftConfig, tokenizer: Any) -> SftData:
         "truncated": truncated, "sequences": len(examples), "packing": config.packing,
         "tokens": sum(len(e.input_ids) for e in examples), "supervised_tokens": sum(e.supervised for e in examples),
         "max_length": config.max_length, "skipped_abnormal": sum(chat.skipped.values()),
-        "skipped_reasons": chat.skipped, "ignored_fields": chat.ignored_fields,
+        "skipped_reasons": chat.skipped, "skipped_records": chat.skipped_where,
+        "ignored_fields": chat.ignored_fields,
     }
     notes = [f"skipped {count} record(s): {reason} (as LLaMA-Factory skips them)"
              for reason, count in chat.skipped.items()]
-    notes += [f"first skipped: {where}" for where in chat.skipped_where]
+    notes += skipped_notes(chat.skipped_where)
+    if turns_cut:
+        notes.append(f"{turns_cut} turn(s) in {cut_conversations} conversation(s) lie past max_length "
+                     f"{config.max_length} tokens (from the first assistant turn starting there on): cut away with "
+                     "the truncated tail, not rendered")
+    summary["turns_cut"] = turns_cut
     notes += [f"field {name!r} is not used ({count} record(s))" for name, count in chat.ignored_fields.items()]
     summary["notes"] = notes
     if not examples:
@@ -148,6 +177,19 @@ def build_examples(config: SftConfig, tokenizer: Any) -> SftData:
                                                                               "skipped_abnormal")),
             hint="every example needs an assistant turn that survives --max-length truncation")
     return SftData(examples, summary)
+
+
+SKIPPED_SHOWN = 10
+
+
+def skipped_notes(places: list[str]) -> list[str]:
+    """One note per skipped record (`file:line: reason`), the first SKIPPED_SHOWN of them, then a count of the rest
+    (all are in the data summary's skipped_records)."""
+    notes = [f"skipped: {place}" for place in places[:SKIPPED_SHOWN]]
+    if len(places) > SKIPPED_SHOWN:
+        notes.append(f"... and {len(places) - SKIPPED_SHOWN} more skipped record(s), every one listed with its "
+                     "file:line in the data summary's skipped_records")
+    return notes
 
 
 def pack(examples: list[Example], max_length: int) -> list[Example]:

@@ -20,6 +20,7 @@ from bitcpm_cli.core.io.readers import iter_text_lines, parse_json
 from bitcpm_cli.core.model.config_check import require_consistent_config
 from bitcpm_cli.core.model.hf import dtype_kwarg, hf_loading, load_tokenizer, quiet_transformers
 from bitcpm_cli.core.model.inference_ready import make_inference_ready, read_generation_config
+from bitcpm_cli.core.model.tokenizer_bos import prepend_bos_like_training
 from bitcpm_cli.core.quant import QuantScheme, load_scheme_file, prepare, qat_layers
 from bitcpm_cli.core.runtime.device import distributed_backend, is_main_process, resolve_device
 from bitcpm_cli.core.training.callbacks import (
@@ -30,15 +31,21 @@ from bitcpm_cli.core.training.callbacks import (
     EventFn,
     MetricsCallback,
     MetricsLogger,
+    checkpoints,
+    latest_complete_checkpoint,
     plot_losses,
 )
 from bitcpm_cli.core.training.data import DataPlan, PackedBlocks, check_data_files, first_block
+from bitcpm_cli.core.training.disk import disk_refusal
 from bitcpm_cli.core.training.distributed import (
     Strategy,
     check_backend,
+    check_deepspeed_config,
     choose_strategy,
     end_distributed,
     save_final_model,
+    scoped_rendezvous,
+    single_process_rendezvous,
 )
 from bitcpm_cli.core.training.memory_plan import GIB, MemoryPlan, plan_memory
 from bitcpm_cli.core.training.recipe import TrainConfig, save_config
@@ -58,17 +65,6 @@ class TrainResult:
     scheme: dict[str, Any] | None
     notes: list[str] = field(default_factory=list)
     data_summary: dict[str, Any] = field(default_factory=dict)
-
-
-def checkpoints(output_dir: Path) -> list[Path]:
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def latest_complete_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint that was written to the end (our marker is written after the Trainer's save)."""
-    complete = [p for p in checkpoints(output_dir) if (p / COMPLETE_MARKER).is_file()]
-    return complete[-1] if complete else None
 
 
 def resolve_scheme(config: TrainConfig, recorded: QuantScheme | None, notes: list[str]) -> QuantScheme | None:
@@ -109,7 +105,8 @@ def train(config: TrainConfig, *, data: Callable[[TrainConfig, Any], DataPlan] =
           on_event: EventFn | None = None, callbacks: list[Any] = (),
           extra_files: Callable[[Path, Any], None] | None = None) -> TrainResult:
     """Run (or resume) a training job; the data hook lets `sft` reuse all of this with chat data."""
-    with quiet_transformers(verbosity_error=True):  # bitcpm reports progress and problems itself
+    # bitcpm reports progress and problems itself; a one-process DeepSpeed group lasts this run only
+    with quiet_transformers(verbosity_error=True), scoped_rendezvous():
         return _train(config, data, on_event, callbacks, extra_files)
 
 
@@ -131,6 +128,7 @@ def _train(config: TrainConfig, data: Callable[[TrainConfig, Any], DataPlan], on
     teacher = _load_teacher(config, model, device) if config.teacher else None
 
     args = training_arguments(config, output, device, strategy)
+    check_deepspeed_config(args, str(config.deepspeed))
     _check_optimizer(args, model)
     if strategy.deepspeed is not None and config.bf16:
         notes.append("bf16 under DeepSpeed: final/ holds DeepSpeed's bf16 copy of the latent weights; the fp32 master "
@@ -142,9 +140,10 @@ def _train(config: TrainConfig, data: Callable[[TrainConfig, Any], DataPlan], on
         guard.claim()
     try:
         metrics = MetricsLogger(output / METRICS_FILE, model, plan, config, strategy.world, on_event)
+        marker = CompletionMarker(config.save_total_limit)  # marks, then rotates (the Trainer is given no limit)
         trainer = QATTrainer(teacher=teacher, kd_temperature=config.kd_temperature, kd_weight=config.kd_weight,
                              model=model, args=args, train_dataset=plan.dataset, data_collator=plan.collator,
-                             callbacks=[MetricsCallback(metrics), CompletionMarker()] + list(callbacks))
+                             callbacks=[MetricsCallback(metrics), marker] + list(callbacks))
         trainer.remove_callback(PrinterCallback)
         if is_main_process():
             save_config(config, output / CONFIG_FILE)
@@ -154,7 +153,9 @@ def _train(config: TrainConfig, data: Callable[[TrainConfig, Any], DataPlan], on
                 _prepare_resume(output, resume_from, notes)
         _run_and_save(trainer, output, resume_from, tokenizer, extra_files, model_dir, notes)
     except BaseException as exc:
-        guard.abort(exc)  # a folder this run created goes, unless it holds a complete checkpoint
+        # a folder this run created goes, unless it holds a complete checkpoint; a save the disk refused (full,
+        # read-only: safetensors and torch.save raise no OSError for it) is an InputError naming the folder
+        guard.abort(disk_refusal(exc, guard.output) or exc)
         raise
     guard.commit()
     end_distributed()
@@ -175,6 +176,8 @@ def _preflight(config: TrainConfig) -> tuple[Path, Any, Strategy, MemoryPlan, li
     notes: list[str] = []
     strategy = choose_strategy(config.deepspeed, config.training_args, notes)
     check_backend(device, strategy)
+    if rendezvous := single_process_rendezvous(strategy):
+        notes.append(rendezvous)
     check_reporting(config.training_args.get("report_to"))
     memory = check_memory(model_dir, config, strategy, device)  # from config.json alone (the careful reader)
     require_consistent_config(model_dir)
@@ -263,13 +266,16 @@ def training_arguments(config: TrainConfig, output: Path, device: Any, strategy:
         weight_decay=config.weight_decay,
         adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2, adam_epsilon=config.adam_epsilon,
         max_grad_norm=config.max_grad_norm, logging_steps=config.logging_steps, logging_first_step=True,
-        save_strategy="steps", save_steps=config.save_steps, save_total_limit=config.save_total_limit,
+        save_strategy="steps", save_steps=config.save_steps,
+        save_total_limit=None,  # bitcpm rotates, once the new checkpoint is marked complete (CompletionMarker)
         seed=config.seed, data_seed=config.seed, bf16=config.bf16, deepspeed=strategy.deepspeed, report_to=[],
         disable_tqdm=True, logging_nan_inf_filter=False, use_cpu=device.type == "cpu",
         ddp_backend=distributed_backend(device) if strategy.world > 1 else None, dataloader_num_workers=0,
         remove_unused_columns=False, **_checkpointing_kwarg(config.gradient_checkpointing),
     )
     values.update(config.training_args)
+    if strategy.fsdp_config is not None:
+        values["fsdp_config"] = strategy.fsdp_config  # the given one with bitcpm's FSDP defaults filled in
     try:
         return TrainingArguments(**values)
     except (ValueError, TypeError) as exc:
@@ -279,25 +285,40 @@ def training_arguments(config: TrainConfig, output: Path, device: Any, strategy:
 
 def write_final(trainer: Trainer, output: Path, tokenizer: Any, extra_files: Callable[[Path, Any], None] | None,
                 model_dir: Path, notes: list[str]) -> Path:
-    """final/: consolidated latent weights + tokenizer, staged then renamed. Every rank calls it (collective)."""
+    """final/: consolidated latent weights + tokenizer, staged then renamed. Every rank calls it (collective).
+    After pretraining (PackedBlocks: BOS + document + EOS) the tokenizer adds BOS to a plain prompt, as training did;
+    sft's final/ keeps its tokenizer's own behaviour (its data is the chat template's rendering, BOS where the
+    template puts it)."""
     final = output / "final"
     staging = output / ".final.tmp"  # the same path on every rank
     if is_main_process() and staging.exists():
         shutil.rmtree(staging)
     trainer.accelerator.wait_for_everyone()
-    save_final_model(trainer, staging)
-    if is_main_process():
-        tokenizer.save_pretrained(staging)
-        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the settings are in the YAML beside
-        if extra_files is not None:
-            extra_files(staging, tokenizer)
-        notes += make_inference_ready(staging, model_dir)  # use_cache back on, the input's generation settings
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(staging, final)
-        plot_losses(output / METRICS_FILE, output / PLOT_FILE)
+    try:
+        save_final_model(trainer, staging)
+        if is_main_process():
+            _complete_final(trainer, staging, tokenizer, extra_files, model_dir, notes)
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(staging, final)
+            plot_losses(output / METRICS_FILE, output / PLOT_FILE)
+    except BaseException:
+        if is_main_process():  # a full disk, say: the run folder keeps its checkpoints, not a half-written final/
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def _complete_final(trainer: Trainer, staging: Path, tokenizer: Any, extra_files: Callable[[Path, Any], None] | None,
+                    model_dir: Path, notes: list[str]) -> None:
+    tokenizer.save_pretrained(staging)
+    if isinstance(trainer.train_dataset, PackedBlocks):  # `train` put BOS before every document: so must final/
+        notes += prepend_bos_like_training(staging, tokenizer)
+    (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the settings are in the YAML beside
+    if extra_files is not None:
+        extra_files(staging, tokenizer)
+    notes += make_inference_ready(staging, model_dir)  # use_cache back on, the input's generation settings
 
 
 def check_memory(model_dir: Path, config: TrainConfig, strategy: Strategy, device: Any) -> MemoryPlan:

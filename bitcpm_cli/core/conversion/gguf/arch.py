@@ -26,8 +26,10 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from bitcpm_cli.core.errors import CheckFailed, InputError
+from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError
 from bitcpm_cli.core.model.config import head_dim, longrope_attention_factor, rope_parameters
+from bitcpm_cli.core.model.config_check import SCALE_FIELDS as MINICPM_SCALES
+from bitcpm_cli.core.model.config_check import require_valid_scales
 
 ARCHITECTURES: dict[str, type[GgufArchitecture]] = {}  # llama.cpp architecture name -> its class, in order
 
@@ -49,7 +51,7 @@ def register(name: str) -> Callable[[type[GgufArchitecture]], type[GgufArchitect
 
 
 class GgufArchitecture:
-    """What llama.cpp's llama and minicpm share: the Llama hyperparameters, RoPE, the q / k row order and the
+    """What the registered llama.cpp architectures share: the Llama hyperparameters, RoPE, the q / k row order and the
     refusals. One instance is the chosen architecture for one config."""
 
     name: ClassVar[str] = ""  # llama.cpp's architecture, set by @register
@@ -90,15 +92,16 @@ class GgufArchitecture:
     def problems(self) -> list[str]:
         """Every parameter of the config that llama.cpp would not compute as transformers does."""
         config, rope, problems = self.config, self.rope, []
+        every = "llama.cpp's " + " / ".join(ARCHITECTURES)  # what none of the registered architectures computes
         if config.get("hidden_act", "silu") != "silu":
-            problems.append(f"hidden_act {config['hidden_act']!r}: llama.cpp's llama / minicpm use silu")
+            problems.append(f"hidden_act {config['hidden_act']!r}: {every} use silu")
         if self.model_type in self.sliding_window_types and config.get("sliding_window") is not None:
             problems.append(f"sliding_window {config['sliding_window']}: llama.cpp's llama architecture attends to "
                             "the whole context")
         if rope["rope_type"] not in self.rope_types:
             problems.append(f"rope type {rope['rope_type']!r}: only default, linear and longrope rope are exported")
         if config.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0)) != 1.0:
-            problems.append("partial_rotary_factor: llama.cpp's llama / minicpm rotate the whole head")
+            problems.append(f"partial_rotary_factor: {every} rotate the whole head")
         if rope["rope_type"] == "longrope":
             for key in ("short_factor", "long_factor"):
                 if len(rope.get(key) or ()) != self.head_dim // 2:
@@ -168,16 +171,14 @@ def _permute(weight: Any, heads: int) -> Any:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-MINICPM_SCALES = ("scale_emb", "scale_depth", "dim_model_base")
-
-
 def _unused_scales(config: dict[str, Any], model_type: str) -> list[str]:
     """The note for a config that sets MiniCPM's scales under a model_type that does not read them."""
     ignored = [k for k in MINICPM_SCALES if config.get(k) not in (None, 1, 1.0)]
     if not ignored:
         return []
-    return [f"config.json sets {', '.join(ignored)} but model_type {model_type!r} does not use them (transformers "
-            "ignores them too): set model_type minicpm if the model was trained with them"]
+    return [(f"config.json sets {', '.join(ignored)} but model_type {model_type!r} does not use them (transformers "
+             "ignores them too, so they are written as 1.0): set model_type minicpm if the model was trained with "
+             "them")]
 
 
 @register("llama")
@@ -201,22 +202,44 @@ class MiniCPMArchitecture(GgufArchitecture):
     def claims(cls, model_type: str, rope: dict[str, Any]) -> bool:
         return model_type in LlamaArchitecture.model_types and rope["rope_type"] == "longrope"
 
+    def check(self) -> None:
+        """A `minicpm` config must set its three scales (ConfigError naming the missing ones, exit 2) before the
+        refusals every architecture shares: MiniCPM's own modeling code defaults each to 1 (residual x
+        1 / sqrt(layers), logits / hidden_size) and llama.cpp's converter refuses such a config, so no value bitcpm
+        could write is the one the model was trained with."""
+        if self.model_type in self.model_types:
+            require_valid_scales(self.config, "config.json")
+            missing = [key for key in MINICPM_SCALES if self.config.get(key) is None]
+            if missing:
+                raise ConfigError(f"config.json (model_type {self.model_type!r}) does not set {_listing(missing)}: "
+                                  "GGUF export cannot tell the scales the model was trained with",
+                                  hint="set scale_emb, scale_depth and dim_model_base from the model's release "
+                                       "(MiniCPM's own code would use 1 for each, which is rarely what was trained), "
+                                       "or model_type llama for a model without MiniCPM's scales")
+        super().check()
+
     def config_notes(self) -> list[str]:
         if self.model_type in self.model_types:
             return []
         return _unused_scales(self.config, self.model_type) + [
-            "LongRoPE: written as llama.cpp's minicpm architecture with neutral scales (its llama architecture "
-            "cannot hold both factor lists)"]
+            ("LongRoPE: written as llama.cpp's minicpm architecture with neutral scales (its llama architecture "
+             "cannot hold both factor lists)")]
 
     def metadata(self, writer: Any) -> None:
+        """The shared hyperparameters and MiniCPM's three scales: the config's own for a `minicpm` config (check()
+        made sure all three are set), 1.0 each for a Llama / Mistral config taken for its LongRoPE (transformers'
+        Llama ignores scale_emb / scale_depth / dim_model_base, so the GGUF must too)."""
         super().metadata(writer)
         config = self.config
-        scale_emb, scale_depth, base = (config.get("scale_emb", 1), config.get("scale_depth"),
-                                        config.get("dim_model_base"))
-        writer.add_embedding_scale(float(scale_emb))
-        writer.add_residual_scale(1.0 if scale_depth is None else
-                                  float(scale_depth / math.sqrt(config["num_hidden_layers"])))
-        writer.add_logit_scale(1.0 if base is None else float(config["hidden_size"] / base))
+        if self.model_type not in self.model_types:
+            scale_emb, residual, logit = 1.0, 1.0, 1.0
+        else:
+            scale_emb = float(config["scale_emb"])
+            residual = float(config["scale_depth"] / math.sqrt(config["num_hidden_layers"]))
+            logit = float(config["hidden_size"] / config["dim_model_base"])
+        writer.add_embedding_scale(scale_emb)
+        writer.add_residual_scale(residual)
+        writer.add_logit_scale(logit)
 
 
 def _listing(names: list[str]) -> str:

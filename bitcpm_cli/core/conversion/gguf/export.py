@@ -229,14 +229,16 @@ def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2
 def _check_options(source: Path, output: Path, gguf_type: str, embeddings: str) -> None:
     """InputError for an unknown --gguf-type or --gguf-embeddings (both named at once), a source that is not a
     folder or an output that is not a .gguf file."""
-    problems = []
+    problems, hints = [], []
     if gguf_type not in GGUF_TYPES:
         problems.append(f"--gguf-type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
+        hints.append("--gguf-type: auto picks the smallest exact type per tensor; tq2_0 is the fastest on CPUs")
     if embeddings not in EMBEDDING_TYPES:
         problems.append(f"--gguf-embeddings {embeddings!r} is not one of {', '.join(EMBEDDING_TYPES)}")
+        hints.append("--gguf-embeddings is the type of the embeddings and output layer (never ternary): f16 (the "
+                     "default), bf16 (bfloat16 weights bit for bit) or q8_0 (smaller, rounded)")
     if problems:
-        raise InputError(problems[0], hint="auto picks the smallest exact type per tensor; tq2_0 is the fastest on "
-                                           "CPUs", problems=problems if len(problems) > 1 else ())
+        raise InputError(problems[0], hint="; ".join(hints), problems=problems if len(problems) > 1 else ())
     if not source.is_dir():
         raise InputError(f"GGUF export needs a model folder with config.json and the tokenizer ({source})",
                          hint="pass the QAT, fused or packed model folder")
