@@ -211,3 +211,19 @@ def small_filesystem(mountpoint: Path, size: str = "1m", read_only: bool = False
     options = f"size={size}" + (",ro" if read_only else "")
     run = 'exec "$@"' if listing is None else f'"$@"; code=$?; ls -A "{mountpoint}" > "{listing}"; exit $code'
     return ["unshare", "-rm", "sh", "-c", f'mount -t tmpfs -o {options} tmpfs "{mountpoint}" && {run}', "sh"]
+
+
+def copy_with_chat_template(model: Path, folder: Path, template, where: str = "jinja") -> Path:
+    """A copy of `model` whose chat template is `template`: in chat_template.jinja, or (where="config") as
+    tokenizer_config.json's chat_template (any JSON value)."""
+    import json
+    import shutil
+
+    shutil.copytree(model, folder)
+    if where == "jinja":
+        (folder / "chat_template.jinja").write_text(template)
+    else:
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config["chat_template"] = template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from bitcpm_cli.cli.app import app
 from tests.fuzz.hostile import snapshot
-from tests.helpers import bitcpm_script, build_tiny_model
+from tests.helpers import bitcpm_script, build_tiny_model, copy_with_chat_template
 
 CHAT = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
 
@@ -54,14 +54,7 @@ def tiny(tmp_path_factory) -> Path:
 
 def with_template(tiny: Path, folder: Path, template, where: str = "jinja") -> Path:
     """A copy of the tiny model whose chat template is `template`, in chat_template.jinja or tokenizer_config.json."""
-    shutil.copytree(tiny / "fused", folder)
-    if where == "jinja":
-        (folder / "chat_template.jinja").write_text(template)
-    else:
-        config = json.loads((folder / "tokenizer_config.json").read_text())
-        config["chat_template"] = template
-        (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
+    return copy_with_chat_template(tiny / "fused", folder, template, where)
 
 
 MARKER_ESCAPE = ("{{ ''.__class__.__mro__[1].__subclasses__() }}"

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from bitcpm_cli.cli.app import app
 from bitcpm_cli.core.model.chat import DEFAULT_CHAT_TEMPLATE
 from tests.fuzz.hostile import snapshot
-from tests.helpers import build_tiny_model
+from tests.helpers import build_tiny_model, copy_with_chat_template
 
 BOUNDED = settings(max_examples=30, deadline=None, database=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -111,17 +111,9 @@ def model(tmp_path_factory):
 
 def place(model: Path, root: Path, template, where: str) -> Path:
     """A copy of the tiny model with `template` in chat_template.jinja or tokenizer_config.json's chat_template."""
-    folder = root / "in" / "m"
-    shutil.copytree(model, folder)
     if isinstance(template, str):
         template = template.replace(MARKER, str(root / "marker"))
-    if where == "jinja":
-        (folder / "chat_template.jinja").write_text(template)
-    else:
-        config = json.loads((folder / "tokenizer_config.json").read_text())
-        config["chat_template"] = template
-        (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
+    return copy_with_chat_template(model, root / "in" / "m", template, where)
 
 
 def run(*args, root: Path, output: Path | None = None):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextvars
 import functools
-import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from bitcpm_cli.core.errors import ConfigError, DeviceError
-from bitcpm_cli.core.io.readers import read_json_file
+from bitcpm_cli.core.io.readers import file_problem, read_json_file
 from bitcpm_cli.core.runtime.extensions import lock_hint, stale_extension_locks
 
 
@@ -41,13 +41,20 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def read_deepspeed_config(path: str) -> dict[str, Any]:
+def _json_object_file(path: str, setting: str, example: str) -> dict[str, Any]:
+    """A strategy's JSON config file (`deepspeed=`, `fsdp_config=`): a regular file holding one JSON object."""
     file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"deepspeed: config file not found ({file})", hint="e.g. configs/deepspeed/zero2.json")
-    data = read_json_file(file, "deepspeed config", error=ConfigError)
+    if problem := file_problem(file, f"{setting}: config file"):
+        raise ConfigError(problem, hint=f"e.g. {example}")
+    data = read_json_file(file, f"{setting} config", error=ConfigError)
     if not isinstance(data, dict):
-        raise ConfigError(f"deepspeed: {file} must hold a JSON object", hint="see configs/deepspeed/zero2.json")
+        raise ConfigError(f"{setting}: {file} must hold a JSON object", hint=f"see {example}")
+    return data
+
+
+def read_deepspeed_config(path: str) -> dict[str, Any]:
+    data = _json_object_file(path, "deepspeed", "configs/deepspeed/zero2.json")
+    file = Path(path)
     for section in DEEPSPEED_SECTIONS:  # transformers walks these as objects (a list or a number crashes it)
         parent, _, child = section.partition(".")
         node = data.get(parent) if not child else (data.get(parent) or {}).get(child)
@@ -102,12 +109,7 @@ def fsdp_settings(given: Any, notes: list[str]) -> dict[str, Any]:
     elif isinstance(given, dict):
         config = dict(given)
     elif isinstance(given, str):
-        file = Path(given)
-        if not file.is_file():
-            raise ConfigError(f"fsdp_config: file not found ({file})", hint="e.g. configs/fsdp/fsdp2.json")
-        config = read_json_file(file, "fsdp_config", error=ConfigError)
-        if not isinstance(config, dict):
-            raise ConfigError(f"fsdp_config: {file} must hold a JSON object", hint="see configs/fsdp/fsdp2.json")
+        config = _json_object_file(given, "fsdp_config", "configs/fsdp/fsdp2.json")
     else:
         raise ConfigError(f"fsdp_config must be a JSON file or a mapping, got {type(given).__name__}",
                           hint="e.g. fsdp_config=configs/fsdp/fsdp2.json")
