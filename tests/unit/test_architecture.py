@@ -246,3 +246,28 @@ def test_layout_report_prints_the_figures():
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "import cycles: 0\n" in done.stdout and f"functions over {MAX_FUNCTION_LINES} lines: 0\n" in done.stdout
+
+
+def test_hostile_census_counts_the_commands_a_test_runs(tmp_path):
+    """scripts/hostile_census.py (the note's hostile-case figures) on a two-test file: one in-process run, one run of
+    the installed script, each counted under its command (global options before the command skipped)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "test_two.py").write_text(
+        "from typer.testing import CliRunner\n"
+        "from bitcpm_cli.cli.app import app\n"
+        "from tests.helpers import bitcpm_script\n"
+        "def test_in_process():\n"
+        "    assert CliRunner().invoke(app, ['--debug', 'compare', 'missing.json', 'x.json']).exit_code == 2\n"
+        "def test_script():\n"
+        "    assert bitcpm_script('fix-config', 'nowhere').returncode == 2\n")
+    script = PACKAGE.parent / "scripts" / "hostile_census.py"
+    import os
+
+    environment = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}  # `tests.helpers` from the test file
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "test_two.py")],
+                          capture_output=True, text=True, timeout=300, cwd=PACKAGE.parent, env=environment)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    counts = done.stdout[done.stdout.index("hostile cases by command"):]
+    assert "compare           1" in counts and "fix-config        1" in counts and "total             2" in counts
