@@ -38,6 +38,12 @@ def test_fine_tune_reaches_near_zero_loss_and_answers_through_infer_chat(setup, 
     assert json.loads((final / "config.json").read_text())["use_cache"] is True  # training turned it off
     assert not (final / "training_args.bin").exists()
     generates_with_cache(final)
+    from transformers import AutoTokenizer
+
+    from bitcpm_cli.core.model.tokenizer_bos import adds_bos
+
+    # sft's data is the chat template's rendering: final/ keeps its input tokenizer's BOS behaviour (README)
+    assert adds_bos(AutoTokenizer.from_pretrained(final)) == adds_bos(AutoTokenizer.from_pretrained(setup / "float"))
     assert "im_start" in json.loads((final / "tokenizer_config.json").read_text()).get("chat_template", "") or \
         (final / "chat_template.jinja").is_file()
     answered = invoke("infer", "-m", final, "--chat", "-p", "48213", "-p", "907", "-o", tmp_path / "r.json",
