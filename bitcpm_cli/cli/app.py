@@ -31,9 +31,26 @@ def _is_cli_flow(exc: BaseException) -> bool:
 
 class _BitcpmGroup(TyperGroup):
     def invoke(self, ctx: typer.Context):
-        as_json = "--json" in ctx.args and "--help" not in ctx.args and "-h" not in ctx.args
+        as_json = self._json_flag(ctx)
         with json_stdout(as_json):
             return self._invoke(ctx, as_json)
+
+    def _json_flag(self, ctx: typer.Context) -> bool:
+        """Whether the command line gives the subcommand its --json flag (not --json as another option's value, e.g.
+        `-o --json`; not with --help)."""
+        names = getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", None) or []
+        command = self.get_command(ctx, names[0]) if names else None
+        takes_value = {name for param in getattr(command, "params", []) if getattr(param, "opts", None)
+                       and not getattr(param, "is_flag", False) and not getattr(param, "count", False)
+                       for name in param.opts}
+        args, index = list(ctx.args), 0
+        while index < len(args) and args[index] != "--":
+            if args[index] in ("--help", "-h"):
+                return False
+            if args[index] == "--json":
+                return True
+            index += 2 if args[index] in takes_value else 1
+        return False
 
     def _invoke(self, ctx: typer.Context, as_json: bool):
         debug = lambda: ctx.meta.get(DEBUG_KEY) or os.environ.get("BITCPM_DEBUG") == "1"  # noqa: E731

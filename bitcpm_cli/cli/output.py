@@ -25,8 +25,9 @@ class _JsonStdout:
 def print_json(data: Any) -> None:
     """Machine-readable output on stdout, untouched by rich (no wrapping, no markup)."""
     stream = _JsonStdout.stream or sys.stdout
-    stream.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    stream.flush()
+    if stream is not None:  # None: stdout was closed (`>&-`), nothing can be printed
+        stream.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        stream.flush()
     _JsonStdout.printed = True
 
 
@@ -35,34 +36,49 @@ def json_stdout(active: bool) -> Iterator[None]:
     """While a `--json` command runs, stdout holds only its JSON: everything else written there (Python prints,
     library loggers such as DeepSpeed's, C code, child processes) goes to stderr. At the file-descriptor level when
     stdout is a real file, else (an in-process runner's buffer) by swapping sys.stdout."""
-    if not active:
+    real = sys.stdout
+    if not active or real is None:  # stdout closed: nothing to keep clean
         yield
         return
-    real = sys.stdout
     real.flush()
-    try:
-        fd = real.fileno()
-    except (AttributeError, OSError, ValueError):
-        fd = None
-    saved = os.dup(fd) if fd is not None else None
-    if saved is not None:
-        sys.stderr.flush()
-        os.dup2(sys.stderr.fileno(), fd)
-        _JsonStdout.stream = open(saved, "w", encoding="utf-8", closefd=False)
+    fd, saved, sink = _fileno(real), None, None
+    if fd is not None:
+        target = _fileno(sys.stderr)
+        if target is None:  # stderr closed too: what is not the JSON goes nowhere
+            sink = target = os.open(os.devnull, os.O_WRONLY)
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        saved = os.dup(fd)
+        os.dup2(target, fd)
+        _JsonStdout.stream = open(saved, "w", encoding="utf-8", closefd=False)  # noqa: SIM115 (closed below)
     else:
         _JsonStdout.stream, sys.stdout = real, sys.stderr
     _JsonStdout.printed = False
     try:
         yield
     finally:
+        _restore_stdout(real, fd, saved, sink)
+
+
+def _fileno(stream: Any) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _restore_stdout(real: Any, fd: int | None, saved: int | None, sink: int | None) -> None:
+    if sys.stdout is not None:
         sys.stdout.flush()
-        _JsonStdout.stream.flush()
-        if saved is not None:
-            os.dup2(saved, fd)
-            os.close(saved)
-        else:
-            sys.stdout = real
-        _JsonStdout.stream = None
+    _JsonStdout.stream.flush()
+    if saved is not None:
+        os.dup2(saved, fd)
+        os.close(saved)
+    else:
+        sys.stdout = real
+    if sink is not None:
+        os.close(sink)
+    _JsonStdout.stream = None
 
 
 def json_printed() -> bool:

@@ -206,3 +206,47 @@ def test_a_fifo_or_device_as_data_is_named_and_never_opened(invoke, work, tmp_pa
         assert result.exit_code == 2, result.output
         assert f"data file is {kind}, not a regular file ({data})" in result.stderr, result.stderr
         assert "not found" not in result.stderr and not (tmp_path / "run").exists()
+
+
+# ---- from the hostile review: devices as JSON inputs, --json with closed streams, loops, files as folders ---------
+def test_a_device_or_fifo_as_a_json_input_is_refused_unopened(invoke, work, tmp_path):
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    for results in (Path("/dev/zero"), fifo):  # /dev/zero would be read forever, the FIFO would block
+        result = invoke("compare", str(results), str(work / "a.json"))
+        assert result.exit_code == 2 and "results file is a" in result.stderr, result.output
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").symlink_to("/dev/zero")
+    result = invoke("fix-config", str(model))
+    assert result.exit_code == 2 and "config.json is a character device, not a regular file" in result.stderr
+
+
+def test_json_survives_closed_streams_and_json_as_an_option_value(work, tmp_path):
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).parent / "bitcpm"
+    a = work / "a.json"
+    closed_stderr = subprocess.run(f'"{script}" compare "{a}" "{a}" --json 2>&-', shell=True, capture_output=False,
+                                   stdout=subprocess.PIPE, text=True, timeout=300)
+    assert closed_stderr.returncode == 0 and json.loads(closed_stderr.stdout)["ok"] is True
+    closed_stdout = subprocess.run(f'"{script}" compare "{a}" "{a}" --json >&-', shell=True, stderr=subprocess.PIPE,
+                                   text=True, timeout=300)
+    assert closed_stdout.returncode == 0 and "Traceback" not in closed_stdout.stderr
+    value = bitcpm_script("compare", a, a, "-o", tmp_path / "--json")  # --json here names a file
+    assert value.returncode == 0 and "matched by" in value.stdout and (tmp_path / "--json").is_file()
+
+
+def test_a_symlink_loop_or_a_file_as_a_folder_is_exit_2(invoke, work, tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    (tmp_path / "plain.txt").write_text("x")
+    for output, message in ((loop, "a symbolic link in this path points back into itself"),
+                            (loop / "r.json", "points back into itself")):
+        result = invoke("compare", str(work / "a.json"), str(work / "b.json"), "-o", str(output))
+        assert result.exit_code == 2 and message in result.output, result.output
+    # an output folder created with its parents (train, sft, quickstart) under a regular file: ENOTDIR was exit 3
+    result = invoke("quickstart", "--output-dir", str(tmp_path / "plain.txt" / "run"))
+    assert result.exit_code == 2 and "plain.txt is a file, not a folder" in result.output, result.output
+    assert (tmp_path / "plain.txt").read_text() == "x"

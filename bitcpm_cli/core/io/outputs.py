@@ -59,7 +59,11 @@ def pid_alive(pid: int) -> bool:
 
 
 def _resolved(path: str | os.PathLike[str]) -> Path:
-    return Path(path).expanduser().resolve()
+    try:
+        return Path(path).expanduser().resolve()
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError for a symlink loop, later ones OSError
+        raise InputError(f"cannot resolve {path}: {exc}", hint="a symbolic link in this path points back into "
+                                                                "itself (a loop); fix or remove it") from None
 
 
 def _within(child: Path, parent: Path) -> bool:
@@ -70,7 +74,7 @@ def anchored(path: str | os.PathLike[str]) -> Path:
     """`path` with its folder resolved now (symlinks, `..`) and its own name kept: where a run writes and cleans up,
     fixed at the start, so a parent retargeted mid-run cannot scatter its staging files or claims."""
     path = Path(path).expanduser().absolute()
-    return path.parent.resolve() / path.name
+    return _resolved(path.parent) / path.name
 
 
 def check_output(output: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str] | None] = (), *,
@@ -95,6 +99,9 @@ def check_output(output: str | os.PathLike[str], inputs: Iterable[str | os.PathL
     if not make_parents and not output.parent.is_dir():
         raise InputError(f"the folder of {what} does not exist ({output.parent})", hint="create it first")
     writable_parent = next((p for p in [output.parent, *output.parent.parents] if p.exists()), None)
+    if writable_parent is not None and not writable_parent.is_dir():
+        raise InputError(f"cannot write {what} {output}: {writable_parent} is a file, not a folder",
+                         hint="choose a path whose folders are folders")
     if writable_parent is not None and not os.access(writable_parent, os.W_OK):  # read-only mount or no permission
         raise InputError(f"cannot write {what} {output}: {writable_parent} is not writable (read-only file system or "
                          "no permission)", hint="choose a writable location; nothing was written")

@@ -127,13 +127,22 @@ def parse_json(text: str | bytes, where: str, what: str = "JSON", error: type[Bi
 
 
 def read_bytes(path: str | Path, what: str, max_bytes: int | None = None) -> bytes:
+    """A regular file's bytes (a FIFO or device is refused unopened: it would block or never end), at most
+    `max_bytes` of them, read with that bound (a size that changes while reading cannot exceed it)."""
     path = Path(path)
+    if path.exists() and not path.is_dir() and (problem := file_problem(path, what)):
+        raise InputError(problem, hint="pass a regular file")
     try:
         size = path.stat().st_size
         if max_bytes is not None and size > max_bytes:
             raise InputError(f"{what} is too large: {size:,} bytes, at most {max_bytes:,} ({path})",
                              hint="check that this is the right file")
-        return path.read_bytes()
+        with path.open("rb") as handle:
+            raw = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+        if max_bytes is not None and len(raw) > max_bytes:
+            raise InputError(f"{what} grew beyond {max_bytes:,} bytes while it was read ({path})",
+                             hint="check that this is the right file")
+        return raw
     except FileNotFoundError:
         raise InputError(f"cannot read {what} ({path}): {what} not found", hint="check the path") from None
     except IsADirectoryError:
@@ -161,6 +170,8 @@ def read_text_file(path: str | Path, what: str, max_bytes: int | None = None) ->
 def iter_text_lines(path: str | Path, what: str = "the file") -> Iterator[tuple[int, str]]:
     """(line number, line without its newline), streaming; a bad UTF-8 byte names `file:line`."""
     path = Path(path)
+    if path.exists() and not path.is_dir() and (problem := file_problem(path, what)):
+        raise InputError(problem, hint="pass a regular file")
     try:
         handle = path.open("rb")
     except OSError as exc:

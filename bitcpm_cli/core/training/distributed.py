@@ -235,7 +235,6 @@ def check_backend(device: Any, strategy: Strategy) -> None:
                               hint=lock_hint(stale[0]))
 
 
-LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
 RENDEZVOUS_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -260,18 +259,25 @@ def scoped_rendezvous() -> Iterator[None]:
 
 
 def single_process_rendezvous(strategy: Strategy) -> str | None:
-    """DeepSpeed started without a launcher (no rank in the environment) asks MPI (mpi4py) for its rank and dies
-    without it: set up the one-process group a launcher would, as transformers' docs do for notebooks. Returns the
-    note saying so, or None when a launcher (torchrun, deepspeed, mpirun, srun) set the rank."""
-    if strategy.deepspeed is None or any(name in os.environ for name in LAUNCHER_VARIABLES):
+    """DeepSpeed started without a launcher asks MPI (mpi4py) for its rank unless RANK, WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT are all set (an sbatch shell sets only SLURM_PROCID, say), and dies without it: on one process, set
+    the ones missing as torchrun would, keeping any the user set. Returns the note saying so, or None when they are
+    all set (a launcher's run) or WORLD_SIZE says several processes (the launcher's business)."""
+    if strategy.deepspeed is None or world_size() > 1:
         return None
-    import socket
+    missing = [name for name in RENDEZVOUS_VARIABLES if name not in os.environ]
+    if not missing:
+        return None
+    defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    if "MASTER_PORT" in missing:
+        import socket
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    return f"DeepSpeed without a launcher: one process, its process group on 127.0.0.1:{port}"
+        with socket.socket() as probe:  # a free port now; another process could still take it before DeepSpeed
+            probe.bind(("127.0.0.1", 0))
+            defaults["MASTER_PORT"] = str(probe.getsockname()[1])
+    os.environ.update({name: defaults[name] for name in missing})
+    return ("DeepSpeed without a launcher: one process, " + ", ".join(f"{name}={os.environ[name]}" for name in missing)
+            + " set as torchrun would")
 
 
 def save_final_model(trainer: Any, staging: Path) -> None:
