@@ -237,3 +237,13 @@ def test_llamacpp_logprobs_beyond_the_vocabulary_is_exit_2_not_clamped(bad_gguf,
                         "--logprobs", "513")
     one_error(run, "--logprobs 513", "vocabulary of 512 tokens")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_template_that_renders_nothing_is_exit_2(tiny, tmp_path, invoke):
+    """Found by the chat-template fuzz: `{{ 'ab' * 0 }}` renders an empty prompt, which transformers' generate()
+    failed on (exit 3)."""
+    model = with_template(tiny, tmp_path / "m", "{{ 'ab' * 0 }}")
+    result = invoke("infer", "-m", str(model), "-p", "hi", "--chat", "-o", str(tmp_path / "r.json"), "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    assert "prompt 0 encodes to no tokens (the chat template rendered an empty text)" in result.stderr
+    assert not (tmp_path / "r.json").exists()

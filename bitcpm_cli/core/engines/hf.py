@@ -185,11 +185,17 @@ def _encode(tokenizer, prompt: Prompt, chat: bool) -> list[int]:
     if chat:
         messages = prompt.messages or [{"role": "user", "content": prompt.text}]
         text = render_chat(tokenizer, messages, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    if prompt.text is None:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    elif prompt.text is None:
         raise InputError(f"prompt {prompt.id} has messages but --chat was not given",
                          hint="pass --chat to render messages with the chat template")
-    return tokenizer(prompt.text)["input_ids"]
+    else:
+        ids = tokenizer(prompt.text)["input_ids"]
+    if not ids:  # nothing to condition on: generate() would fail deep inside transformers
+        raise InputError(f"prompt {prompt.id} encodes to no tokens" + (" (the chat template rendered an empty text)"
+                                                                       if chat else ""),
+                         hint="give a non-empty prompt" + (", or fix the chat template" if chat else ""))
+    return ids
 
 
 def run_generation(loaded: LoadedModel, prompts: list[Prompt], *, max_new_tokens: int = 128,
