@@ -9,7 +9,6 @@ afterwards); on exit 2 the output folder holds exactly what it held before; inpu
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bitcpm_cli.cli.app import app
+from tests.cli.test_outputs_special_and_disks import make_special
 from tests.fuzz.hostile import snapshot
 from tests.fuzz.test_fuzz_commands import BOUNDED, RUNNER
 from tests.helpers import build_tiny_model
@@ -27,14 +27,8 @@ NODES = ["fifo", "socket", "chardev", "folder", "file", "dangling-link"]
 
 
 def make_node(path: Path, kind: str) -> None:
-    if kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "socket":
-        server = socket.socket(socket.AF_UNIX)
-        server.bind(str(path))
-        server.close()
-    elif kind == "chardev":
-        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a private /dev/null node
+    if kind in ("fifo", "socket", "chardev"):
+        make_special(path, kind)
     elif kind == "folder":
         path.mkdir()
         (path / "keep.txt").write_text("keep")
