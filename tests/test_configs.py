@@ -32,7 +32,7 @@ def test_quant_schemes_load(path):
 @pytest.mark.parametrize("path", in_folder("pretrain"), ids=lambda p: p.name)
 def test_pretrain_recipes_validate(path):
     config = resolve_config(TrainConfig, path, REQUIRED)
-    assert config.max_steps >= 1
+    assert config.max_steps >= 1 or (config.max_steps == -1 and config.training_args["num_train_epochs"] >= 1)
     if config.deepspeed:
         assert (CONFIGS.parent / config.deepspeed).is_file(), f"{path.name} names a missing DeepSpeed file"
 
@@ -50,6 +50,28 @@ def test_baichuan2_hyper_parameters():
     assert (config.lr, config.lr_scheduler, config.adam_beta1, config.adam_beta2, config.adam_epsilon,
             config.weight_decay, config.max_grad_norm, config.bf16, config.gradient_checkpointing,
             config.max_length) == (2e-5, "constant", 0.9, 0.98, 1e-8, 1e-4, 1.0, True, True, 512)
+
+
+def test_cann_kd_recipe_is_the_cann_kit_s_defaults():
+    config = resolve_config(TrainConfig, CONFIGS / "pretrain" / "cann-kd.yaml", REQUIRED)
+    assert (config.batch_size, config.grad_accum, config.lr, config.lr_scheduler, config.warmup_steps,
+            config.weight_decay, config.trainable_keys, config.kd_loss, config.learned_scales) == (
+        2, 4, 1e-4, "cosine", 10, 0.0, ["quant_alpha", "norm"], "mse", True)
+    assert config.teacher and config.training_args == {"num_train_epochs": 3} and config.max_steps == -1
+
+
+def test_lora_recipe_fits_the_1b_shape_on_24_gib(tmp_path):
+    pytest.importorskip("peft")
+    import torch
+
+    from bitcpm_cli.core.training.memory_plan import plan_memory
+    from tests.unit.test_memory_plan import BITCPM4_1B
+
+    config = resolve_config(SftConfig, CONFIGS / "sft" / "bitcpm-1b-lora.yaml", REQUIRED, ["max_memory_gb=24"])
+    assert (config.finetuning_type, config.lora_rank, config.lora_target) == ("lora", 16, "all")
+    (tmp_path / "config.json").write_text(json.dumps({**BITCPM4_1B, "torch_dtype": "bfloat16"}))
+    plan = plan_memory(tmp_path, config, "single", 1, torch.device("cpu"))
+    assert plan.fits and plan.total < 12 * 2**30, plan.lines()
 
 
 @pytest.mark.parametrize("path", in_folder("deepspeed"), ids=lambda p: p.name)

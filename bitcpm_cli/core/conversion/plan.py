@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -29,6 +29,13 @@ from bitcpm_cli.core.model.checkpoint import (
 from bitcpm_cli.core.model.config_check import require_consistent_config
 from bitcpm_cli.core.model.hf import DTYPES
 from bitcpm_cli.core.model.inference_ready import read_generation_config
+from bitcpm_cli.core.model.learned_scales import (
+    expected_scales,
+    is_scale_name,
+    read_scales,
+    require_scales_fit,
+    weight_name,
+)
 from bitcpm_cli.core.quant import (
     FUSED_GROUP_CANDIDATES,
     LayerQuant,
@@ -62,6 +69,9 @@ def _resolve_scheme(recorded: QuantScheme | None, quant_type: str | None, group_
     if base is None and quant_type is None and group_size is None:
         return None, warnings
     base = base or QuantScheme(quant_type=quant_type or "ternary", group_size=-1 if group_size is None else group_size)
+    if recorded is not None and (problems := recorded.learned_override_problems(quant_type, group_size)):
+        raise InputError(problems[0], hint=f"omit --quant-type and --group-size (or pass {recorded.quant_type} and "
+                                           f"{recorded.group_size}): the learned scales are used as trained")
     if recorded is not None:
         if group_size is not None and group_size != recorded.group_size:
             warnings.append(f"--group-size {group_size} overrides the group size the checkpoint was trained with "
@@ -77,10 +87,12 @@ class Transform:
     """Maps input tensors to output tensors; `plan` does the same on specs so the output header is known first."""
 
     def __init__(self, mode: str, fmt: str, dtype: str, targets: dict[str, LayerQuant],
-                 packed_shapes: dict[str, list[int]]):
+                 packed_shapes: dict[str, list[int]], scales: dict[str, torch.Tensor] | None = None):
         self.mode, self.fmt, self.dtype = mode, fmt, getattr(torch, dtype)
         self.dtype_name = dtype
         self.targets, self.packed_shapes = targets, packed_shapes
+        # learned scales (float32 [rows, groups]) by the `.weight` they quantize; their own tensors are consumed
+        self.scales = scales or {}
         self._pending: dict[str, dict[str, Any]] = {}
         self._unpacker = PackedPairs(packed_shapes, self.dtype)
 
@@ -88,6 +100,8 @@ class Transform:
         return self.dtype_name if dtype.startswith(("float", "bfloat")) else dtype
 
     def plan(self, name: str, spec: TensorSpec) -> list[tuple[str, str, tuple[int, ...]]]:
+        if self.consumes(name):
+            return []
         if self.mode == "unpack":
             base = packed_base(name)
             if base is None:
@@ -107,7 +121,13 @@ class Transform:
         return [(base + PACKED_SUFFIX, "uint8", (out_features, math.ceil(in_features / 4))),
                 (base + SCALE_SUFFIX, self.dtype_name, scale_shape(spec.shape, self.targets[name].group_size))]
 
+    def consumes(self, name: str) -> bool:
+        """Whether an input tensor is a learned scale, used by the quantizer and not written itself."""
+        return is_scale_name(name) and weight_name(name) in self.scales
+
     def apply(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if self.consumes(name):
+            return []
         if self.mode == "unpack":
             return self._unpacker.add(name, tensor)
         if name not in self.targets:
@@ -125,14 +145,16 @@ class Transform:
                 return [(name, tensor.to(self.dtype))]
             quantized = ternary_codes_from_fused(tensor, spec.group_size)
         else:
-            # A latent row never holds just {-a, 0, +a}; checking one row keeps this cheap.
+            # A latent row never holds just {-a, 0, +a}; checking one row keeps this cheap. (Learned scales quantize
+            # any latent weight exactly as the QAT forward does: nothing to check.)
             first_row = -1 if spec.group_size == 0 else spec.group_size
-            if spec.quant_type == "ternary" and fused_scales(tensor[:1], first_row) is not None:
+            if spec.quant_type == "ternary" and not spec.learned and fused_scales(tensor[:1], first_row) is not None:
                 raise InputError(f"{name} is already fused while the first linear was not: the input mixes fused "
                                  "and latent weights", hint="convert from the QAT checkpoint instead")
+            scales = self.scales.get(name)
             if self.fmt == "fused":
-                return [(name, fake_quantize(tensor, spec, dtype=self.dtype, name=module, finite=True))]
-            quantized = quantize(tensor, spec, name=module, finite=True)
+                return [(name, fake_quantize(tensor, spec, dtype=self.dtype, name=module, finite=True, scales=scales))]
+            quantized = quantize(tensor, spec, name=module, finite=True, scales=scales)
         return [(module + PACKED_SUFFIX, pack_ternary(quantized.codes)),
                 (module + SCALE_SUFFIX, quantized.scales.to(self.dtype))]
 
@@ -157,9 +179,10 @@ class ConversionPlan:
     packed_shapes: dict[str, list[int]]
     notes: list[str]
     warnings: list[str]
+    scales: dict[str, torch.Tensor] = field(default_factory=dict)  # learned scales, by the `.weight` they quantize
 
     def transform(self) -> "Transform":
-        return Transform(self.mode, self.fmt, self.dtype, self.targets, self.packed_shapes)
+        return Transform(self.mode, self.fmt, self.dtype, self.targets, self.packed_shapes, self.scales)
 
     def out_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
         transform = self.transform()
@@ -236,8 +259,25 @@ def plan_conversion(source: Path, output: Path, *, quant_type: str | None, group
                 raise QuantError(f"the packed format holds ternary codes only, not {', '.join(bad)}",
                                  hint="use --format fused for other quant types")
             packed_shapes = {name.removesuffix(".weight"): list(specs[name].shape) for name in targets}
+    scales = _learned_scales(source, files, specs, targets if mode == "quantize" else {}, scheme_file, notes)
     return ConversionPlan(files, specs, config, fmt, dtype, mode, input_kind, scheme, targets, packed_shapes, notes,
-                          warnings)
+                          warnings, scales)
+
+
+def _learned_scales(source: Path, files: WeightFiles, specs: dict[str, TensorSpec], targets: dict[str, LayerQuant],
+                    scheme_file: str | Path | None, notes: list[str]) -> dict[str, torch.Tensor]:
+    """The learned scales the quantized targets use, by `.weight` name, read once the headers say they fit (every
+    target of a learned-scales scheme has one of its shape, and no other is stored); InputError otherwise."""
+    expected = expected_scales(specs, targets)
+    hint = ("the --scheme file must be the checkpoint's own scheme (learned_scales: true and the group size the "
+            "scales were trained with); omit --scheme to use config.json's" if scheme_file else None)
+    require_scales_fit(specs, expected, source, hint=hint)
+    if not expected:
+        return {}
+    scales = read_scales(source, sorted(expected), files, specs)
+    notes.append(f"learned scales: {len(scales)} linears quantized with their trained scales (quant_alpha), which "
+                 "are not written to the output")
+    return {weight_name(name): tensor for name, tensor in scales.items()}
 
 
 def _plan_dense(files: WeightFiles, specs: dict[str, TensorSpec], scheme: QuantScheme | None,
@@ -245,6 +285,9 @@ def _plan_dense(files: WeightFiles, specs: dict[str, TensorSpec], scheme: QuantS
     """Targets and mode for a latent or fused input: the first linear tells whether the input is already fused."""
     shapes = {n: s.shape for n, s in specs.items()}
     dtypes = {n: s.dtype for n, s in specs.items()}
+    if scheme is not None and scheme.learned_scales:
+        # Learned scales: the codes come from the trained scales, never from the weight's own {-a, 0, +a}.
+        return "quantize", "qat" if recorded else "float", plan_state_dict(shapes, dtypes, scheme)
     probe_targets = plan_state_dict(shapes, dtypes, scheme or QuantScheme(group_size=-1))
     if not probe_targets:
         return "quantize", "float", {}

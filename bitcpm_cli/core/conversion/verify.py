@@ -55,9 +55,9 @@ def _zero_count(tensor: torch.Tensor) -> int:
 
 
 def _reference(name: str, tensor: torch.Tensor, targets: dict[str, LayerQuant], mode: str,
-               dtype: torch.dtype) -> torch.Tensor:
+               dtype: torch.dtype, scales: dict[str, torch.Tensor]) -> torch.Tensor:
     if name in targets and mode == "quantize":
-        return fake_quantize(tensor, targets[name], dtype=dtype, name=name)
+        return fake_quantize(tensor, targets[name], dtype=dtype, name=name, scales=scales.get(name))
     return tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
@@ -74,12 +74,16 @@ class Checker:
         self._unpacker = PackedPairs(plan.packed_shapes, self._dtype)
         self._inputs = {path.name: path for path in plan.files.files}
         self._input_ranges: dict[Path, dict[str, tuple[int, int]]] = {}
+        transform = plan.transform()
+        self._consumed = frozenset(name for name in plan.specs if transform.consumes(name))
 
     def check(self, name: str, tensor: torch.Tensor | None) -> None:
         """`tensor` None: one written unchanged, not held meanwhile; compared with its bytes in the input file."""
         plan, report = self._plan, self.report
         if self._progress is not None:
             self._progress("verify", plan.specs[name].nbytes, self._total)
+        if name in self._consumed:  # a learned scale: checked through every weight it quantizes
+            return
         if tensor is None:
             report.tensors_checked += 1
             source = self._inputs[plan.specs[name].file]
@@ -98,7 +102,7 @@ class Checker:
             # The codes and scales the quantizer (or the fused input) gives again, packed again, byte for byte:
             # the padding codes of a row and the scale of a group of zero codes too (unpacking would hide both).
             spec = plan.targets[name]
-            expected = (quantize(tensor, spec, name=base) if plan.mode == "quantize"
+            expected = (quantize(tensor, spec, name=base, scales=plan.scales.get(name)) if plan.mode == "quantize"
                         else ternary_codes_from_fused(tensor, spec.group_size))
             codes_same = self._written.same(base + PACKED_SUFFIX, pack_ternary(expected.codes))
             report.tensors_checked += 1
@@ -106,7 +110,7 @@ class Checker:
                 report.mismatches.append(name)
             report.zero_fraction[name] = _zero_count(expected.codes) / max(expected.codes.numel(), 1)
             return
-        reference = _reference(name, tensor, plan.targets, plan.mode, self._dtype)
+        reference = _reference(name, tensor, plan.targets, plan.mode, self._dtype, plan.scales)
         identical = self._written.same(name, reference)
         written = reference if identical else self._written.reread(name)
         report.tensors_checked += 1

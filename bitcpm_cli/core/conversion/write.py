@@ -117,7 +117,8 @@ def write_folder_files(source: Path, staging: Path, config: dict | None, result:
         out_config["dtype" if "dtype" in config else "torch_dtype"] = result.dtype
         if fmt == "packed":
             group_sizes = {t.group_size for t in targets.values()}
-            packed_scheme = (scheme or QuantScheme()).replace(group_size=next(iter(group_sizes)))
+            # The packed scales are the learned ones where there were: the packed model holds no quant_alpha tensors.
+            packed_scheme = (scheme or QuantScheme()).replace(group_size=next(iter(group_sizes)), learned_scales=False)
             out_config[CONFIG_KEY] = {**packed_scheme.to_dict(), "packed": True}
         (staging / "config.json").write_text(json.dumps(out_config, indent=2, ensure_ascii=False) + "\n")
     else:

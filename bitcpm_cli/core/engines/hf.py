@@ -26,6 +26,7 @@ from bitcpm_cli.core.model.chat import render_chat
 from bitcpm_cli.core.model.checkpoint import read_config, read_tensor_specs
 from bitcpm_cli.core.model.config_check import require_consistent_config, require_valid_scales
 from bitcpm_cli.core.model.hf import DTYPES, dtype_kwarg, hf_loading, load_tokenizer
+from bitcpm_cli.core.model.learned_scales import load_learned_scales, quiet_scale_report, require_scales_fit
 from bitcpm_cli.core.model.tokenizer_bos import adds_bos
 from bitcpm_cli.core.runtime.device import resolve_device
 
@@ -114,11 +115,17 @@ def _load_model(path: Path, config: dict[str, Any], files, specs, packed: bool, 
         model.tie_weights()
         kind = "packed"
     else:
+        if scheme is None or not scheme.learned_scales:  # quant_alpha tensors no scheme uses: refused before loading
+            require_scales_fit(specs, {}, path)
         load_dtype = "auto" if scheme else torch_dtype
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                     **{dtype_kwarg(): load_dtype})
+        with quiet_scale_report():  # the learned scales it calls unexpected are loaded below
+            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                         **{dtype_kwarg(): load_dtype})
         if scheme is not None:
             prepare(model, scheme)
+            loaded = load_learned_scales(model, path)  # transformers dropped them as unexpected keys
+            if loaded:
+                notes.append(f"learned scales: {loaded} linears quantized with their trained scales (quant_alpha)")
             if fuse_qat:
                 fuse(model, dtype=torch_dtype)
                 notes.append(f"QAT checkpoint: fake quantizer fused on load ({scheme.quant_type}, group_size "

@@ -16,10 +16,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError
+from bitcpm_cli.core.errors import CheckFailed, ConfigError, InputError, QuantError
 from bitcpm_cli.core.io.outputs import OutputGuard, write_text_output
 from bitcpm_cli.core.model.checkpoint import TensorSpec, read_config, read_tensor_specs
 from bitcpm_cli.core.model.config import head_dim, rope_blocks
+from bitcpm_cli.core.model.learned_scales import (
+    expected_scales,
+    is_scale_name,
+    scale_hint,
+    scale_problems,
+    stored_scale_names,
+)
 
 REPORT_SCHEMA = "bitcpm.fix-config/1"
 LAYER_RE = re.compile(r"^(?P<prefix>.*?)layers\.(?P<index>\d+)\.(?P<rest>.+)$")
@@ -245,8 +252,9 @@ def derive_architecture(specs: dict[str, TensorSpec], config: dict[str, Any],
 
     hd, evidence = _derive_head_dim(q_out, kv_out, config, head_dim)
     floats = Counter()
-    for spec in specs.values():
-        if spec.dtype.startswith(("float", "bfloat")):
+    for name, spec in specs.items():
+        # learned scales are float32 by design whatever the weights' dtype: they do not decide it
+        if spec.dtype.startswith(("float", "bfloat")) and not is_scale_name(name):
             floats[spec.dtype] += spec.numel
     derived = {
         "vocab_size": vocab,
@@ -333,6 +341,33 @@ def _scale_checks(config: dict[str, Any]) -> list[FieldCheck]:
             if key in bad]
 
 
+LEARNED_SCALES_FIELD = "bitcpm_quant.learned_scales"
+
+
+def _learned_scale_checks(config: dict[str, Any], specs: dict[str, TensorSpec]) -> list[FieldCheck]:
+    """bitcpm_quant's learned_scales against the `*.quant_alpha` tensors (none when neither has any): each stored
+    scale must be one the scheme's quantized layers need, of the shape their weight and group size give, and each
+    one they need must be stored. Unfixable: the scales cannot be derived, nor the scheme they were trained with."""
+    stored = stored_scale_names(specs)
+    block = config.get("bitcpm_quant")
+    declared = isinstance(block, dict) and block.get("learned_scales") is True
+    if not stored and not declared:
+        return []  # (quant, and with it torch, is imported only for a checkpoint with learned scales)
+    from bitcpm_cli.core.quant import QuantScheme, plan_state_dict
+
+    try:
+        scheme = QuantScheme.from_config(config)
+        targets = plan_state_dict({n: s.shape for n, s in specs.items()}, {n: s.dtype for n, s in specs.items()},
+                                  scheme) if scheme else {}
+        problems = scale_problems(specs, expected_scales(specs, targets))
+    except (ConfigError, QuantError) as exc:
+        problems = [f"bitcpm_quant does not apply to these weights: {exc.message}"]
+    note = f"{len(stored)} quant_alpha tensor(s) fit the scheme" if not problems else (
+        problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "") + "; " + scale_hint(problems[0]))
+    return [FieldCheck(LEARNED_SCALES_FIELD, declared, bool(stored), "unfixable" if problems else "ok", note,
+                       present=isinstance(block, dict) and "learned_scales" in block)]
+
+
 def check_config(model_dir: str | Path, head_dim: int | None = None) -> ConfigReport:
     """Compare a model directory's config.json with its weights (headers only) and prepare the fixed config."""
     model_dir = Path(model_dir)
@@ -342,7 +377,7 @@ def check_config(model_dir: str | Path, head_dim: int | None = None) -> ConfigRe
     config = read_config(model_dir)
     files, specs = read_tensor_specs(model_dir)
     derived, evidence = derive_architecture(specs, config, head_dim)
-    checks = _compare(config, derived)
+    checks = _compare(config, derived) + _learned_scale_checks(config, specs)
     fixed = dict(config)
     for check in checks:
         if check.fixable:
@@ -413,7 +448,8 @@ def require_consistent_config(model_dir: str | Path) -> ConfigReport | None:
         report = check_config(model_dir)
     except UnsupportedArchitecture:
         return None
-    bad = report.to_fix + report.unfixable
+    # The loaders check learned scales themselves (learned_scales.py), naming the tensor and the fix.
+    bad = [c for c in report.to_fix + report.unfixable if c.field != LEARNED_SCALES_FIELD]
     if bad:
         details = [f"{c.field}: config.json says {c.config if c.present else '(not set)'}, the weights say "
                    f"{c.weights}" for c in bad]

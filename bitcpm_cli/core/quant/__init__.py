@@ -2,7 +2,9 @@
 
 from bitcpm_cli.core.quant.functional import (
     FUSED_GROUP_CANDIDATES,
+    SCALE_PARAM,
     Quantized,
+    absmean_scales,
     fake_quantize,
     fused_scales,
     quantize,
@@ -11,11 +13,22 @@ from bitcpm_cli.core.quant.functional import (
     ternary_codes_from_fused,
 )
 from bitcpm_cli.core.quant.packing import pack_ternary, unpack_ternary
-from bitcpm_cli.core.quant.qat import QATLinear, fuse, plan, plan_state_dict, prepare, qat_layers
+from bitcpm_cli.core.quant.qat import (
+    QATLinear,
+    fuse,
+    learned_scale_params,
+    lsq_scale_grad,
+    plan,
+    plan_state_dict,
+    prepare,
+    qat_layers,
+    release_fused,
+)
 from bitcpm_cli.core.quant.scheme import LayerQuant, QuantScheme, load_scheme_file
 
 __all__ = [
-    "FUSED_GROUP_CANDIDATES", "LayerQuant", "QATLinear", "QuantScheme", "Quantized", "fake_quantize", "fuse",
+    "FUSED_GROUP_CANDIDATES", "SCALE_PARAM", "LayerQuant", "QATLinear", "QuantScheme", "Quantized", "absmean_scales",
+    "fake_quantize", "fuse", "learned_scale_params", "lsq_scale_grad",
     "fused_scales", "load_scheme_file", "pack_ternary", "plan", "plan_state_dict", "prepare", "qat_layers", "quantize",
-    "row_blocks", "scale_shape", "ternary_codes_from_fused", "unpack_ternary",
+    "release_fused", "row_blocks", "scale_shape", "ternary_codes_from_fused", "unpack_ternary",
 ]

@@ -18,6 +18,9 @@ from bitcpm_cli.core.errors import QuantError
 from bitcpm_cli.core.quant.scheme import LayerQuant
 
 TERNARY_EPS = 1e-5
+# The tensor name of a learned scale in a QAT checkpoint: `<module>.quant_alpha` (float32 [rows, groups]) beside
+# `<module>.weight` (the CANN Kit's name for the quantizer's trained scale).
+SCALE_PARAM = "quant_alpha"
 
 
 def check_groupable(shape: tuple[int, ...] | torch.Size, group_size: int, name: str = "weight") -> None:
@@ -84,14 +87,44 @@ def _integer(w: torch.Tensor, abs_w: torch.Tensor, spec: LayerQuant) -> tuple[to
 QUANTIZERS = {"ternary": _ternary, "binary": _binary, "int2": _integer, "int4": _integer, "int8": _integer}
 
 
-def _codes_and_scales(weight: torch.Tensor, spec: LayerQuant, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 codes [rows, groups, group_len] and scales [rows, groups, 1]."""
+def _learned_ternary(w: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternary codes against given (learned) scales [rows, groups]: `clamp(round(W_g / s), -1, 1)`, with `s` kept
+    above the absmean floor. The same division, rounding and clamp as `_ternary`."""
+    s = scales.detach().to(torch.float32).reshape(w.shape[0], w.shape[1], 1).clamp_min(TERNARY_EPS)
+    return torch.div(w, s).round_().clamp_(-1, 1), s
+
+
+def _codes_and_scales(weight: torch.Tensor, spec: LayerQuant, name: str,
+                      scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 codes [rows, groups, group_len] and scales [rows, groups, 1]; with `scales` (a learned-scales layer's
+    [rows, groups]), the codes are taken against them instead of computed ones."""
     check_groupable(weight.shape, spec.group_size, name)
     quantizer = QUANTIZERS.get(spec.quant_type)
     if quantizer is None:
         raise QuantError(f"{name}: quant_type {spec.quant_type!r} does not quantize", hint="skip this module")
     w = _grouped(weight, spec.group_size)
+    if scales is not None:
+        if spec.quant_type != "ternary":
+            raise QuantError(f"{name}: quant_type {spec.quant_type!r} has no learned scale", hint="use ternary")
+        expected = (w.shape[0], w.shape[1])
+        if tuple(scales.shape) != expected:
+            raise QuantError(f"{name}: learned scales of shape {tuple(scales.shape)} do not fit a weight "
+                             f"{tuple(weight.shape)} at group_size {spec.group_size} (expected {expected})",
+                             hint="the checkpoint's quant_alpha and bitcpm_quant disagree; convert it with the "
+                                  "group_size it was trained with")
+        return _learned_ternary(w, scales)
+    if spec.learned:
+        raise QuantError(f"{name}: this layer has learned scales, and none were given",
+                         hint=f"the checkpoint is missing {name}.{SCALE_PARAM}")
     return quantizer(w, w.abs(), spec)
+
+
+def absmean_scales(weight: torch.Tensor, spec: LayerQuant, name: str = "weight") -> torch.Tensor:
+    """The scales [rows, groups] the quantizer computes from `weight` (absmean for ternary): a learned scale's
+    initial value."""
+    from dataclasses import replace
+
+    return quantize(weight, replace(spec, learned=False), name).scales
 
 
 # A CPU weight is quantized in blocks of whole rows of about this many elements, on one thread: the float32
@@ -153,33 +186,37 @@ def _require_finite(scales: torch.Tensor, name: str) -> None:
                          hint="the checkpoint is damaged or training diverged: convert an earlier checkpoint")
 
 
-def _blocks(weight: torch.Tensor, spec: LayerQuant, name: str, finite: bool
+def _blocks(weight: torch.Tensor, spec: LayerQuant, name: str, finite: bool, scales: torch.Tensor | None = None
             ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
     """(rows, float32 codes, scales) of each block of rows (one block, on torch's threads, unless blocks pay)."""
     with row_blocks(weight, spec.group_size) as blocks:
         for block in blocks:
-            codes, scales = _codes_and_scales(weight[block], spec, name)
+            given = None if scales is None else scales if len(blocks) == 1 else scales[block]
+            codes, scales_block = _codes_and_scales(weight[block], spec, name, given)
             if finite:
-                _require_finite(scales, name)
-            yield block, codes, scales
+                _require_finite(scales_block, name)
+            yield block, codes, scales_block
 
 
-def quantize(weight: torch.Tensor, spec: LayerQuant, name: str = "weight", finite: bool = False) -> Quantized:
+def quantize(weight: torch.Tensor, spec: LayerQuant, name: str = "weight", finite: bool = False,
+             scales: torch.Tensor | None = None) -> Quantized:
     """Codes and scales of `weight` under `spec` (README, "Quantization semantics"); with `finite`, a weight holding
-    NaN or infinity is a QuantError naming `name`."""
+    NaN or infinity is a QuantError naming `name`. `scales` ([rows, groups]) are a learned-scales layer's: the codes
+    are taken against them, and the returned scales are them (above the floor)."""
     check_groupable(weight.shape, spec.group_size, name)
+    given = scales
     codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales = torch.empty(scale_shape(weight.shape, spec.group_size), dtype=torch.float32, device=weight.device)
-    for block, block_codes, block_scales in _blocks(weight, spec, name, finite):
+    for block, block_codes, block_scales in _blocks(weight, spec, name, finite, given):
         codes[block] = block_codes.reshape(codes[block].shape)
         scales[block] = block_scales.reshape(scales[block].shape)
     return Quantized(codes, scales, spec.group_size)
 
 
 def fake_quantize(weight: torch.Tensor, spec: LayerQuant, dtype: torch.dtype | None = None,
-                  name: str = "weight", finite: bool = False) -> torch.Tensor:
+                  name: str = "weight", finite: bool = False, scales: torch.Tensor | None = None) -> torch.Tensor:
     """The fused weight `q * s`, computed in float32 and cast once to `dtype` (default: the weight's dtype); with
-    `finite`, a weight holding NaN or infinity is a QuantError naming `name`.
+    `finite`, a weight holding NaN or infinity is a QuantError naming `name`; `scales`: a learned-scales layer's.
 
     A code of zero gives +0.0 (never -0.0, which rounding a small negative weight would give), so the fused weight
     is byte for byte what unpacking its integer codes gives.
@@ -188,8 +225,8 @@ def fake_quantize(weight: torch.Tensor, spec: LayerQuant, dtype: torch.dtype | N
         return weight if dtype is None else weight.to(dtype)
     check_groupable(weight.shape, spec.group_size, name)
     fused = torch.empty(weight.shape, dtype=dtype or weight.dtype, device=weight.device)
-    for block, codes, scales in _blocks(weight, spec, name, finite):
-        fused[block] = codes.add_(0.0).mul_(scales).reshape(fused[block].shape)  # cast once, on assignment
+    for block, codes, block_scales in _blocks(weight, spec, name, finite, scales):
+        fused[block] = codes.add_(0.0).mul_(block_scales).reshape(fused[block].shape)  # cast once, on assignment
     return fused
 
 

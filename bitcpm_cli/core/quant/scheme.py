@@ -21,17 +21,21 @@ from bitcpm_cli.core.io.readers import read_structured_file
 
 QUANT_TYPES = ("ternary", "binary", "int2", "int4", "int8", "none")
 DEFAULT_SKIP = ("lm_head", "embed_tokens")
-SCHEME_KEYS = ("quant_type", "group_size", "modules_to_not_convert", "layers", "packed")
+SCHEME_KEYS = ("quant_type", "group_size", "modules_to_not_convert", "layers", "packed", "learned_scales")
 OVERRIDE_KEYS = ("quant_type", "group_size")
 CONFIG_KEY = "bitcpm_quant"
+# Quant types whose scale can be a trained parameter (LSQ): ternary, whose one level Qp = 1 has the absmean scale.
+LEARNED_SCALE_TYPES = ("ternary",)
 
 
 @dataclass(frozen=True)
 class LayerQuant:
-    """How one weight is quantized: the resolved (quant_type, group_size) of a layer."""
+    """How one weight is quantized: the resolved (quant_type, group_size) of a layer, and whether its scales are
+    trained parameters (`learned`: stored beside the weight as `quant_alpha`) rather than computed from it."""
 
     quant_type: str
     group_size: int
+    learned: bool = False
 
     @property
     def bits(self) -> int | None:
@@ -71,6 +75,7 @@ class QuantScheme:
     modules_to_not_convert: tuple[str, ...] = DEFAULT_SKIP
     layers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     packed: bool = False
+    learned_scales: bool = False
 
     def __post_init__(self) -> None:
         # Normalise containers so equal schemes compare equal and stay immutable in spirit.
@@ -95,8 +100,34 @@ class QuantScheme:
             problems += _problems_for(override.get("quant_type", ...), override.get("group_size", ...), where)
         if not isinstance(self.packed, bool):
             problems.append(f"packed must be true or false, not {self.packed!r}")
+        problems += self._learned_scale_problems()
         collect(problems, ConfigError, "invalid quantization scheme",
                 "fix the values named above (bitcpm_quant in config.json, the recipe, or the flags)")
+
+    def _learned_scale_problems(self) -> list[str]:
+        """learned_scales needs a quant type with a learnable scale in every layer it quantizes."""
+        if not isinstance(self.learned_scales, bool):
+            return [f"learned_scales must be true or false, not {self.learned_scales!r}"]
+        if not self.learned_scales:
+            return []
+        types = {self.quant_type} | {o.get("quant_type", self.quant_type) for o in self.layers.values()
+                                     if isinstance(o, dict)}
+        return [f"learned_scales: quant_type {t!r} has no learned scale (only {', '.join(LEARNED_SCALE_TYPES)} has)"
+                for t in sorted(types, key=str) if t not in LEARNED_SCALE_TYPES and t != "none" and t in QUANT_TYPES]
+
+    def learned_override_problems(self, quant_type: str | None, group_size: int | None) -> list[str]:
+        """Why a quant type or group size other than this learned-scales scheme's own cannot use its stored scales
+        (one per group of its own group size, trained for its quant type): `convert` and `train` refuse them."""
+        if not self.learned_scales:
+            return []
+        problems = []
+        if quant_type is not None and quant_type != self.quant_type:
+            problems.append(f"--quant-type {quant_type} cannot use the checkpoint's learned scales (quant_alpha), "
+                            f"which were trained for {self.quant_type}")
+        if group_size is not None and group_size != self.group_size:
+            problems.append(f"--group-size {group_size} cannot use the checkpoint's learned scales (quant_alpha), "
+                            f"which hold one scale per group of group_size {self.group_size}")
+        return problems
 
     # ---- resolution -------------------------------------------------------------------------
     def skips(self, module_name: str) -> bool:
@@ -110,11 +141,12 @@ class QuantScheme:
         """The quantization of one module: skip list first, then the first matching override."""
         if self.skips(module_name):
             return LayerQuant("none", self.group_size)
+        quant_type, group_size = self.quant_type, self.group_size
         for pattern, override in self.layers.items():
             if _matches(pattern, module_name):
-                return LayerQuant(override.get("quant_type", self.quant_type),
-                                  override.get("group_size", self.group_size))
-        return LayerQuant(self.quant_type, self.group_size)
+                quant_type, group_size = override.get("quant_type", quant_type), override.get("group_size", group_size)
+                break
+        return LayerQuant(quant_type, group_size, learned=self.learned_scales and quant_type != "none")
 
     def replace(self, **changes: Any) -> "QuantScheme":
         values = self.to_dict()
@@ -131,6 +163,8 @@ class QuantScheme:
         }
         if self.packed:
             out["packed"] = True
+        if self.learned_scales:
+            out["learned_scales"] = True
         return out
 
     @classmethod
@@ -160,6 +194,7 @@ class QuantScheme:
             modules_to_not_convert=tuple(skip),
             layers=layers,
             packed=data.get("packed", False),
+            learned_scales=data.get("learned_scales", False),
         )
 
     @classmethod

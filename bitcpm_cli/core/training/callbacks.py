@@ -102,7 +102,7 @@ class MetricsLogger:
         record = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
                   "grad_norm": logs.get("grad_norm"),
                   "tokens_per_s": round(steps * self.tokens_per_step / (now - self._last_time), 2) if steps else None,
-                  **self.health()}
+                  **({"kd_loss": logs["kd_loss"]} if "kd_loss" in logs else {}), **self.health()}
         self._last_step, self._last_time = state.global_step, now
         if self.first_loss is None:
             self.first_loss = record["loss"]

@@ -280,10 +280,24 @@ def single_process_rendezvous(strategy: Strategy) -> str | None:
             + " set as torchrun would")
 
 
-def save_final_model(trainer: Any, staging: Path) -> None:
+def save_final_model(trainer: Any, staging: Path, notes: list[str] | None = None) -> None:
     """Consolidated latent weights into `staging`. Collective: every rank must call it (ZeRO-3 and FSDP gather
-    the shards); rank 0 writes. The staging path must be the same on every rank."""
-    if trainer.is_fsdp_enabled:
+    the shards); rank 0 writes. The staging path must be the same on every rank.
+    A model with bitcpm's LoRA inside the quantizer is merged in place first (training has ended): `staging` gets
+    the plain QAT checkpoint whose latent weights are the trained forward's float32 latents (core.training.lora).
+    Without DeepSpeed (whose bf16 engine casts the whole model to bf16), final/ is one dtype: float32 where the run
+    mixed dtypes (`one_dtype`), as the LoRA merge is."""
+    from bitcpm_cli.core.quant import release_fused
+    from bitcpm_cli.core.training.lora import check_lora_strategy, is_lora_model, merge_lora
+
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    release_fused(model)  # the training forward's cache: as large as the quantized linears, not needed to save
+    if is_lora_model(model):
+        if trainer.is_fsdp_enabled or (trainer.is_deepspeed_enabled and _zero_stage(trainer) == 3):
+            check_lora_strategy("fsdp" if trainer.is_fsdp_enabled else "zero3")
+        if trainer.args.should_save:
+            merge_lora(model).save_pretrained(staging)
+    elif trainer.is_fsdp_enabled:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))
@@ -294,9 +308,33 @@ def save_final_model(trainer: Any, staging: Path) -> None:
         state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)
         if trainer.args.should_save:
             trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging, state_dict=state_dict)
-    elif trainer.args.should_save:
-        trainer.save_model(str(staging))
+    else:
+        mixed = one_dtype(model)
+        if trainer.args.should_save:
+            trainer.save_model(str(staging))
+            if mixed and notes is not None:
+                notes.append(f"final/ is float32: the run held {mixed} (frozen parameters at the checkpoint's "
+                             "dtype, trained ones in float32); one dtype that loses nothing, so that every loader "
+                             "reads the trained float32 latents unrounded")
     trainer.accelerator.wait_for_everyone()
+
+
+def one_dtype(model: Any) -> str | None:
+    """In place, once training has ended: a model whose floating-point parameters have mixed dtypes (freeze /
+    trainable_keys on a 16-bit checkpoint: frozen ones 16-bit, trained ones float32) becomes float32 throughout
+    (exact: bf16 / fp16 -> float32 loses nothing), so that its checkpoint is one dtype and config.json's says so
+    (transformers writes the first parameter's); a loader using that dtype would round the float32 latents.
+    Returns the mixed dtypes as text, or None when there was one dtype (nothing changed)."""
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.is_floating_point()})
+    if len(dtypes) < 2:
+        return None
+    model.float()
+    return " and ".join(dtypes)
+
+
+def _zero_stage(trainer: Any) -> int:
+    config = getattr(trainer.accelerator.state.deepspeed_plugin, "deepspeed_config", None) or {}
+    return int((config.get("zero_optimization") or {}).get("stage", 0))
 
 
 def enable_fsdp_on_cpu(trainer: Any) -> None:

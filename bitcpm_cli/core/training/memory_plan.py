@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
+from math import prod
 from pathlib import Path
 from typing import Any
 
 from bitcpm_cli.core.errors import InputError
 from bitcpm_cli.core.model.config import head_dim
 from bitcpm_cli.core.training.distributed import shards
+from bitcpm_cli.core.training.selection import Choice, trainable_names
 
 FIT_FRACTION = 0.9
 GIB = 2**30
@@ -39,6 +41,8 @@ class Shape:
     head_dim: int
     intermediate: int
     tied: bool
+    attention_biases: tuple[str, ...] = ()  # the attention projections with a bias (q_proj, k_proj, ...)
+    mlp_biases: tuple[str, ...] = ()  # the MLP projections with a bias
 
     @classmethod
     def from_config(cls, path: Path) -> "Shape":
@@ -54,7 +58,35 @@ class Shape:
         heads = values["num_attention_heads"]
         return cls(values["vocab_size"], values["hidden_size"], values["num_hidden_layers"], heads,
                    values.get("num_key_value_heads") or heads, head_dim(values),
-                   values["intermediate_size"], bool(values.get("tie_word_embeddings", False)))
+                   values["intermediate_size"], bool(values.get("tie_word_embeddings", False)), *biases(values))
+
+    def parameter_table(self, scheme: Any = None) -> dict[str, tuple[int, ...]]:
+        """Every parameter of a Llama / MiniCPM-style causal LM of this shape, name -> shape, in named_parameters
+        order (tied: no lm_head.weight), plus `<linear>.quant_alpha` [rows, groups] for the quantized linears of a
+        learned-scales `scheme` (a QuantScheme), as `prepare` adds them."""
+        from bitcpm_cli.core.quant import scale_shape
+
+        attention, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        linears = {"self_attn.q_proj": (attention, self.hidden), "self_attn.k_proj": (kv, self.hidden),
+                   "self_attn.v_proj": (kv, self.hidden), "self_attn.o_proj": (self.hidden, attention),
+                   "mlp.gate_proj": (self.intermediate, self.hidden), "mlp.up_proj": (self.intermediate, self.hidden),
+                   "mlp.down_proj": (self.hidden, self.intermediate)}
+        table: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, self.hidden)}
+        for layer in range(self.layers):
+            for suffix, shape in linears.items():
+                module = f"model.layers.{layer}.{suffix}"
+                table[module + ".weight"] = shape
+                if suffix.split(".")[1] in (self.attention_biases + self.mlp_biases):
+                    table[module + ".bias"] = shape[:1]
+                spec = scheme.for_module(module) if scheme is not None else None
+                if spec is not None and spec.enabled and spec.learned:
+                    table[module + ".quant_alpha"] = scale_shape(shape, spec.group_size)
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                table[f"model.layers.{layer}.{norm}.weight"] = (self.hidden,)
+        table["model.norm.weight"] = (self.hidden,)
+        if not self.tied:
+            table["lm_head.weight"] = (self.vocab, self.hidden)
+        return table
 
     def linear_parameters(self) -> int:
         """The decoder layers' linears: what the fake quantizer targets (embeddings and lm_head stay full)."""
@@ -63,7 +95,26 @@ class Shape:
 
     def parameters(self) -> int:
         embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
-        return embeddings + self.linear_parameters() + (2 * self.layers + 1) * self.hidden
+        return embeddings + self.linear_parameters() + (2 * self.layers + 1) * self.hidden + self.bias_parameters()
+
+    def bias_parameters(self) -> int:
+        """The linears' biases (attention_bias / mlp_bias / Qwen2's q, k, v biases), all layers."""
+        rows = {"q_proj": self.heads * self.head_dim, "k_proj": self.kv_heads * self.head_dim,
+                "v_proj": self.kv_heads * self.head_dim, "o_proj": self.hidden, "gate_proj": self.intermediate,
+                "up_proj": self.intermediate, "down_proj": self.hidden}
+        return self.layers * sum(rows[name] for name in self.attention_biases + self.mlp_biases)
+
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def biases(values: dict[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(attention projections with a bias, MLP projections with a bias), as transformers builds them: Llama /
+    MiniCPM's `attention_bias` (q, k, v, o) and `mlp_bias` (gate, up, down); Qwen2 always has q, k, v biases."""
+    attention = ATTENTION if values.get("attention_bias") is True else \
+        ATTENTION[:3] if values.get("model_type") == "qwen2" else ()
+    return attention, MLP if values.get("mlp_bias") is True else ()
 
 
 @dataclass
@@ -77,6 +128,10 @@ class Settings:
     kind: str  # single, ddp, zero1, zero2, zero3, fsdp
     world: int
     quantized: bool
+    choice: Choice = Choice()  # what trains (full, freeze, lora, trainable_keys)
+    scheme: Any = None  # the QuantScheme trained with (which linears are quantized, learned scales); None: default
+    frozen_bytes: int = 4  # bytes per element of a frozen parameter: the checkpoint's dtype
+    teacher_parameters: int = 0  # a KD teacher's parameters (held in bf16 with bf16, else float32)
 
     def shards(self, part: str) -> int:
         return shards(self.kind, self.world, part)
@@ -84,7 +139,50 @@ class Settings:
     def describe(self) -> str:
         names = {"single": "one process", "ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3",
                  "fsdp": "FSDP"}
-        return names[self.kind] if self.world == 1 and self.kind == "single" else f"{names[self.kind]} over {self.world} ranks"
+        where = names[self.kind] if self.world == 1 and self.kind == "single" else \
+            f"{names[self.kind]} over {self.world} ranks"
+        return where if not self.choice.selective else f"{where}, {self.choice.describe()}"
+
+
+@dataclass(frozen=True)
+class Counts:
+    """Parameter elements by role, from the synthetic name table and the selection."""
+
+    trainable: int  # base-model parameters that train (fp32, with gradients and AdamW states)
+    frozen: int  # held at the checkpoint's dtype, no gradient, no state
+    adapters: int  # LoRA A and B (trainable)
+    fused_trainable: int  # quantized linear weights that train (their fused copy is cached at the training dtype)
+    fused_frozen: int  # quantized linear weights that are frozen (their fused copy is cached at the checkpoint's)
+
+    @property
+    def total(self) -> int:
+        return self.trainable + self.frozen + self.adapters
+
+
+def count(shape: Shape, settings: Settings) -> Counts:
+    """What trains and what is frozen, by name (core.training.selection on Shape.parameter_table)."""
+    from bitcpm_cli.core.quant import QuantScheme
+
+    scheme = (settings.scheme or QuantScheme()) if settings.quantized else None
+    table = shape.parameter_table(scheme)
+    chosen = trainable_names(table, settings.choice, "the planned model")
+    numel = {name: prod(dims) for name, dims in table.items()}
+    trainable = sum(numel[n] for n in chosen)
+    quantized = [n for n in table if n.endswith(".weight") and len(table[n]) == 2 and scheme is not None
+                 and scheme.for_module(n.removesuffix(".weight")).enabled and ".layers." in n]
+    adapters = lora_adapter_parameters(table, quantized, settings.choice) \
+        if settings.choice.finetuning_type == "lora" else 0
+    return Counts(trainable, sum(numel.values()) - trainable, adapters,
+                  sum(numel[n] for n in quantized if n in chosen), sum(numel[n] for n in quantized if n not in chosen))
+
+
+def lora_adapter_parameters(table: dict[str, tuple[int, ...]], quantized: list[str], choice: Choice) -> int:
+    """LoRA's A [r, in] and B [out, r] on every targeted linear (core.training.lora decides which)."""
+    from bitcpm_cli.core.training.lora import lora_parameter_count
+
+    linears = {n.removesuffix(".weight"): dims for n, dims in table.items() if n.endswith(".weight")
+               and len(dims) == 2 and "embed" not in n}
+    return lora_parameter_count(linears, choice, [n.removesuffix(".weight") for n in quantized])
 
 
 @dataclass
@@ -128,20 +226,27 @@ def human_count(count: int) -> str:
 
 
 def estimate(shape: Shape, settings: Settings) -> dict[str, int]:
-    """Bytes per rank, by part."""
-    params = shape.parameters()
+    """Bytes per rank, by part: exactly what trains gets fp32 weights, gradients and AdamW states; frozen parameters
+    only their weights at the checkpoint's dtype."""
+    counts = count(shape, settings)
+    trains = counts.trainable + counts.adapters
     sixteen_bit = settings.bf16 and settings.kind.startswith("zero")
     weight_bytes = 2 if sixteen_bit else 4
+    frozen_bytes = min(settings.frozen_bytes, weight_bytes)  # DeepSpeed's bf16 engine casts the whole model
     optimizer_bytes = 8 + (4 if sixteen_bit else 0)
     parts = {
-        "weights": params * weight_bytes // settings.shards("weights"),
-        "gradients": params * weight_bytes // settings.shards("gradients"),
-        "optimizer states (AdamW)": params * optimizer_bytes // settings.shards("optimizer"),
+        "weights": trains * weight_bytes // settings.shards("weights"),
+        "gradients": trains * weight_bytes // settings.shards("gradients"),
+        "optimizer states (AdamW)": trains * optimizer_bytes // settings.shards("optimizer"),
     }
+    if counts.frozen:
+        parts["frozen weights"] = counts.frozen * frozen_bytes // settings.shards("weights")
     if settings.quantized:
-        cached = shape.linear_parameters() if settings.shards("weights") == 1 else \
-            shape.linear_parameters() // shape.layers  # one gathered layer at a time
-        parts["fused weights (QAT)"] = cached * weight_bytes
+        cached = counts.fused_trainable * weight_bytes + counts.fused_frozen * frozen_bytes
+        parts["fused weights (QAT)"] = cached if settings.shards("weights") == 1 else \
+            cached // shape.layers  # one gathered layer at a time
+    if settings.teacher_parameters:
+        parts["teacher weights"] = settings.teacher_parameters * (2 if settings.bf16 else 4)
     element = 2 if settings.bf16 else 4
     tokens = settings.batch_size * settings.sequence
     scores = settings.batch_size * shape.heads * settings.sequence**2 * element * 2
@@ -149,6 +254,8 @@ def estimate(shape: Shape, settings: Settings) -> dict[str, int]:
     kept = tokens * shape.hidden * element * shape.layers + per_layer if settings.gradient_checkpointing \
         else per_layer * shape.layers
     logits = tokens * shape.vocab * 4 * 3  # fp32 logits, log-softmax and their gradient
+    if settings.teacher_parameters:
+        logits += tokens * shape.vocab * 4 * 2  # the teacher's logits and their fp32 softmax / difference
     parts["activations per micro-batch"] = kept + logits
     return parts
 
@@ -178,7 +285,7 @@ def alternatives(shape: Shape, settings: Settings, available: int, unit: str) ->
         changes.append(("bf16=true", {"bf16": True}))
     if settings.batch_size > 1:
         changes.append(("batch_size=1 (raise grad_accum to keep the global batch)", {"batch_size": 1}))
-    if settings.kind not in ("zero3", "fsdp"):
+    if settings.kind not in ("zero3", "fsdp") and not refused_when_sharded(settings):
         for ranks in (2, 4, 8, 16, 32, 64):
             changes.append((f"deepspeed=configs/deepspeed/zero3.json over {ranks} {unit}",
                             {"kind": "zero3", "world": ranks}))
@@ -189,6 +296,7 @@ def alternatives(shape: Shape, settings: Settings, available: int, unit: str) ->
             found.append(label)
             if "kind" in change:
                 break  # the fewest ranks that fit
+    found += [label for label, change in light_modes(settings) if fits(replace(settings, **change))]
     if found:
         return found
     combined, labels = settings, []
@@ -205,19 +313,104 @@ def alternatives(shape: Shape, settings: Settings, available: int, unit: str) ->
     return []
 
 
-def plan_memory(model_dir: Path, config: Any, kind: str, world: int, device: Any) -> MemoryPlan:
-    """The plan for a training config (TrainConfig or SftConfig) and strategy, before anything is loaded."""
+def refused_when_sharded(settings: Settings) -> bool:
+    """Whether the run uses a mode that check_modes refuses under ZeRO-3 / FSDP (freeze, lora, trainable_keys,
+    learned scales): then no ZeRO-3 alternative is suggested."""
+    learned = settings.quantized and settings.scheme is not None and settings.scheme.learned_scales
+    return settings.choice.selective or bool(learned)
+
+
+def light_modes(settings: Settings) -> list[tuple[str, dict[str, Any]]]:
+    """The training modes that train less than everything, as setting changes (none under ZeRO-3 / FSDP, which
+    refuse them); each names bf16=true too where frozen 16-bit weights need autocast."""
+    if settings.choice.selective or settings.kind in ("zero3", "fsdp"):
+        return []
+    autocast = " bf16=true" if settings.frozen_bytes == 2 and not settings.bf16 else ""
+    bf16 = {"bf16": True} if autocast else {}
+    modes = []
+    scheme = settings.scheme
+    if settings.quantized and (scheme is None or scheme.quant_type == "ternary"):
+        from bitcpm_cli.core.quant import QuantScheme
+
+        learned = (scheme or QuantScheme()).replace(learned_scales=True)
+        modes.append((f"trainable_keys=[quant_alpha,norm] learned_scales=true{autocast}",
+                      {"choice": Choice(trainable_keys=("quant_alpha", "norm")), "scheme": learned, **bf16}))
+    modes.append((f"finetuning_type=lora{autocast}", {"choice": Choice(finetuning_type="lora"), **bf16}))
+    modes.append((f"finetuning_type=freeze{autocast}", {"choice": Choice(finetuning_type="freeze"), **bf16}))
+    return modes
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def checkpoint_dtype(config: dict[str, Any]) -> str:
+    """The dtype a checkpoint's weights are stored in (config.json's torch_dtype / dtype; float32 when unstated):
+    what frozen parameters are held in."""
+    value = config.get("torch_dtype") or config.get("dtype")
+    return value if value in DTYPE_BYTES else "float32"
+
+
+def plan_memory(model_dir: Path, config: Any, kind: str, world: int, device: Any, scheme: Any = None) -> MemoryPlan:
+    """The plan for a training config (TrainConfig or SftConfig) and strategy, before anything is loaded. `scheme`:
+    the QuantScheme the run trains with (default: the checkpoint's, or ternary, with the config's learned_scales)."""
+    from bitcpm_cli.core.model.checkpoint import read_config
+    from bitcpm_cli.core.quant import QuantScheme
+
     shape = Shape.from_config(model_dir / "config.json")
+    values = read_config(model_dir)
+    quantized = config.quant_type != "none"
+    if quantized and scheme is None:
+        scheme = QuantScheme.from_config(values) or QuantScheme()
+        if getattr(config, "learned_scales", None):
+            scheme = scheme.replace(learned_scales=True)
+    teacher = getattr(config, "teacher", None)
     sequence = getattr(config, "max_length", None) or config.block_size
     settings = Settings(config.batch_size, sequence, config.bf16, config.gradient_checkpointing, kind, world,
-                        config.quant_type != "none")
+                        quantized, Choice.from_config(config), scheme, DTYPE_BYTES[checkpoint_dtype(values)],
+                        Shape.from_config(Path(teacher) / "config.json").parameters() if teacher else 0)
     memory, source = device_memory(device, config.max_memory_gb)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world) or 1)
 
     if memory is not None and device.type == "cpu" and local > 1:
         memory //= local  # the ranks on one machine share its RAM
         source += f" shared by {local} ranks"
-    plan = MemoryPlan(estimate(shape, settings), settings.describe(), shape.parameters(), memory, source)
+    plan = MemoryPlan(estimate(shape, settings), settings.describe(), count(shape, settings).total, memory, source)
     if not plan.fits:
         plan.suggestions = alternatives(shape, settings, memory, "machines" if device.type == "cpu" else "ranks")
     return plan
+
+
+# The family's shapes, for the README's table. 1B: the BitCPM4-CANN-1B weights (adaptation report). 3B: the config
+# the 1B repository shipped (a 3B-class MiniCPM4 shape; the 3B's own config is not in the seeds). 8B: MiniCPM4-8B's
+# published shape. Released checkpoints are bf16.
+REFERENCE_SHAPES = {
+    "1b": Shape(vocab=73448, hidden=2048, layers=28, heads=16, kv_heads=2, head_dim=128, intermediate=6144,
+                tied=False),
+    "3b": Shape(vocab=73448, hidden=2560, layers=32, heads=32, kv_heads=2, head_dim=128, intermediate=10240,
+                tied=False),
+    "8b": Shape(vocab=73448, hidden=4096, layers=32, heads=32, kv_heads=2, head_dim=128, intermediate=16384,
+                tied=False),
+}
+REFERENCE_MODES = {
+    "full": {},
+    "trainable_keys [quant_alpha, norm] + learned scales": {"choice": Choice(trainable_keys=("quant_alpha", "norm")),
+                                                            "learned": True},
+    "freeze (last 2 layers)": {"choice": Choice(finetuning_type="freeze")},
+    "lora r=16 (every quantized linear)": {"choice": Choice(finetuning_type="lora", lora_rank=16)},
+    "lora r=16 + MSE teacher": {"choice": Choice(finetuning_type="lora", lora_rank=16), "teacher": True},
+}
+
+
+def reference_plan(shape: str, mode: str, block_size: int = 512, batch_size: int = 1, kind: str = "single",
+                   world: int = 1, group_size: int = 128) -> dict[str, int]:
+    """Bytes per rank, by part plus "total", for one of REFERENCE_MODES at one of REFERENCE_SHAPES: a bf16
+    checkpoint (frozen parts held in bf16), bf16 autocast, ternary at `group_size`, one micro-batch of
+    `block_size` tokens (the README's "Training with less memory" table)."""
+    from bitcpm_cli.core.quant import QuantScheme
+
+    dims, change = REFERENCE_SHAPES[shape], REFERENCE_MODES[mode]
+    scheme = QuantScheme(group_size=group_size).replace(learned_scales=bool(change.get("learned")))
+    settings = Settings(batch_size, block_size, True, False, kind, world, True, change.get("choice", Choice()),
+                        scheme, 2, dims.parameters() if change.get("teacher") else 0)
+    parts = estimate(dims, settings)
+    return {**parts, "total": sum(parts.values())}

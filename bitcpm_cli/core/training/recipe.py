@@ -14,6 +14,7 @@ from bitcpm_cli.core.errors import ConfigError, collect, did_you_mean
 from bitcpm_cli.core.io.readers import read_structured_file
 from bitcpm_cli.core.quant.scheme import QUANT_TYPES
 
+KD_LOSSES = ("kl", "mse")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 
@@ -52,6 +53,18 @@ class TrainConfig:
     teacher: str | None = None
     kd_temperature: float = 2.0
     kd_weight: float = 0.5
+    kd_loss: str = "kl"  # kl (temperature-softened, as today) | mse (on the logits, the CANN Kit's)
+    # What trains (LLaMA-Factory's names and meaning; see core.training.selection)
+    finetuning_type: str = "full"  # full | freeze | lora
+    freeze_trainable_layers: int = 2  # freeze: the last n decoder layers train (the first -n when negative)
+    freeze_trainable_modules: str = "all"  # freeze: modules inside those layers (comma-separated: mlp,self_attn)
+    freeze_extra_modules: str | None = None  # freeze: modules outside the layers that train too (embed_tokens,norm)
+    lora_rank: int = 8
+    lora_alpha: int | None = None  # None: 2 x lora_rank (LLaMA-Factory's default)
+    lora_dropout: float = 0.0  # only 0: the adapter lives inside the quantizer, there is no side branch to drop
+    lora_target: str = "all"  # every linear but lm_head, or comma-separated module names
+    trainable_keys: list[str] = field(default_factory=list)  # the CANN Kit's: only parameters matching these train
+    learned_scales: bool | None = None  # None: the checkpoint's; true: group scales become parameters (quant_alpha)
     trust_remote_code: bool = False
     max_memory_gb: float | None = None  # plan against this much memory per device instead of the detected amount
     # Every other transformers.TrainingArguments field, under its Hugging Face name (report_to, optim, fsdp, ...)
@@ -104,10 +117,64 @@ class TrainConfig:
             problems.append("warmup_steps and warmup_ratio are both set; keep one")
         if self.max_memory_gb is not None and self.max_memory_gb <= 0:
             problems.append(f"max_memory_gb: must be positive, got {self.max_memory_gb}")
+        return problems + self.mode_problems()
+
+    def mode_problems(self, given: set[str] | None = None) -> list[str]:
+        """What trains, KD and learned scales; `given`: the settings the user set (a LoRA or freeze setting given
+        for another finetuning_type is refused, never silently dropped). A setting given at its default value drops
+        nothing: a run's saved bitcpm_train_config.yaml, which lists every setting, is a valid --config."""
+        from bitcpm_cli.core.training.selection import FINETUNING_TYPES
+
+        defaults = type(self)()
+        given = {n for n in given or () if getattr(self, n, None) != getattr(defaults, n, None)}
+        problems = []
+        if self.kd_loss not in KD_LOSSES:
+            problems.append(f"kd_loss: {self.kd_loss!r} is not one of {', '.join(KD_LOSSES)}"
+                            f"{did_you_mean(self.kd_loss, KD_LOSSES)}")
+        if self.finetuning_type not in FINETUNING_TYPES:
+            problems.append(f"finetuning_type: {self.finetuning_type!r} is not one of {', '.join(FINETUNING_TYPES)}"
+                            f"{did_you_mean(self.finetuning_type, FINETUNING_TYPES)}")
+        problems += lora_setting_problems(self)
+        if self.trainable_keys and self.finetuning_type != "full":
+            problems.append(f"trainable_keys: only with finetuning_type full (it chooses what trains itself); "
+                            f"finetuning_type is {self.finetuning_type}")
+        if any(not key.strip() for key in self.trainable_keys):
+            problems.append("trainable_keys: an empty pattern would match every parameter")
+        for prefix, kind in (("lora_", "lora"), ("freeze_", "freeze")):
+            stray = sorted(n for n in given or () if n.startswith(prefix))
+            if stray and self.finetuning_type != kind:
+                problems.append(f"{', '.join(stray)}: set for finetuning_type {kind}, but finetuning_type is "
+                                f"{self.finetuning_type} (set finetuning_type: {kind}, or drop them)")
+        given = given or set()
+        if {"kd_loss", "kd_weight", "kd_temperature"} & given and not self.teacher:
+            problems.append(f"{', '.join(sorted({'kd_loss', 'kd_weight', 'kd_temperature'} & given))}: knowledge "
+                            "distillation runs only with a teacher; set teacher (a float model folder)")
+        elif "kd_temperature" in given and self.kd_loss == "mse":
+            problems.append("kd_temperature: kd_loss mse compares the logits themselves (no temperature); drop it")
+        if self.learned_scales and self.quant_type is not None and self.quant_type != "ternary":
+            problems.append(f"learned_scales: quant_type {self.quant_type} has no learned scale (only ternary has)")
         return problems
+
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def lora_setting_problems(config: Any) -> list[str]:
+    """The LoRA settings' own problems (nothing loaded): rank, alpha, dropout (core.training.lora checks them
+    again where the adapter is built)."""
+    problems = []
+    rank = getattr(config, "lora_rank", 8)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        problems.append(f"lora_rank: must be a whole number of at least 1, got {rank}")
+    alpha = getattr(config, "lora_alpha", None)
+    if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0):
+        problems.append(f"lora_alpha: must be a positive number, got {alpha}")
+    dropout = getattr(config, "lora_dropout", 0.0)
+    if dropout != 0:
+        problems.append(f"lora_dropout: must be 0, got {dropout}: the adapter lives inside the quantizer "
+                        "(Q(W + alpha/r B A) x), there is no side branch for dropout to act on")
+    return problems
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -256,7 +323,9 @@ def resolve_config(cls: type, recipe: str | Path | None = None, flags: dict[str,
             values["max_steps"] = -1  # the epochs decide, as in transformers
     collect(problems, ConfigError, "invalid training settings", "fix the settings named above")
     config = cls(**values)
-    collect(config.problems(), ConfigError, "invalid training settings", "fix the settings named above")
+    problems = config.problems()
+    problems += [p for p in config.mode_problems(set(values)) if p not in problems]
+    collect(problems, ConfigError, "invalid training settings", "fix the settings named above")
     return config
 
 

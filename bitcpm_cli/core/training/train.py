@@ -16,10 +16,12 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from bitcpm_cli.core.errors import ConfigError, InputError
 from bitcpm_cli.core.io.outputs import OutputGuard
-from bitcpm_cli.core.io.readers import iter_text_lines, parse_json
+from bitcpm_cli.core.io.readers import iter_text_lines, parse_json, read_structured_file
+from bitcpm_cli.core.model.checkpoint import read_config
 from bitcpm_cli.core.model.config_check import require_consistent_config
 from bitcpm_cli.core.model.hf import dtype_kwarg, hf_loading, load_tokenizer, quiet_transformers
 from bitcpm_cli.core.model.inference_ready import make_inference_ready, read_generation_config
+from bitcpm_cli.core.model.learned_scales import load_learned_scales, quiet_scale_report
 from bitcpm_cli.core.model.tokenizer_bos import prepend_bos_like_training
 from bitcpm_cli.core.quant import QuantScheme, load_scheme_file, prepare, qat_layers
 from bitcpm_cli.core.runtime.device import distributed_backend, is_main_process, resolve_device
@@ -47,8 +49,17 @@ from bitcpm_cli.core.training.distributed import (
     scoped_rendezvous,
     single_process_rendezvous,
 )
-from bitcpm_cli.core.training.memory_plan import GIB, MemoryPlan, plan_memory
+from bitcpm_cli.core.training.memory_plan import (
+    DTYPE_BYTES,
+    GIB,
+    MemoryPlan,
+    Shape,
+    checkpoint_dtype,
+    human_count,
+    plan_memory,
+)
 from bitcpm_cli.core.training.recipe import TrainConfig, save_config
+from bitcpm_cli.core.training.selection import Choice, apply_selection, trainable_names
 from bitcpm_cli.core.training.trainer import QATTrainer, TrainingDiverged
 
 CONFIG_FILE = "bitcpm_train_config.yaml"
@@ -68,15 +79,44 @@ class TrainResult:
 
 
 def resolve_scheme(config: TrainConfig, recorded: QuantScheme | None, notes: list[str]) -> QuantScheme | None:
-    """The scheme to train with: the checkpoint's, a scheme file, or the flags; None trains in full precision."""
+    """The scheme to train with: the checkpoint's, a scheme file, or the flags; None trains in full precision.
+    learned_scales: unset keeps the checkpoint's; true turns them on; stored scales are never silently dropped."""
+    stored = recorded is not None and recorded.learned_scales
+    if stored and (config.learned_scales is False or config.quant_type == "none"):
+        setting = "learned_scales: false" if config.learned_scales is False else "quant_type none"
+        raise ConfigError(f"{setting}: the checkpoint stores learned scales (bitcpm_quant.learned_scales), which "
+                          "this run would drop", hint="leave learned_scales unset (or true) to keep training them")
     if config.quant_type == "none":
         if recorded is not None:
             notes.append("quant_type none: training a QAT checkpoint WITHOUT its fake quantizer (full precision)")
         return None
     base = load_scheme_file(config.scheme) if config.scheme else recorded or QuantScheme()
+    if stored:
+        _refuse_learned_overrides(config, recorded, base)
     if recorded is not None and config.group_size is not None and config.group_size != recorded.group_size:
         notes.append(f"group_size {config.group_size} replaces the checkpoint's {recorded.group_size}")
-    return base.replace(quant_type=config.quant_type, group_size=config.group_size)
+    learned = True if config.learned_scales or stored else None
+    if learned and not stored:
+        notes.append("learned_scales: every quantized layer's group scales are parameters (quant_alpha), starting "
+                     "from their absmean values")
+    return base.replace(quant_type=config.quant_type, group_size=config.group_size, learned_scales=learned)
+
+
+def _refuse_learned_overrides(config: TrainConfig, recorded: QuantScheme, base: QuantScheme) -> None:
+    """A checkpoint's learned scales exist for its own quant types and group sizes only (one scale per group):
+    --quant-type, --group-size or a --scheme file that quantize any layer otherwise cannot use them (as `convert`
+    refuses them), and absmean in their place would not continue the trained model. From config.json alone."""
+    hint = "leave --quant-type, --group-size and --scheme unset: the checkpoint's scheme (bitcpm_quant) is used"
+    if problems := recorded.learned_override_problems(config.quant_type, config.group_size):
+        raise ConfigError(problems[0], hint=hint)
+    if config.scheme:
+        keys = ("quant_type", "group_size", "modules_to_not_convert", "layers")
+        given, saved = base.to_dict(), recorded.to_dict()
+        differ = [f"{key} {given.get(key)!r} (the checkpoint's: {saved.get(key)!r})" for key in keys
+                  if given.get(key) != saved.get(key)]
+        if differ:
+            raise ConfigError(f"--scheme {config.scheme} cannot use the checkpoint's learned scales (quant_alpha), "
+                              f"which were trained for its own scheme: {'; '.join(differ)}", hint=hint)
 
 
 def _check_output_dir(config: TrainConfig) -> Path | None:
@@ -88,10 +128,70 @@ def _check_output_dir(config: TrainConfig) -> Path | None:
         if resume_from is None:
             raise InputError(f"--resume: no complete checkpoint in {output}",
                              hint="start a new run without --resume, or point --output-dir at an earlier run")
+        from bitcpm_cli.core.training.lora import check_resume_checkpoint
+
+        check_resume_settings(config, output)  # what trains and how it is quantized: as the run was started
+        check_resume_checkpoint(resume_from, config)  # LoRA resumes bitcpm's adapter; any other run, no adapter
     elif output.is_dir() and (checkpoints(output) or (output / METRICS_FILE).exists() or (output / "final").exists()):
         raise InputError(f"{output} already holds a training run",
                          hint="pass --resume to continue it, or choose a new --output-dir")
     return resume_from
+
+
+# The settings that decide what trains and how it is quantized: a resumed run must keep them (the checkpoint's
+# optimizer states, adapter and scales belong to them).
+RESUME_SETTINGS = ("finetuning_type", "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules",
+                   "trainable_keys", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "learned_scales",
+                   "quant_type", "group_size", "scheme")
+SCHEME_SETTINGS = ("learned_scales", "quant_type", "group_size", "scheme")
+
+
+def check_resume_settings(config: TrainConfig, output: Path) -> None:
+    """Before anything loads: --resume with settings (RESUME_SETTINGS) other than those the run was started with
+    (its bitcpm_train_config.yaml) is one ConfigError listing every difference, saved vs now. Unset quantization
+    settings that resolve to the same scheme as the saved ones (e.g. --group-size 32 on a checkpoint of group size
+    32) are no difference. A run folder without the file (written before the first step) has nothing to compare."""
+    path = output / CONFIG_FILE
+    if not path.is_file():
+        return
+    saved = read_structured_file(path, CONFIG_FILE)
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is not a mapping of settings", hint="restore the run's bitcpm_train_config.yaml")
+    defaults = type(config)()
+    then = {key: _comparable(key, saved.get(key, getattr(defaults, key)), saved) for key in RESUME_SETTINGS}
+    now = {key: _comparable(key, getattr(config, key), config.to_dict()) for key in RESUME_SETTINGS}
+    differ = [key for key in RESUME_SETTINGS if then[key] != now[key]]
+    if any(key in SCHEME_SETTINGS for key in differ) and _same_scheme(config, then):
+        differ = [key for key in differ if key not in SCHEME_SETTINGS]
+    if differ:
+        listed = "; ".join(f"{key} {then[key]!r} (saved) vs {now[key]!r} (now)" for key in differ)
+        raise ConfigError(f"--resume: {output} was started with other settings than this run's: {listed}",
+                          hint=f"resume with the run's own settings, e.g. --config {path} --resume")
+
+
+def _comparable(key: str, value: Any, values: dict[str, Any]) -> Any:
+    """A setting as compared on resume: lists as lists, lora_alpha unset as its value (2 x lora_rank)."""
+    if key == "trainable_keys":
+        return list(value or [])
+    if key == "lora_alpha":
+        rank = values.get("lora_rank", 8)
+        return float(value) if value is not None else float(2 * rank) if isinstance(rank, int) else None
+    return value
+
+
+def _same_scheme(config: TrainConfig, then: dict[str, Any]) -> bool:
+    """Whether the saved quantization settings and this run's resolve to the same scheme on the model's
+    config.json (False when that cannot be decided: the differences are then reported)."""
+    import dataclasses
+
+    try:
+        recorded = QuantScheme.from_config(read_config(Path(config.model)))
+        earlier = dataclasses.replace(config, **{key: then[key] for key in SCHEME_SETTINGS})
+        schemes = [resolve_scheme(c, recorded, []) for c in (earlier, config)]
+    except (InputError, ConfigError, TypeError):
+        return False
+    before, after = (s.to_dict() if s is not None else None for s in schemes)
+    return before == after
 
 
 def pretraining_data(config: TrainConfig, tokenizer: Any) -> DataPlan:
@@ -117,20 +217,20 @@ def _train(config: TrainConfig, data: Callable[[TrainConfig, Any], DataPlan], on
     output = Path(config.output_dir)
     resume_from = _check_output_dir(config)
     guard = output_guard(config)
-    model_dir, device, strategy, memory, notes = _preflight(config)
+    model_dir, device, strategy, memory, scheme, notes = _preflight(config)
     emit = on_event or (lambda event: None)
     emit({"phase": "plan", "plan": memory.to_dict(), "lines": memory.lines()})
     emit({"phase": "loading the tokenizer and the data"})
     tokenizer = load_tokenizer(model_dir, config.trust_remote_code)
     plan = data(config, tokenizer)
     emit({"phase": "loading the model"})
-    model, scheme = _load_student(config, model_dir, tokenizer, strategy, notes)
+    model = _load_student(config, model_dir, tokenizer, strategy, scheme, notes)
     teacher = _load_teacher(config, model, device) if config.teacher else None
 
     args = training_arguments(config, output, device, strategy)
     check_deepspeed_config(args, str(config.deepspeed))
     _check_optimizer(args, model)
-    if strategy.deepspeed is not None and config.bf16:
+    if strategy.deepspeed is not None and config.bf16 and config.finetuning_type != "lora":  # LoRA: merged final/
         notes.append("bf16 under DeepSpeed: final/ holds DeepSpeed's bf16 copy of the latent weights; the fp32 master "
                      "weights are in the last checkpoint (recover them with its zero_to_fp32.py)")
     emit({"phase": f"preparing {memory.strategy}"})
@@ -142,8 +242,10 @@ def _train(config: TrainConfig, data: Callable[[TrainConfig, Any], DataPlan], on
         metrics = MetricsLogger(output / METRICS_FILE, model, plan, config, strategy.world, on_event)
         marker = CompletionMarker(config.save_total_limit)  # marks, then rotates (the Trainer is given no limit)
         trainer = QATTrainer(teacher=teacher, kd_temperature=config.kd_temperature, kd_weight=config.kd_weight,
+                             kd_loss=config.kd_loss,
                              model=model, args=args, train_dataset=plan.dataset, data_collator=plan.collator,
                              callbacks=[MetricsCallback(metrics), marker] + list(callbacks))
+        teacher = None  # the trainer holds it, and lets it go when training ends (before final/ is written)
         trainer.remove_callback(PrinterCallback)
         if is_main_process():
             save_config(config, output / CONFIG_FILE)
@@ -165,10 +267,10 @@ def _train(config: TrainConfig, data: Callable[[TrainConfig, Any], DataPlan], on
                        plan.summary)
 
 
-def _preflight(config: TrainConfig) -> tuple[Path, Any, Strategy, MemoryPlan, list[str]]:
+def _preflight(config: TrainConfig) -> tuple[Path, Any, Strategy, MemoryPlan, QuantScheme | None, list[str]]:
     """The checks that need no model loaded, in order: the model folder, the device, the strategy and its backend,
     the reporting integrations, the memory plan, config.json and generation_config.json.
-    (model folder, device, strategy, memory plan, notes so far)."""
+    (model folder, device, strategy, memory plan, scheme, notes so far)."""
     model_dir = Path(config.model)
     if not model_dir.is_dir():
         raise InputError(f"model folder not found ({model_dir})", hint="pass a Hugging Face model folder")
@@ -179,31 +281,124 @@ def _preflight(config: TrainConfig) -> tuple[Path, Any, Strategy, MemoryPlan, li
     if rendezvous := single_process_rendezvous(strategy):
         notes.append(rendezvous)
     check_reporting(config.training_args.get("report_to"))
-    memory = check_memory(model_dir, config, strategy, device)  # from config.json alone (the careful reader)
+    scheme = check_modes(config, model_dir, strategy, notes)
+    memory = check_memory(model_dir, config, strategy, device, scheme)  # from config.json alone (the careful reader)
     require_consistent_config(model_dir)
     read_generation_config(model_dir)  # a broken generation_config.json fails now, not after training
-    return model_dir, device, strategy, memory, notes
+    return model_dir, device, strategy, memory, scheme, notes
+
+
+def check_modes(config: TrainConfig, model_dir: Path, strategy: Strategy, notes: list[str]) -> QuantScheme | None:
+    """Before anything loads, from config.json: the scheme (learned scales included), what trains (every
+    trainable_keys pattern / freeze module must name a parameter of the synthetic name table), the strategies and
+    dtypes these modes need, the teacher folder. Returns the scheme to train with."""
+    values = read_config(model_dir)
+    scheme = resolve_scheme(config, QuantScheme.from_config(values), notes)
+    choice = Choice.from_config(config)
+    trainable_names(Shape.from_config(model_dir / "config.json").parameter_table(scheme), choice, str(model_dir))
+    light = [f"finetuning_type {config.finetuning_type}"] if config.finetuning_type != "full" else []
+    light += ["trainable_keys"] if config.trainable_keys else []
+    light += ["learned_scales"] if scheme is not None and scheme.learned_scales else []
+    if light and strategy.kind in ("zero3", "fsdp"):
+        raise ConfigError(f"{', '.join(light)} under {'ZeRO-3' if strategy.kind == 'zero3' else 'FSDP'}: refused; "
+                          "sharded weights split the learned scales, the adapters and the mix of frozen 16-bit and "
+                          "trainable float32 parameters across ranks, which bitcpm does not test",
+                          hint="use DeepSpeed ZeRO-2 (configs/deepspeed/zero2.json) or DDP (torchrun), which work")
+    dtype = checkpoint_dtype(values)
+    if choice.selective and DTYPE_BYTES[dtype] == 2 and not config.bf16:
+        raise ConfigError(f"{choice.describe()}: the frozen parameters stay {dtype} (the checkpoint's dtype), and "
+                          "float32 activations cannot meet 16-bit weights", hint="set bf16: true (autocast)")
+    if config.teacher:
+        check_teacher(Path(config.teacher), values)
+    return scheme
+
+
+def check_teacher(path: Path, student: dict[str, Any]) -> None:
+    """Before anything loads: the KD teacher is a float model folder (a QAT checkpoint loaded as a float model
+    would lose its fake quantizer and learned scales) with the student's vocab_size (config.json's)."""
+    from bitcpm_cli.core.model.checkpoint import read_tensor_specs
+    from bitcpm_cli.core.quant import SCALE_PARAM
+    from bitcpm_cli.core.quant.scheme import CONFIG_KEY
+
+    if not path.is_dir():
+        raise InputError(f"teacher model folder not found ({path})", hint="pass the full-precision model folder")
+    values = read_config(path)
+    hint = ("distil from the float model, or `bitcpm convert` the QAT checkpoint to a fused folder (--format fused) "
+            "and pass that")
+    if CONFIG_KEY in values:
+        raise ConfigError(f"--teacher {path} is a QAT checkpoint (config.json has {CONFIG_KEY}); the teacher must be "
+                          "a float model (its fake quantizer would be dropped)", hint=hint)
+    if values.get("vocab_size") != student.get("vocab_size"):
+        raise ConfigError(f"the teacher's vocab_size {values.get('vocab_size')} ({path / 'config.json'}) differs "
+                          f"from the student's {student.get('vocab_size')}",
+                          hint="distil from a teacher with the same tokenizer")
+    _, specs = read_tensor_specs(path)
+    scales = sorted(name for name in specs if name.endswith("." + SCALE_PARAM))
+    if scales:
+        raise ConfigError(f"--teacher {path} stores learned scales ({scales[0]}, {len(scales)} in all): a QAT "
+                          "checkpoint; the teacher must be a float model", hint=hint)
 
 
 def _load_student(config: TrainConfig, model_dir: Path, tokenizer: Any, strategy: Strategy,
-                  notes: list[str]) -> tuple[Any, QuantScheme | None]:
-    """The model to train, in float32, its embeddings grown to the tokenizer, prepared with the scheme (if any)."""
-    with hf_loading(model_dir):
+                  scheme: QuantScheme | None, notes: list[str]) -> Any:
+    """The model to train, its embeddings grown to the tokenizer, prepared with the scheme (if any), its learned
+    scales loaded, what does not train frozen: in float32 when everything trains; otherwise loaded in the
+    checkpoint's dtype, the trainable parameters upcast to float32 (as LLaMA-Factory does), the frozen ones kept."""
+    choice = Choice.from_config(config)
+    dtype = getattr(torch, checkpoint_dtype(read_config(model_dir))) if choice.selective else torch.float32
+    with hf_loading(model_dir), quiet_scale_report():  # the learned scales it calls unexpected are loaded below
         model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=config.trust_remote_code,
-                                                     **{dtype_kwarg(): torch.float32})
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # e.g. chat tokens added for SFT
+                                                     **{dtype_kwarg(): dtype})
+    grown = max(0, len(tokenizer) - model.get_input_embeddings().num_embeddings)
+    if grown:  # e.g. chat tokens added for SFT
         notes.append(f"embeddings resized from {model.get_input_embeddings().num_embeddings} to {len(tokenizer)} "
                      "tokens to fit the tokenizer")
+        torch.manual_seed(config.seed)  # the new rows are drawn at random: the same ones again on --resume
         model.resize_token_embeddings(len(tokenizer))
-    scheme = resolve_scheme(config, QuantScheme.from_config(model.config), notes)
     if scheme is not None:
+        recorded = QuantScheme.from_config(model.config)
         prepare(model, scheme)
+        load_learned_scales(model, model_dir, allow_missing=scheme.learned_scales and not (
+            recorded is not None and recorded.learned_scales))
         if strategy.shards("weights") > 1:
             for layer in qat_layers(model).values():
                 layer.cache_fused = False
             notes.append("weights are sharded: metrics.jsonl has no zero_fraction / mean_scale (they are read from "
                          "cached fused weights, which sharded runs do not keep)")
-    return model, scheme
+    if choice.selective:
+        trainable, frozen = apply_selection(model, choice, f"{model_dir} (loaded)")
+        if choice.finetuning_type == "lora":
+            from bitcpm_cli.core.training.lora import add_lora
+
+            model = add_lora(model, config, notes)
+        else:
+            notes.append(f"{choice.describe()}: {human_count(trainable)} parameters train, {human_count(frozen)} are "
+                         f"frozen (kept in {str(dtype).removeprefix('torch.')})")
+        if grown:
+            notes += frozen_new_rows(model, grown, choice)
+        if config.gradient_checkpointing:
+            model.enable_input_require_grads()  # frozen embeddings: recomputed layers still get an input with grad
+    return model
+
+
+def frozen_new_rows(model: Any, grown: int, choice: Choice) -> list[str]:
+    """A loud note when the rows the resize added (`grown` tokens: sft's chat tokens) stay frozen at their initial
+    values: the input embedding's, and the output embedding's unless LoRA adapts it (an adapter covers every row).
+    Training only those rows would need a gradient mask and per-row optimizer states; bitcpm says so instead."""
+    embeddings = {"embedding": model.get_input_embeddings(), "lm_head": model.get_output_embeddings()}
+    frozen = []
+    for name, module in embeddings.items():
+        weight = getattr(module, "weight", None) if not hasattr(module, "lora_A") else None
+        if weight is not None and not weight.requires_grad and not (
+                name == "lm_head" and weight is getattr(embeddings["embedding"], "weight", None)):
+            frozen.append(name)
+    if not frozen:
+        return []
+    rows = " and ".join(f"{grown} new {name} rows" for name in frozen)
+    return [f"NOTE: {rows} (for the tokenizer's tokens beyond the checkpoint's vocabulary, e.g. the chat tokens "
+            f"sft added) stay FROZEN at their initial values under "
+            f"{choice.describe()}: the model cannot learn these tokens; to train them, use finetuning_type full, or "
+            "add embed_tokens and lm_head to trainable_keys / freeze_extra_modules"]
 
 
 def _check_optimizer(args: TrainingArguments, model: Any) -> None:
@@ -295,7 +490,7 @@ def write_final(trainer: Trainer, output: Path, tokenizer: Any, extra_files: Cal
         shutil.rmtree(staging)
     trainer.accelerator.wait_for_everyone()
     try:
-        save_final_model(trainer, staging)
+        save_final_model(trainer, staging, notes)
         if is_main_process():
             _complete_final(trainer, staging, tokenizer, extra_files, model_dir, notes)
             if final.exists():
@@ -321,9 +516,10 @@ def _complete_final(trainer: Trainer, staging: Path, tokenizer: Any, extra_files
     notes += make_inference_ready(staging, model_dir)  # use_cache back on, the input's generation settings
 
 
-def check_memory(model_dir: Path, config: TrainConfig, strategy: Strategy, device: Any) -> MemoryPlan:
+def check_memory(model_dir: Path, config: TrainConfig, strategy: Strategy, device: Any,
+                 scheme: QuantScheme | None = None) -> MemoryPlan:
     """The per-rank memory plan; a run that cannot fit stops here, before anything is loaded."""
-    memory = plan_memory(model_dir, config, strategy.kind, strategy.world, device)
+    memory = plan_memory(model_dir, config, strategy.kind, strategy.world, device, scheme)
     if not memory.fits:
         hint = (f"settings that would fit: {'; '.join(memory.suggestions)}" if memory.suggestions else
                 "no change of these settings fits: use a device with more memory, or max_memory_gb if the figure "
@@ -344,15 +540,15 @@ def _checkpointing_kwarg(enabled: bool) -> dict[str, bool]:
 
 
 def _load_teacher(config: TrainConfig, student: Any, device) -> Any:
+    """The teacher (checked by check_teacher before anything loaded), in inference mode, in the planned dtype."""
     path = Path(config.teacher)
-    if not path.is_dir():
-        raise InputError(f"teacher model folder not found ({path})", hint="pass the full-precision model folder")
+    vocab = read_config(path).get("vocab_size")
+    if vocab != student.config.vocab_size:  # the student grew to its tokenizer (sft's chat tokens)
+        raise ConfigError(f"the teacher's vocab_size {vocab} differs from the student's {student.config.vocab_size} "
+                          "(grown to fit the tokenizer)", hint="distil from a teacher with the same tokenizer")
     with hf_loading(path):
         teacher = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=config.trust_remote_code, **{
             dtype_kwarg(): torch.bfloat16 if config.bf16 else torch.float32})
-    if teacher.config.vocab_size != student.config.vocab_size:
-        raise ConfigError(f"the teacher's vocab_size {teacher.config.vocab_size} differs from the student's "
-                          f"{student.config.vocab_size}", hint="distil from a teacher with the same tokenizer")
     teacher.requires_grad_(False)
     return teacher.to(device).eval()
 
