@@ -17,7 +17,6 @@ from bitcpm_cli.core.quant.qat import (
     QATLinear,
     fuse,
     learned_scale_params,
-    lsq_scale_grad,
     plan,
     plan_state_dict,
     prepare,
@@ -28,7 +27,7 @@ from bitcpm_cli.core.quant.scheme import LayerQuant, QuantScheme, load_scheme_fi
 
 __all__ = [
     "FUSED_GROUP_CANDIDATES", "SCALE_PARAM", "LayerQuant", "QATLinear", "QuantScheme", "Quantized", "absmean_scales",
-    "fake_quantize", "fuse", "learned_scale_params", "lsq_scale_grad",
+    "fake_quantize", "fuse", "learned_scale_params",
     "fused_scales", "load_scheme_file", "pack_ternary", "plan", "plan_state_dict", "prepare", "qat_layers", "quantize",
     "release_fused", "row_blocks", "scale_shape", "ternary_codes_from_fused", "unpack_ternary",
 ]
