@@ -9,14 +9,15 @@ small: a child's ru_maxrss starts from its parent's RSS at fork) and the seconds
 first step, which also builds the graph, and the median of the others). Goal: each light mode under 12 GiB.
 
 Modes: full (every latent weight trains: the plan refuses it on a 24 GiB machine, with its estimate), trainable_keys
-[quant_alpha, norm] with learned scales (the CANN Kit's KD setting, without its teacher), LoRA r=16 on every
+[quant_alpha, norm] with learned scales (the CANN Kit's KD setting, without its teacher), LLaMA-Factory's freeze of
+the last 2 decoder layers, LoRA r=16 on every
 quantized linear, and LoRA r=16 with an MSE teacher (the same checkpoint, unquantized, in bf16), also with gradient
 checkpointing.
 
 The checkpoint: vocab 73,448, hidden 2,048, 28 layers, 16 heads, 2 KV heads, intermediate 6,144, bf16 latent weights
 (random, std 0.02), ternary with groups of 128; the quickstart tokenizer.
 
-    python scripts/bench_memory_light.py [--shape 1b] [--layers 28] [--steps 3] [--modes full,keys,lora,lora-mse,lora-mse-gc]
+    python scripts/bench_memory_light.py [--shape 1b] [--layers 28] [--steps 3] [--modes full,keys,freeze,lora,lora-mse,lora-mse-gc]
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ GIB = 2**30
 MODES = {
     "full": [],
     "keys": ["trainable_keys=[quant_alpha,norm]", "learned_scales=true"],
+    "freeze": ["finetuning_type=freeze", "freeze_trainable_layers=2"],
     "lora": ["finetuning_type=lora", "lora_rank=16", "lora_target=all"],
     "lora-mse": ["finetuning_type=lora", "lora_rank=16", "lora_target=all", "kd_loss=mse", "teacher={teacher}"],
     "lora-mse-gc": ["finetuning_type=lora", "lora_rank=16", "lora_target=all", "kd_loss=mse", "teacher={teacher}",
                     "gradient_checkpointing=true"],
 }
 LABELS = {"full": "full (every latent weight)", "keys": "trainable_keys [quant_alpha, norm] + learned scales",
+          "freeze": "freeze: the last 2 decoder layers",
           "lora": "LoRA r=16, every quantized linear", "lora-mse": "LoRA r=16 + MSE teacher (bf16)",
           "lora-mse-gc": "LoRA r=16 + MSE teacher + gradient checkpointing"}
 
