@@ -37,6 +37,7 @@ from torch import nn
 from bitcpm_cli.core.errors import ConfigError, InputError
 from bitcpm_cli.core.io.readers import read_json_file
 from bitcpm_cli.core.quant import QATLinear
+from bitcpm_cli.core.training.callbacks import latest_complete_checkpoint
 from bitcpm_cli.core.training.recipe import lora_setting_problems
 
 MARKER = "bitcpm_inside_quantizer"
@@ -222,15 +223,6 @@ def _refuse_tied(model: nn.Module, targets: list[str]) -> None:
                           "adapter would change the embeddings too", hint="leave it out of lora_target")
 
 
-def _run_adapter_checkpoint(output: Path) -> Path | None:
-    """The newest checkpoint-N of a run that holds an adapter_config.json (every checkpoint of one run has the same
-    adapter settings), else its newest checkpoint-N, else None."""
-    found = [p for p in output.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    found.sort(key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    with_adapter = [p for p in found if (p / ADAPTER_CONFIG).is_file()]
-    return (with_adapter or found or [None])[0]
-
-
 def add_lora(model: nn.Module, config: Any, notes: list[str] | None = None) -> nn.Module:
     """The model wrapped by peft with an adapter inside the quantizer on every `lora_target` linear; everything
     else is frozen (peft), learned scales included. Returns the PeftModel."""
@@ -246,7 +238,7 @@ def add_lora(model: nn.Module, config: Any, notes: list[str] | None = None) -> n
         raise ConfigError("lora_target: no linear module to adapt", hint="lora_target: all, or name some")
     _refuse_tied(model, targets)
     if getattr(config, "resume", False) and getattr(config, "output_dir", None):
-        checkpoint = _run_adapter_checkpoint(Path(config.output_dir))
+        checkpoint = latest_complete_checkpoint(Path(config.output_dir))  # the one the Trainer resumes from
         if checkpoint is not None:
             check_resume_checkpoint(checkpoint, config, targets)
     rank, alpha = lora_scaling(config)

@@ -49,6 +49,7 @@ from bitcpm_cli.core.training.distributed import (
     scoped_rendezvous,
     single_process_rendezvous,
 )
+from bitcpm_cli.core.training.lora import add_lora, check_resume_checkpoint
 from bitcpm_cli.core.training.memory_plan import (
     DTYPE_BYTES,
     GIB,
@@ -128,8 +129,6 @@ def _check_output_dir(config: TrainConfig) -> Path | None:
         if resume_from is None:
             raise InputError(f"--resume: no complete checkpoint in {output}",
                              hint="start a new run without --resume, or point --output-dir at an earlier run")
-        from bitcpm_cli.core.training.lora import check_resume_checkpoint
-
         check_resume_settings(config, output)  # what trains and how it is quantized: as the run was started
         check_resume_checkpoint(resume_from, config)  # LoRA resumes bitcpm's adapter; any other run, no adapter
     elif output.is_dir() and (checkpoints(output) or (output / METRICS_FILE).exists() or (output / "final").exists()):
@@ -368,8 +367,6 @@ def _load_student(config: TrainConfig, model_dir: Path, tokenizer: Any, strategy
     if choice.selective:
         trainable, frozen = apply_selection(model, choice, f"{model_dir} (loaded)")
         if choice.finetuning_type == "lora":
-            from bitcpm_cli.core.training.lora import add_lora
-
             model = add_lora(model, config, notes)
         else:
             notes.append(f"{choice.describe()}: {human_count(trainable)} parameters train, {human_count(frozen)} are "
