@@ -1,10 +1,22 @@
-"""Training throughput with the ternary fake quantizer against full precision, in one run.
+"""Training throughput of QAT against full precision, with and without fake-quantized activations, in one run.
 
-Trains the same Llama-shaped model on the same data with `quant_type none` and `ternary` (bf16 autocast, fp32 latent
-weights), alternating several repeats, and compares steady-state tokens/s (the median over logged steps after the
-warm-up). Target: ternary >= 0.97x of full precision (the BitCPM-CANN report measured 4.5 % overhead on NPU).
+The same Llama-shaped model (same initial weights, same random token batches) trains under each variant:
+- float: plain nn.Linear everywhere (no fake quantizer);
+- ternary A16: ternary weights, groups of 128 (QATLinear, cached fused weights), full-precision activations;
+- ternary + int8-token / q8_k / q8_0: the same, every quantized linear's input fake-quantized with that scheme
+  (bitcpm_cli.core.quant.activations; the STE backward).
+A step is what an optimizer step of `bitcpm train` does: --grad-accum micro-batches of forward + backward (bf16
+autocast over fp32 latent weights unless --no-bf16, as the Trainer's bf16), then AdamW's step and zero_grad. Variants
+alternate within each repeat (so a drift of the machine hits all of them); a repeat's rate is the median over its
+steps after --warmup (one untimed run first warms the allocator); reported: the median and the best over repeats, in
+tokens/s, and their ratios to float (on a shared machine the best is the least disturbed).
 
-    python scripts/bench_qat_overhead.py [--repeats 3] [--steps 12] [--grad-accum 4] [--device cpu]
+Shapes: `small` (default; Llama 4 layers x 512, intermediate 1,536, 8 heads, 2 KV heads, vocab 96: a minute on 2
+CPU cores) or `1b` (memory_plan.REFERENCE_SHAPES["1b"], the BitCPM4-1B shape; --layers to cut its 28 layers).
+Every linear input there is a multiple of 256, so q8_k's blocks fit.
+
+    python scripts/bench_qat_overhead.py [--shape small|1b] [--layers N] [--repeats 3] [--steps 5] [--warmup 1]
+        [--batch-size 2] [--block-size 128] [--grad-accum 2] [--variants float,a16,int8-token,q8_k,q8_0] [--no-bf16]
 """
 
 from __future__ import annotations
@@ -13,65 +25,115 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+VARIANTS = {"float": None, "a16": "none", "int8-token": "int8-token", "q8_k": "q8_k", "q8_0": "q8_0"}
+LABELS = {"float": "float (nn.Linear)", "a16": "ternary A16", "int8-token": "ternary + int8-token",
+          "q8_k": "ternary + q8_k", "q8_0": "ternary + q8_0"}
+SMALL = dict(vocab=96, hidden=512, layers=4, heads=8, kv_heads=2, head_dim=64, intermediate=1536)
 
-def build(folder: Path, corpus: Path) -> None:
-    import random
 
+def llama_config(shape: str, layers: int | None):
+    """The benchmark model's LlamaConfig: the small shape, or a REFERENCE_SHAPES entry."""
+    from transformers import LlamaConfig
+
+    from bitcpm_cli.core.training.memory_plan import REFERENCE_SHAPES
+
+    dims = SMALL if shape == "small" else vars(REFERENCE_SHAPES[shape])
+    return LlamaConfig(vocab_size=dims["vocab"], hidden_size=dims["hidden"], intermediate_size=dims["intermediate"],
+                       num_hidden_layers=layers or dims["layers"], num_attention_heads=dims["heads"],
+                       num_key_value_heads=dims["kv_heads"], head_dim=dims["head_dim"], max_position_embeddings=4096,
+                       tie_word_embeddings=False)
+
+
+def build_model(config, state: dict, activations: str | None):
+    """A fresh model with the shared initial weights, prepared for the variant (None: float)."""
+    from transformers import LlamaForCausalLM
+
+    from bitcpm_cli.core.quant import QuantScheme, prepare
+
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(state)
+    if activations is not None:
+        prepare(model, QuantScheme(group_size=128, activations=activations))
+    return model.train()
+
+
+def run(variant: str, config, state: dict, batches: list, args) -> dict:
+    """Train `args.steps` optimizer steps; the tokens/s of each step after the warm-up."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tests.helpers import build_char_tokenizer
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, head_dim=64, max_position_embeddings=1024,
-                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    build_char_tokenizer(folder)
-    rng = random.Random(0)
-    corpus.write_text("\n".join(" ".join(str(rng.randint(0, 999)) for _ in range(40)) for _ in range(4000)) + "\n")
-
-
-def run(folder: Path, corpus: Path, output: Path, quant_type: str, args) -> float:
-    from bitcpm_cli.core.training.recipe import TrainConfig, resolve_config
-    from bitcpm_cli.core.training.train import train
-
-    config = resolve_config(TrainConfig, None, {
-        "model": str(folder), "data": [str(corpus)], "output_dir": str(output), "quant_type": quant_type,
-        "group_size": 128, "max_steps": args.steps, "batch_size": 4, "grad_accum": args.grad_accum,
-        "block_size": 256, "logging_steps": 1, "save_steps": 10**6, "bf16": True, "device": args.device,
-        "lr": 1e-4})
-    train(config)
-    rates = [json.loads(line)["tokens_per_s"] for line in (output / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(rates[3:])  # skip the warm-up steps
+    model = build_model(config, state, VARIANTS[variant])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    rates = []
+    tokens = args.batch_size * args.block_size * args.grad_accum
+    for step in range(args.steps):
+        started = time.perf_counter()
+        for micro in range(args.grad_accum):
+            ids = batches[(step * args.grad_accum + micro) % len(batches)]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= args.warmup:
+            rates.append(tokens / (time.perf_counter() - started))
+    return {"variant": variant, "tokens_per_s": round(statistics.median(rates), 1), "loss": round(loss.item(), 4)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=("small", "1b"), default="small")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the shape's)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--grad-accum", type=int, default=4)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per variant and repeat")
+    parser.add_argument("--warmup", type=int, default=1, help="steps not counted (the first builds the caches)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="bf16 autocast over fp32 latent weights (the Trainer's bf16)")
     args = parser.parse_args()
-    results = {"none": [], "ternary": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder, corpus = Path(tmp) / "model", Path(tmp) / "corpus.txt"
-        build(folder, corpus)
-        for repeat in range(args.repeats):
-            for quant_type in ("none", "ternary"):
-                results[quant_type].append(run(folder, corpus, Path(tmp) / f"{quant_type}-{repeat}", quant_type, args))
-    float_rate, ternary_rate = statistics.median(results["none"]), statistics.median(results["ternary"])
-    print(f"model: Llama 4 x 512 (intermediate 1536), batch 4 x {args.grad_accum} accumulation x 256 tokens, bf16, "
-          f"{args.device}")
-    print(f"full precision: {float_rate:10,.0f} tokens/s  (repeats: {', '.join(f'{r:,.0f}' for r in results['none'])})")
-    print(f"ternary QAT:    {ternary_rate:10,.0f} tokens/s  (repeats: {', '.join(f'{r:,.0f}' for r in results['ternary'])})")
-    print(f"ratio ternary / full precision: {ternary_rate / float_rate:.3f}x (target >= 0.97x)")
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or args.steps <= args.warmup:
+        parser.error(f"unknown variants {unknown} (choose from {', '.join(VARIANTS)})" if unknown else
+                     "--steps must exceed --warmup")
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(args.shape, args.layers)
+    torch.manual_seed(0)
+    state = LlamaForCausalLM(config).state_dict()
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, config.vocab_size, (args.batch_size, args.block_size), generator=generator)
+               for _ in range(4)]
+    results: dict[str, list[float]] = {v: [] for v in variants}
+    run(variants[0], config, state, batches, argparse.Namespace(**{**vars(args), "steps": 2}))  # warm the allocator
+    for repeat in range(args.repeats):
+        for variant in variants:
+            result = run(variant, config, state, batches, args)
+            results[variant].append(result["tokens_per_s"])
+            print(json.dumps({"repeat": repeat, **result}), file=sys.stderr, flush=True)
+
+    print(f"model: Llama {config.num_hidden_layers} x {config.hidden_size} (intermediate {config.intermediate_size}, "
+          f"vocab {config.vocab_size}; shape {args.shape}), batch {args.batch_size} x {args.grad_accum} accumulation "
+          f"x {args.block_size} tokens, {'bf16 autocast' if args.bf16 else 'float32'}, AdamW, cpu, "
+          f"{torch.get_num_threads()} threads; median of {args.repeats} repeats x {args.steps - args.warmup} steps")
+    print("| variant | tokens/s (median) | ratio to float | tokens/s (best) | ratio to float (best) | repeats |")
+    print("|---|---|---|---|---|---|")
+    base = {"median": statistics.median(results["float"]), "best": max(results["float"])} if "float" in results else {}
+    for variant in variants:
+        rate, best = statistics.median(results[variant]), max(results[variant])
+        ratios = [f"{value / base[key]:.3f}x" if base else "-" for key, value in (("median", rate), ("best", best))]
+        print(f"| {LABELS[variant]} | {rate:,.0f} | {ratios[0]} | {best:,.0f} | {ratios[1]} | "
+              f"{', '.join(f'{r:,.0f}' for r in results[variant])} |")
 
 
 if __name__ == "__main__":

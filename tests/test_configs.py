@@ -22,16 +22,44 @@ def test_configs_exist():
     assert ALL_FILES, "configs/ holds no YAML or JSON"
 
 
+# The activation scheme each shipped file sets (a scheme's activation_summary; a recipe's `activations` setting,
+# None: the checkpoint's); a file not listed sets none / leaves it unset.
+ACTIVATIONS = {"bitnet-b158.yaml": "int8-token", "cann-layer-strategy.yaml": "int8-token", "tiny-cpu-a8.yaml": "q8_k"}
+
+
 @pytest.mark.parametrize("path", in_folder("quant"), ids=lambda p: p.name)
 def test_quant_schemes_load(path):
     scheme = load_scheme_file(path)
     assert isinstance(scheme, QuantScheme)
     assert scheme.for_module("lm_head").quant_type == "none"
+    assert scheme.for_module("lm_head").activations == "none"
+    assert scheme.activation_summary() == ACTIVATIONS.get(path.name, "none")
+    assert scheme.for_module("model.layers.3.mlp.down_proj").activations == ACTIVATIONS.get(path.name, "none")
+
+
+def test_bitnet_b158_is_ternary_absmean_per_tensor_with_int8_activations_per_token():
+    scheme = load_scheme_file(CONFIGS / "quant" / "bitnet-b158.yaml")
+    assert (scheme.quant_type, scheme.group_size, scheme.activations, scheme.layers) == (
+        "ternary", 0, "int8-token", {})
+    assert scheme.to_dict()["activations"] == "int8-token" and not scheme.notes
+
+
+def test_cann_strategy_quantizes_the_decoder_inputs_at_8_bits_and_says_what_it_cannot_reproduce():
+    path = CONFIGS / "quant" / "cann-layer-strategy.yaml"
+    scheme = load_scheme_file(path)
+    for module in ("model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"):
+        assert scheme.for_module(module).activations == "int8-token", module
+    assert scheme.for_module("model.layers.0.mlp.down_proj").quant_type == "int4"
+    assert len(scheme.notes) == 1 and scheme.notes[0].startswith(
+        f"{path}: input.bit 8 in 2 listed layer(s) and in every quantized linear the file does not list")
+    assert "calibrated static activation scales" in scheme.notes[0] and "not reproduced" in scheme.notes[0]
+    assert "input.bit must stay 16" not in path.read_text()
 
 
 @pytest.mark.parametrize("path", in_folder("pretrain"), ids=lambda p: p.name)
 def test_pretrain_recipes_validate(path):
     config = resolve_config(TrainConfig, path, REQUIRED)
+    assert config.activations == ACTIVATIONS.get(path.name)
     assert config.max_steps >= 1 or (config.max_steps == -1 and config.training_args["num_train_epochs"] >= 1)
     if config.deepspeed:
         assert (CONFIGS.parent / config.deepspeed).is_file(), f"{path.name} names a missing DeepSpeed file"
@@ -40,6 +68,7 @@ def test_pretrain_recipes_validate(path):
 @pytest.mark.parametrize("path", in_folder("sft"), ids=lambda p: p.name)
 def test_sft_recipes_validate(path):
     config = resolve_config(SftConfig, path, REQUIRED)
+    assert config.activations == ACTIVATIONS.get(path.name)
     assert config.max_length >= 2
     if config.deepspeed:
         assert (CONFIGS.parent / config.deepspeed).is_file(), f"{path.name} names a missing DeepSpeed file"
@@ -111,8 +140,11 @@ def test_quickstart_assets():
     assert len(tokenizer) <= config.vocab_size
     assert all(len(tokenizer.tokenize(str(n))) == 1 for n in range(200))  # one token a number
     assert tokenizer.chat_template and "<|im_end|>" in tokenizer.get_vocab()
-    assert resolve_config(TrainConfig, folder / "train.yaml", REQUIRED).quant_type == "ternary"
-    assert resolve_config(SftConfig, folder / "sft.yaml", REQUIRED).max_length >= 16
+    train = resolve_config(TrainConfig, folder / "train.yaml", REQUIRED)
+    # trained with llama.cpp's Q8_K activations (its GGUF is TQ2_0); sft keeps the checkpoint's scheme
+    assert train.quant_type == "ternary" and train.activations == "q8_k"
+    sft = resolve_config(SftConfig, folder / "sft.yaml", REQUIRED)
+    assert sft.max_length >= 16 and sft.activations is None
 
 
 def test_quickstart_corpus_is_what_the_script_generates():
@@ -152,3 +184,26 @@ def test_every_config_is_covered():
     covered = set(in_folder("quant") + in_folder("pretrain") + in_folder("sft") + in_folder("deepspeed")
                   + in_folder("fsdp") + in_folder("eval") + quickstart)
     assert covered == set(ALL_FILES), f"add a loader test for {sorted(set(ALL_FILES) - covered)}"
+
+
+def test_the_a8_recipe_fits_the_quickstart_model_and_not_the_64_wide_tiny_one():
+    import yaml
+
+    from bitcpm_cli.core.errors import ConfigError
+    from bitcpm_cli.core.training.memory_plan import Shape
+    from bitcpm_cli.core.training.train import check_activation_blocks, resolve_scheme
+
+    config = resolve_config(TrainConfig, CONFIGS / "pretrain" / "tiny-cpu-a8.yaml", REQUIRED)
+    scheme = resolve_scheme(config, None, [])
+    assert scheme.activations == "q8_k"
+    values = yaml.safe_load((CONFIGS / "quickstart" / "model.yaml").read_text())
+    quickstart = Shape(values["vocab_size"], values["hidden_size"], values["num_hidden_layers"],
+                       values["num_attention_heads"], values["num_key_value_heads"], values["head_dim"],
+                       values["intermediate_size"], False)
+    check_activation_blocks(quickstart.parameter_table(scheme), scheme, Path("quickstart"))
+    tiny = Shape(96, 64, 2, 4, 2, 16, 128, False)
+    with pytest.raises(ConfigError) as caught:
+        check_activation_blocks(tiny.parameter_table(scheme), scheme, Path("tiny"))
+    assert len(caught.value.problems) == 14  # every linear of both layers, named
+    assert "model.layers.0.mlp.down_proj: activations q8_k quantize blocks of 256 input values, which do not " \
+           "divide in_features 128" in caught.value.problems

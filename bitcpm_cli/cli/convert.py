@@ -29,7 +29,8 @@ def convert(
     gguf_type: str = typer.Option("tq2_0", "--gguf-type", help="GGUF block type of the linears: tq2_0, tq1_0 (exact or "
                                                                "refused) or auto (per tensor the smallest exact one of "
                                                                "TQ2_0, Q4_0, Q8_0: any group size that is a multiple "
-                                                               "of 32)."),
+                                                               "of 32; Q4_0 / Q8_0 first for a model trained with "
+                                                               "activations q8_0)."),
     gguf_embeddings: str = typer.Option("f16", "--gguf-embeddings", help="GGUF embeddings / output layer: f16, bf16 "
                                                                          "or q8_0."),
     allow_lossy: bool = typer.Option(False, "--allow-lossy", help="GGUF: export even where blocks are not exact, and "
@@ -104,6 +105,10 @@ def _render(result) -> None:
     table.add_row("output", f"{result.format}, {result.dtype}, {result.shards} file(s), {result.bytes_out / 2**20:,.1f} MiB")
     if result.scheme:
         table.add_row("scheme", f"{result.scheme['quant_type']}, group_size {result.scheme['group_size']}")
+    if result.activations:
+        table.add_row("activations", ", ".join(f"{scheme} in {n} linears" for scheme, n in result.activations.items())
+                      + ("" if result.format == "packed" or result.output.endswith((".safetensors", ".bin"))
+                         else " (recorded as bitcpm_activations)"))
     size = f"{result.quantized_bytes_out / 2**20:,.1f} MiB"
     if result.linear_ratio_vs_bf16 > 1:  # the linears are written smaller than in bf16 (packed codes and scales)
         size += f", {result.linear_ratio_vs_bf16:.2f}x smaller than bf16"

@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from bitcpm_cli.cli.infer import ACTIVATIONS_HELP
 from bitcpm_cli.cli.output import LEVEL_STYLE, err, out, print_json
 from bitcpm_cli.core.errors import InputError
 
@@ -44,6 +45,7 @@ def evaluate(
     per_token: Optional[Path] = typer.Option(None, "--per-token", help="Write each scored token's NLL (and KLD / "
                                              "same top token against the reference) to this JSON Lines file."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output / --per-token file."),
+    activations: Optional[str] = typer.Option(None, "--activations", help=ACTIVATIONS_HELP),
 ) -> None:
     """Score every model on the same tokens: perplexity, and against the reference the KL divergence, its 99th
     percentile and maximum, top-token agreement and RMS probability change (llama.cpp's perplexity tool's names)."""
@@ -62,7 +64,7 @@ def evaluate(
     plan = plan_eval(model, data, reference=reference, context=context, stride=stride, max_tokens=max_tokens,
                      device=device, dtype=dtype, trust_remote_code=trust_remote_code, tasks=task_list,
                      include_path=include_path, max_kld=max_kld, min_top1=min_top1, scoring=scoring,
-                     per_token=per_token, overwrite=overwrite)
+                     per_token=per_token, overwrite=overwrite, activations=activations)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
                TimeRemainingColumn())
     progress = Progress(*columns, console=err, transient=True, disable=not err.is_terminal)
@@ -104,6 +106,7 @@ def _render(report: dict, output: Path | None, name, how: str) -> None:
         return [format(m["vs_reference"][key], spec) if "vs_reference" in m else "-" for m in models]
 
     table.add_row("format", *[f"{m['format']} {m['dtype']}" for m in models])
+    table.add_row("activations", *[escape(m.get("activations", "none")) for m in models])
     table.add_row("PPL", *[f"{m['ppl']:.4g}" for m in models])
     table.add_row("PPL 95 %", *[f"{m['ppl_95'][0]:.4g}-{m['ppl_95'][1]:.4g}" for m in models])
     if report["settings"].get("scoring") == "llama.cpp":  # as llama-perplexity prints its final estimate

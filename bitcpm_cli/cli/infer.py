@@ -11,6 +11,14 @@ from rich.table import Table
 
 from bitcpm_cli.cli.output import LEVEL_STYLE, out, print_json
 
+# `infer` and `eval` give --activations the same text.
+ACTIVATIONS_HELP = ("Activation scheme of every quantized linear: none, int8-token, q8_k or q8_0 (default: the model's "
+                    "own: bitcpm_quant of a QAT or packed folder, bitcpm_activations of a fused one, none without). A "
+                    "fused folder without a record: the linears whose weights are fused; a float model runs "
+                    "unchanged (a note says so). llama.cpp decides a .gguf file's by tensor type (TQ1_0 / TQ2_0: "
+                    "q8_k, Q4_0 / Q8_0: q8_0): infer refuses the option there, eval applies it to the other models "
+                    "and reports what each ran.")
+
 
 def infer(
     model: Path = typer.Option(..., "--model", "-m", help="Fused, QAT or packed model folder, or a .gguf file."),
@@ -36,15 +44,17 @@ def infer(
                                          "than the model's context allows (default: refuse it)."),
     json_output: bool = typer.Option(False, "--json", help="Print the results document as JSON on stdout (no "
                                                            "streaming, no table); --output is still written."),
+    activations: Optional[str] = typer.Option(None, "--activations", help=ACTIVATIONS_HELP),
 ) -> None:
     """Generate for each prompt (greedy by default) and write token ids, text, timing and the runtime to JSON."""
-    from bitcpm_cli.core.engines.base import check_sampling
+    from bitcpm_cli.core.engines.base import check_activations_option, check_sampling
     from bitcpm_cli.core.engines.prompts import read_prompts
     from bitcpm_cli.core.engines.registry import engine_for, generate
     from bitcpm_cli.core.formats.results import write_results
     from bitcpm_cli.core.io.outputs import check_output_path
 
     engine_for(model, engine)  # an unknown engine is refused before anything is read
+    check_activations_option(activations)
     prompts = read_prompts(prompt, prompts_file)
     inputs = [model, prompts_file]
     check_output_path(output, inputs, overwrite)
@@ -63,7 +73,7 @@ def infer(
     document = generate(model, prompts, engine=engine, device=device, dtype=dtype,
                         trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens, temperature=temperature,
                         top_p=top_p, seed=seed, chat=chat, logprobs=logprobs, batch_size=batch_size,
-                        on_text=None if quiet else show, truncate_prompt=truncate_prompt)
+                        on_text=None if quiet else show, truncate_prompt=truncate_prompt, activations=activations)
     if not quiet:
         for result in document["results"]:
             if not result["text"]:  # nothing was streamed for it
@@ -96,7 +106,9 @@ def _summary(document: dict, output: Path) -> None:
                   style="bold")
     out.print(table)
     m = document["model"]
-    out.print(f"model {escape(m['path'])} ({m['format']}, {m['dtype']}), engine {document['runtime']['engine']}")
+    activations = f", activations {m['activations']}" if m.get("activations") else ""
+    out.print(f"model {escape(m['path'])} ({m['format']}, {m['dtype']}{escape(activations)}), engine "
+              f"{document['runtime']['engine']}")
     out.print(f"{s['ms_per_token'] or 0:.2f} ms/token on {document['runtime']['device']} "
               f"({escape(document['runtime']['device_name'])})")
     for note in document["notes"]:

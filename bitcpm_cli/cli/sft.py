@@ -27,6 +27,7 @@ def sft(
     quant_type: Optional[str] = opt.QUANT_TYPE,
     group_size: Optional[int] = opt.GROUP_SIZE,
     scheme: Optional[Path] = opt.SCHEME,
+    activations: Optional[str] = opt.ACTIVATIONS,
     lr: Optional[float] = opt.LR,
     batch_size: Optional[int] = opt.BATCH_SIZE,
     grad_accum: Optional[int] = opt.GRAD_ACCUM,
@@ -67,7 +68,8 @@ def sft(
         return
     given = opt.flags(
         model=model, data=data, output_dir=output_dir, max_steps=max_steps, quant_type=quant_type,
-        group_size=group_size, scheme=scheme, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+        group_size=group_size, scheme=scheme, activations=activations, lr=lr, batch_size=batch_size,
+        grad_accum=grad_accum,
         max_length=max_length, packing=packing, template=template, format=data_format, columns=columns,
         save_steps=save_steps,
         logging_steps=logging_steps, seed=seed, device=device, bf16=bf16, deepspeed=deepspeed, resume=resume,

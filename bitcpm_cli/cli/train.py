@@ -19,6 +19,7 @@ def train(
     quant_type: Optional[str] = opt.QUANT_TYPE,
     group_size: Optional[int] = opt.GROUP_SIZE,
     scheme: Optional[Path] = opt.SCHEME,
+    activations: Optional[str] = opt.ACTIVATIONS,
     lr: Optional[float] = opt.LR,
     batch_size: Optional[int] = opt.BATCH_SIZE,
     grad_accum: Optional[int] = opt.GRAD_ACCUM,
@@ -51,7 +52,8 @@ def train(
 
     settings = resolve_config(TrainConfig, config, opt.flags(
         model=model, data=data, output_dir=output_dir, max_steps=max_steps, quant_type=quant_type,
-        group_size=group_size, scheme=scheme, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+        group_size=group_size, scheme=scheme, activations=activations, lr=lr, batch_size=batch_size,
+        grad_accum=grad_accum,
         block_size=block_size, save_steps=save_steps, logging_steps=logging_steps, seed=seed, device=device,
         bf16=bf16, deepspeed=deepspeed, resume=resume, teacher=teacher, trust_remote_code=trust_remote_code,
     ), overrides)

@@ -22,6 +22,9 @@ MAX_STEPS = typer.Option(None, "--max-steps", help="Optimizer steps.")
 QUANT_TYPE = typer.Option(None, "--quant-type", help="ternary (default), binary, int2/4/8, or none (full precision).")
 GROUP_SIZE = typer.Option(None, "--group-size", help="-1 per row, 0 per tensor, N input channels.")
 SCHEME = typer.Option(None, "--scheme", help="Scheme file: a bitcpm_quant block or a CANN strategy.")
+ACTIVATIONS = typer.Option(None, "--activations", help="Fake-quantize every quantized linear's input as it is served: "
+                           "none, int8-token (BitNet b1.58), q8_k (llama.cpp TQ1_0/TQ2_0), q8_0 (Q4_0/Q8_0). "
+                           "Default: the checkpoint's or the --scheme file's.")
 LR = typer.Option(None, "--lr", help="Peak learning rate.")
 BATCH_SIZE = typer.Option(None, "--batch-size", help="Sequences per device per micro-batch.")
 GRAD_ACCUM = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step.")
@@ -158,6 +161,8 @@ def render_result(result: Any, title: str) -> None:
         table.add_row("loss", f"{result.first_loss:.4f} -> {result.last_loss:.4f}")
     table.add_row("scheme", "full precision" if result.scheme is None else
                   f"{result.scheme['quant_type']}, group_size {result.scheme['group_size']}")
+    if result.activations is not None:
+        table.add_row("activations", result.activations)
     table.add_row("final checkpoint", escape(result.final_dir))
     table.add_row("metrics", escape(str(Path(result.output_dir) / "metrics.jsonl")))
     out.print(table)

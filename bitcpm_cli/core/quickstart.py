@@ -1,7 +1,7 @@
 """`quickstart`: the whole toolchain on a tiny BitCPM-shaped model, on the CPU, in a few minutes.
 
-build the tiny model -> train (ternary QAT) -> sft -> convert (fused, packed) -> infer on the QAT checkpoint and on
-the fused model -> compare -> loss plot and SUMMARY.md. It calls the same core functions as the commands.
+build the tiny model -> train (ternary QAT, with Q8_K activations as llama.cpp runs TQ2_0) -> sft -> convert (fused,
+packed) -> infer on the QAT checkpoint and on the fused model -> compare -> loss plot and SUMMARY.md. It calls the same core functions as the commands.
 """
 
 from __future__ import annotations

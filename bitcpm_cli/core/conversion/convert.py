@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections import Counter
 from contextlib import closing, nullcontext
 from pathlib import Path
 from typing import Iterator
@@ -71,8 +72,11 @@ def convert_checkpoint(
                                                       max_shard_bytes, progress, tensor_bytes)
         result = _result(plan, source, output, out_specs, bytes_in, written, f"sha256:{hasher.hexdigest()}")
         if not single:
-            write_folder_files(source, staging, plan.config, result, plan.fmt, plan.scheme, plan.targets, plan.mode)
+            write_folder_files(source, staging, plan.config, result, plan.fmt, plan.scheme, plan.targets, plan.mode,
+                               plan.activations)
             result.notes += make_inference_ready(staging, source if source.is_dir() else None)
+        elif plan.activations:
+            result.notes.append(_unrecorded_activations(plan.activations, single))
         _attach_report(result, report)
         guard.commit()  # the old output (--overwrite) is removed only once the new one is complete
     except BaseException as exc:
@@ -80,6 +84,14 @@ def convert_checkpoint(
         raise
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _unrecorded_activations(activations: dict[str, str], single: str) -> str:
+    """The note of a single-file output of a model that quantizes activations: nothing can record them there."""
+    schemes = ", ".join(f"{scheme} in {n}" for scheme, n in sorted(Counter(activations.values()).items()))
+    return (f"activations: {len(activations)} linear(s) were trained with quantized activations ({schemes}), and a "
+            f"single file ({single}) has no config.json to record them: a model loaded from it runs them with "
+            "full-precision activations; write a folder output to keep the bitcpm_activations record")
 
 
 def _convert_to_bin(plan: ConversionPlan, transform: Transform, tensors: Iterator[tuple[str, torch.Tensor]],
@@ -150,6 +162,7 @@ def _result(plan: ConversionPlan, source: Path, output: Path, out_specs: list[tu
         bytes_out=sum(p.stat().st_size for p in written), quantized_bytes_out=quantized_bytes,
         quantized_numel=sum(math.prod(shape) for shape in quantized_shapes), fingerprint=fingerprint, seconds=0.0,
         shards=len(written), notes=plan.notes, warnings=plan.warnings,
+        activations=dict(sorted(Counter(plan.activations.values()).items())),
     )
 
 

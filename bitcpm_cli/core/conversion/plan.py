@@ -6,6 +6,8 @@ the per-tensor transform, and every output tensor's name, dtype and shape.
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from bitcpm_cli.core.errors import ConfigError, InputError, QuantError
+from bitcpm_cli.core.errors import ConfigError, InputError, QuantError, collect
 from bitcpm_cli.core.formats.packed import PACKED_SUFFIX, SCALE_SUFFIX, PackedPairs, packed_base, read_packed_shapes
 from bitcpm_cli.core.io.background import prefetched
 from bitcpm_cli.core.io.outputs import check_output
@@ -36,6 +38,7 @@ from bitcpm_cli.core.model.learned_scales import (
     require_scales_fit,
     weight_name,
 )
+from bitcpm_cli.core.quant.activations import FUSED_CONFIG_KEY, block_problem, read_fused_record
 from bitcpm_cli.core.quant import (
     FUSED_GROUP_CANDIDATES,
     LayerQuant,
@@ -180,6 +183,9 @@ class ConversionPlan:
     notes: list[str]
     warnings: list[str]
     scales: dict[str, torch.Tensor] = field(default_factory=dict)  # learned scales, by the `.weight` they quantize
+    # How each quantized linear's input is quantized, {module name: scheme}, the full-precision ones left out: from
+    # the scheme's targets, a fused input's `bitcpm_activations` record or a packed input's bitcpm_quant.
+    activations: dict[str, str] = field(default_factory=dict)
 
     def transform(self) -> "Transform":
         return Transform(self.mode, self.fmt, self.dtype, self.targets, self.packed_shapes, self.scales)
@@ -238,8 +244,13 @@ def plan_conversion(source: Path, output: Path, *, quant_type: str | None, group
 
     notes: list[str] = []
     recorded = QuantScheme.from_config(config) if config else None
+    # A fused input's activation record is checked against the headers before any weight is read.
+    record = (read_fused_record(config[FUSED_CONFIG_KEY], {n: s.shape for n, s in specs.items()},
+                                f"{source / 'config.json'}") if config and FUSED_CONFIG_KEY in config else None)
     packed_input = any(name.endswith(PACKED_SUFFIX) for name in specs)
     scheme, warnings = _resolve_scheme(None if packed_input else recorded, quant_type, group_size, scheme_file)
+    if scheme_file is not None and scheme is not None:
+        notes += scheme.notes  # what the scheme file could not carry exactly (a CANN file's calibrated scales)
     packed_shapes: dict[str, list[int]] = {}
     targets: dict[str, LayerQuant] = {}
     if packed_input:
@@ -259,9 +270,69 @@ def plan_conversion(source: Path, output: Path, *, quant_type: str | None, group
                 raise QuantError(f"the packed format holds ternary codes only, not {', '.join(bad)}",
                                  hint="use --format fused for other quant types")
             packed_shapes = {name.removesuffix(".weight"): list(specs[name].shape) for name in targets}
+    activations = _plan_activations(mode, targets, packed_shapes, recorded, scheme, record, warnings)
     scales = _learned_scales(source, files, specs, targets if mode == "quantize" else {}, scheme_file, notes)
     return ConversionPlan(files, specs, config, fmt, dtype, mode, input_kind, scheme, targets, packed_shapes, notes,
-                          warnings, scales)
+                          warnings, scales, activations)
+
+
+def _plan_activations(mode: str, targets: dict[str, LayerQuant], packed_shapes: dict[str, list[int]],
+                      recorded: QuantScheme | None, scheme: QuantScheme | None, record: dict[str, str] | None,
+                      warnings: list[str]) -> dict[str, str]:
+    """{module: activation scheme} of the quantized linears (none left out): the scheme's for a quantized input, the
+    packed scheme's for a packed one (checked against the recorded shapes), the record's for a fused one. A record
+    or scheme that the output does not follow is a warning."""
+    if mode == "quantize":
+        activations = {n.removesuffix(".weight"): t.activations for n, t in targets.items() if t.activations != "none"}
+        if record is not None and record != activations:
+            warnings.append(f"the input's {FUSED_CONFIG_KEY} record is replaced by the activations of the "
+                            f"quantization scheme ({(scheme or QuantScheme()).activation_summary()})")
+        return activations
+    if mode == "unpack":
+        own = recorded or QuantScheme()
+        activations = {base: own.for_module(base).activations for base in packed_shapes
+                       if own.for_module(base).activations != "none"}
+        problems = [p for base, a in activations.items()
+                    if (p := block_problem(a, packed_shapes[base][1], base)) is not None]
+        collect(problems, ConfigError, "the packed checkpoint's bitcpm_quant activations do not fit its layers",
+                "the packed checkpoint was not written by bitcpm or is damaged")
+        return activations
+    # Passthrough: a fused input's record says what its weights were trained with; without one, the scheme does (a
+    # QAT checkpoint whose weights are already fused, --scheme), whose blocks plan_state_dict has checked.
+    modules = [n.removesuffix(".weight") for n in targets]
+    if record is None:
+        return {m: a for m in modules if (a := scheme.for_module(m).activations) != "none"} if scheme else {}
+    outside = sorted(set(record) - set(modules))
+    if outside:  # e.g. an lm_head the QAT model quantized: the passthrough keeps it as it is, in full precision
+        warnings.append(f"activations: {len(outside)} linear(s) of the fused input's {FUSED_CONFIG_KEY} record are "
+                        f"not quantized linears of this conversion ({', '.join(outside[:3])}): a fused output keeps "
+                        "their record, a packed output and a GGUF run them with full-precision activations; convert "
+                        "the QAT checkpoint instead")
+    differ = [m for m in modules if scheme is not None and scheme.for_module(m).activations != record.get(m, "none")]
+    if differ:
+        warnings.append(f"activations: the scheme given quantizes the input of {len(differ)} linear(s) differently "
+                        f"from the fused input's {FUSED_CONFIG_KEY} record, which is kept: the record says what the "
+                        "weights were trained with")
+    return dict(record)
+
+
+def packed_scheme_recording(scheme: QuantScheme, targets: dict[str, LayerQuant],
+                            activations: dict[str, str]) -> QuantScheme:
+    """`scheme` as a packed config's bitcpm_quant that resolves every target to its activation scheme: unchanged
+    when it already does (a QAT input's own scheme), else with exact-name overrides for the linears it gets wrong
+    (a fused input's record)."""
+    modules = {n.removesuffix(".weight"): t for n, t in targets.items()}
+
+    def wrong_in(candidate: QuantScheme) -> dict[str, LayerQuant]:
+        return {m: t for m, t in modules.items() if candidate.for_module(m).activations != activations.get(m, "none")}
+
+    if not (wrong := wrong_in(scheme)):
+        return scheme
+    scheme = scheme.with_activations(Counter(activations.get(m, "none") for m in modules).most_common(1)[0][0])
+    wrong = wrong_in(scheme)
+    overrides = {re.escape(m): {"quant_type": t.quant_type, "group_size": t.group_size,
+                                "activations": activations.get(m, "none")} for m, t in wrong.items()}
+    return scheme.replace(layers={**overrides, **scheme.layers})
 
 
 def _learned_scales(source: Path, files: WeightFiles, specs: dict[str, TensorSpec], targets: dict[str, LayerQuant],

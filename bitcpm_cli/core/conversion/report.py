@@ -50,6 +50,8 @@ class ConvertResult:
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     verify: VerifyReport | None = None
+    # how many quantized linears quantize their input with each activation scheme (none left out)
+    activations: dict[str, int] = field(default_factory=dict)
 
     @property
     def linear_ratio_vs_bf16(self) -> float:

@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 
 from bitcpm_cli import __version__
+from bitcpm_cli.core.conversion.plan import packed_scheme_recording
 from bitcpm_cli.core.conversion.report import ConvertResult
 from bitcpm_cli.core.formats.packed import PACKED_SHAPES_KEY, packed_base
 from bitcpm_cli.core.io.safetensors import SafetensorsStreamWriter, tensor_nbytes
 from bitcpm_cli.core.quant import LayerQuant, QuantScheme
+from bitcpm_cli.core.quant.activations import FUSED_CONFIG_KEY, fused_record
 from bitcpm_cli.core.quant.scheme import CONFIG_KEY
 
 PROVENANCE_FILE = "bitcpm_convert.json"
@@ -111,15 +113,22 @@ class ShardedWriter:
 
 
 def write_folder_files(source: Path, staging: Path, config: dict | None, result: ConvertResult, fmt: str,
-                        scheme: QuantScheme | None, targets: dict[str, LayerQuant], mode: str) -> None:
+                        scheme: QuantScheme | None, targets: dict[str, LayerQuant], mode: str,
+                        activations: dict[str, str] | None = None) -> None:
+    """config.json (a fused output records its activation schemes under `bitcpm_activations`, a packed one keeps
+    them in its bitcpm_quant), the input folder's other files and the provenance file."""
+    activations = activations or {}
     if config is not None:
-        out_config = {k: v for k, v in config.items() if k != CONFIG_KEY}
+        out_config = {k: v for k, v in config.items() if k not in (CONFIG_KEY, FUSED_CONFIG_KEY)}
         out_config["dtype" if "dtype" in config else "torch_dtype"] = result.dtype
         if fmt == "packed":
             group_sizes = {t.group_size for t in targets.values()}
             # The packed scales are the learned ones where there were: the packed model holds no quant_alpha tensors.
-            packed_scheme = (scheme or QuantScheme()).replace(group_size=next(iter(group_sizes)), learned_scales=False)
+            packed_scheme = packed_scheme_recording(scheme or QuantScheme(), targets, activations).replace(
+                group_size=next(iter(group_sizes)), learned_scales=False)
             out_config[CONFIG_KEY] = {**packed_scheme.to_dict(), "packed": True}
+        elif (record := fused_record(activations)) is not None:
+            out_config[FUSED_CONFIG_KEY] = record
         (staging / "config.json").write_text(json.dumps(out_config, indent=2, ensure_ascii=False) + "\n")
     else:
         result.notes.append("the input has no config.json: the output folder holds weights only")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from bitcpm_cli.core.errors import InputError
+from bitcpm_cli.core.errors import InputError, did_you_mean
 from bitcpm_cli.core.runtime.device import cann_version, package_version
 
 
@@ -51,6 +51,9 @@ class Engine:
     name: str
     extra: str | None = None  # the pyproject extra that installs it
     module: str | None = None  # the package it needs
+    # True where the engine quantizes activations its own way (llama.cpp: by tensor type): `infer` refuses an
+    # --activations override for it, `eval` runs it as it decides and reports that.
+    decides_activations: bool = False
 
     def accepts(self, path: Path) -> bool:
         raise NotImplementedError
@@ -68,9 +71,29 @@ class Engine:
         one is an InputError naming where it came from); returns that source."""
         raise NotImplementedError
 
+    def check_activations(self, path: Path, activations: str | None) -> None:
+        """Refuse, before any weight is read, a model whose activation scheme (its own, or the `activations`
+        override) this engine cannot run. By default an engine runs a model as it is, and takes no override."""
+        check_activations_option(activations)
+        if activations is not None:
+            raise InputError(f"--activations {activations}: the {self.name} engine cannot change a model's "
+                             "activation scheme", hint="drop --activations, or run a model folder with --engine hf")
+
     def open(self, path: Path, *, device: str = "auto", dtype: str = "bfloat16", trust_remote_code: bool = False,
-             qat_forward: bool = False, context: int | None = None) -> Session:
+             qat_forward: bool = False, context: int | None = None, activations: str | None = None) -> Session:
+        """The model, loaded to run; `activations` overrides its activation scheme (None: the model's own). The
+        session's `info["activations"]` says which scheme it runs."""
         raise NotImplementedError
+
+
+def check_activations_option(activations: str | None) -> None:
+    """An `--activations` override names a scheme (None: the model's own)."""
+    from bitcpm_cli.core.quant.scheme import ACTIVATION_SCHEMES
+
+    if activations is not None and activations not in ACTIVATION_SCHEMES:
+        raise InputError(f"--activations {activations!r} is not one of {', '.join(ACTIVATION_SCHEMES)}"
+                         f"{did_you_mean(str(activations), ACTIVATION_SCHEMES)}",
+                         hint="leave --activations out to run each model's recorded activation scheme")
 
 
 TextCallback = Callable[[int, str], None]  # (prompt id, newly generated text)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from bitcpm_cli.core.engines.activations import ActivationPlan, apply_activations, plan_activations
 from bitcpm_cli.core.engines.base import (
     Engine,
     ModelCard,
@@ -56,26 +57,23 @@ def require_model_folder(path: Path) -> None:
 
 
 def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfloat16",
-                       trust_remote_code: bool = False, fuse_qat: bool = True) -> LoadedModel:
+                       trust_remote_code: bool = False, fuse_qat: bool = True,
+                       activations: str | None = None) -> LoadedModel:
     """Load a fused, float, QAT or packed model for generation; QAT checkpoints are fused on load, exactly as
     `convert` would, so a QAT checkpoint and its fused conversion generate identical tokens. With fuse_qat=False a
-    QAT checkpoint keeps its fake-quantized linears (the forward training optimizes)."""
+    QAT checkpoint keeps its fake-quantized linears (the forward training optimizes). The model runs its recorded
+    activation scheme (engines/activations.py), or `activations` on every quantized linear; `info["activations"]`
+    says which."""
     import torch
 
     from bitcpm_cli.core.formats.fingerprint import fingerprint
-    from bitcpm_cli.core.formats.packed import PACKED_SUFFIX
 
     path = Path(path)
     require_model_folder(path)
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}", hint="bfloat16 is what the NPU uses")
-    config = read_config(path)
-    files, specs = read_tensor_specs(path)
-    packed = any(name.endswith(PACKED_SUFFIX) for name in specs)
-    if not packed:
-        require_consistent_config(path)
-    else:  # packed shapes are not the config's, but its MiniCPM scales must still be numbers the model can use
-        require_valid_scales(config, path / "config.json")
+    config, files, specs, packed_shapes = _read_headers(path)
+    plan = plan_activations(path, config, specs, packed_shapes, activations)  # before any weight is read
     target = resolve_device(device)  # a missing device fails here, before anything heavy is loaded
     torch_dtype = getattr(torch, dtype)
     from bitcpm_cli.core.model.hf import quiet_transformers
@@ -83,66 +81,93 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfl
     with quiet_transformers():  # the CLI draws its own output; keep stderr for errors and notes
         tokenizer = load_tokenizer(path, trust_remote_code, padding_side="left")
         with hf_loading(path):
-            model, kind, notes = _load_model(path, config, files, specs, packed, torch_dtype, trust_remote_code,
-                                             fuse_qat)
+            model, kind, notes = _load_model(path, files, specs, packed_shapes is not None, torch_dtype,
+                                             trust_remote_code, fuse_qat, plan)
     model.to(device=target, dtype=torch_dtype).eval()
     info = {"path": str(path), "fingerprint": fingerprint(files), "dtype": dtype, "format": kind}
-    return LoadedModel(model, tokenizer, target, info, notes)
+    info["activations"], activation_notes = apply_activations(model, plan, kind)
+    return LoadedModel(model, tokenizer, target, info, notes + activation_notes)
 
 
-def _load_model(path: Path, config: dict[str, Any], files, specs, packed: bool, torch_dtype,
-                trust_remote_code: bool, fuse_qat: bool) -> tuple[Any, str, list[str]]:
-    import torch
+def _read_headers(path: Path) -> tuple[dict[str, Any], Any, dict[str, Any], dict[str, list[int]] | None]:
+    """(config.json, weight files, tensor specs, {packed linear: [out, in]} or None), checked, from headers only."""
+    from bitcpm_cli.core.formats.packed import PACKED_SUFFIX, read_packed_shapes
+
+    config = read_config(path)
+    files, specs = read_tensor_specs(path)
+    if not any(name.endswith(PACKED_SUFFIX) for name in specs):
+        require_consistent_config(path)
+        return config, files, specs, None
+    # packed shapes are not the config's, but its MiniCPM scales must still be numbers the model can use
+    require_valid_scales(config, path / "config.json")
+    return config, files, specs, read_packed_shapes(files, specs)
+
+
+def _load_model(path: Path, files, specs, packed: bool, torch_dtype,
+                trust_remote_code: bool, fuse_qat: bool, plan: ActivationPlan) -> tuple[Any, str, list[str]]:
+    from transformers import AutoModelForCausalLM
+
+    from bitcpm_cli.core.quant import fuse, prepare
+
+    if packed:
+        return _load_packed(path, files, specs, torch_dtype, trust_remote_code), "packed", []
+    notes: list[str] = []
+    scheme = plan.scheme  # a QAT checkpoint's scheme, with the --activations override applied
+    if scheme is None or not scheme.learned_scales:  # quant_alpha tensors no scheme uses: refused before loading
+        require_scales_fit(specs, {}, path)
+    load_dtype = "auto" if scheme else torch_dtype
+    with quiet_scale_report():  # the learned scales it calls unexpected are loaded below
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                     **{dtype_kwarg(): load_dtype})
+    if scheme is None:
+        kind = _fused_or_float(model)
+        if kind == "float":
+            notes.append("the linears are neither fused nor QAT (no bitcpm_quant): running the float model")
+        return model, kind, notes
+    prepare(model, scheme)
+    loaded = load_learned_scales(model, path)  # transformers dropped them as unexpected keys
+    if loaded:
+        notes.append(f"learned scales: {loaded} linears quantized with their trained scales (quant_alpha)")
+    if fuse_qat:
+        fuse(model, dtype=torch_dtype)  # keeps each layer's activation quantization as a pre-hook
+        notes.append(f"QAT checkpoint: fake quantizer fused on load ({scheme.quant_type}, group_size "
+                     f"{scheme.group_size}), as `bitcpm convert` does")
+    else:
+        notes.append(f"QAT checkpoint: run through the fake quantizer's forward ({scheme.quant_type}, "
+                     f"group_size {scheme.group_size})")
+    return model, "qat", notes
+
+
+def _load_packed(path: Path, files, specs, torch_dtype, trust_remote_code: bool) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from bitcpm_cli.core.formats.packed import unpacked_state_dict
-    from bitcpm_cli.core.quant import FUSED_GROUP_CANDIDATES, QuantScheme, fuse, fused_scales, prepare
 
-    notes: list[str] = []
-    scheme = QuantScheme.from_config(config)
-    if packed:
-        hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if hasattr(hf_config, "bitcpm_quant"):
-            delattr(hf_config, "bitcpm_quant")
-        model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code,
-                                                 **{dtype_kwarg(): torch_dtype})
-        missing, unexpected = model.load_state_dict(unpacked_state_dict(files, specs, torch_dtype), strict=False)
-        tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
-        if set(missing) - tied or unexpected:
-            raise InputError(f"the packed weights do not fit the config ({path}): missing "
-                             f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}",
-                             hint="re-create the packed model with `bitcpm convert --format packed`")
-        model.tie_weights()
-        kind = "packed"
-    else:
-        if scheme is None or not scheme.learned_scales:  # quant_alpha tensors no scheme uses: refused before loading
-            require_scales_fit(specs, {}, path)
-        load_dtype = "auto" if scheme else torch_dtype
-        with quiet_scale_report():  # the learned scales it calls unexpected are loaded below
-            model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                         **{dtype_kwarg(): load_dtype})
-        if scheme is not None:
-            prepare(model, scheme)
-            loaded = load_learned_scales(model, path)  # transformers dropped them as unexpected keys
-            if loaded:
-                notes.append(f"learned scales: {loaded} linears quantized with their trained scales (quant_alpha)")
-            if fuse_qat:
-                fuse(model, dtype=torch_dtype)
-                notes.append(f"QAT checkpoint: fake quantizer fused on load ({scheme.quant_type}, group_size "
-                             f"{scheme.group_size}), as `bitcpm convert` does")
-            else:
-                notes.append(f"QAT checkpoint: run through the fake quantizer's forward ({scheme.quant_type}, "
-                             f"group_size {scheme.group_size})")
-            kind = "qat"
-        else:
-            linear = next((m for n, m in model.named_modules()
-                           if isinstance(m, torch.nn.Linear) and "lm_head" not in n), None)
-            is_fused = linear is not None and any(fused_scales(linear.weight.detach(), g) is not None
-                                                  for g in FUSED_GROUP_CANDIDATES)
-            kind = "fused" if is_fused else "float"
-            if not is_fused:
-                notes.append("the linears are neither fused nor QAT (no bitcpm_quant): running the float model")
-    return model, kind, notes
+    hf_config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if hasattr(hf_config, "bitcpm_quant"):
+        delattr(hf_config, "bitcpm_quant")
+    model = AutoModelForCausalLM.from_config(hf_config, trust_remote_code=trust_remote_code,
+                                             **{dtype_kwarg(): torch_dtype})
+    missing, unexpected = model.load_state_dict(unpacked_state_dict(files, specs, torch_dtype), strict=False)
+    tied = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise InputError(f"the packed weights do not fit the config ({path}): missing "
+                         f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}",
+                         hint="re-create the packed model with `bitcpm convert --format packed`")
+    model.tie_weights()
+    return model
+
+
+def _fused_or_float(model: Any) -> str:
+    """'fused' when the first linear (lm_head aside) holds a fused weight, else 'float'."""
+    import torch
+
+    from bitcpm_cli.core.quant import FUSED_GROUP_CANDIDATES, fused_scales
+
+    linear = next((m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n), None)
+    is_fused = linear is not None and any(fused_scales(linear.weight.detach(), g) is not None
+                                          for g in FUSED_GROUP_CANDIDATES)
+    return "fused" if is_fused else "float"
 
 
 # ---- generation --------------------------------------------------------------------------------------
@@ -330,7 +355,12 @@ class HFEngine(Engine):
         ensure_chat_template(tokenizer)
         return check_chat_template(tokenizer)
 
+    def check_activations(self, path: Path, activations: str | None) -> None:
+        require_model_folder(path)
+        config, _, specs, packed_shapes = _read_headers(path)
+        plan_activations(path, config, specs, packed_shapes, activations)
+
     def open(self, path: Path, *, device: str = "auto", dtype: str = "bfloat16", trust_remote_code: bool = False,
-             qat_forward: bool = False, context: int | None = None) -> Session:
+             qat_forward: bool = False, context: int | None = None, activations: str | None = None) -> Session:
         return _HFSession(load_for_inference(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                             fuse_qat=not qat_forward))
+                                             fuse_qat=not qat_forward, activations=activations))

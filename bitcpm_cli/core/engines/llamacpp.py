@@ -16,6 +16,7 @@ from bitcpm_cli.core.engines.base import (
     Prompt,
     Session,
     TextCallback,
+    check_activations_option,
     check_sampling,
     describe_runtime,
     fit_context,
@@ -129,7 +130,35 @@ def model_info(path: Path, llm: Any) -> dict[str, Any]:
     file_type = llm.metadata.get("general.file_type")
     return {"path": str(path), "fingerprint": sha256_file(path),
             "dtype": FILE_TYPE_NAMES.get(int(file_type or -1), f"gguf file type {file_type}"),
-            "format": "gguf"}
+            "format": "gguf", "activations": gguf_activations(path)}
+
+
+# The activations ggml's CPU backend multiplies a weight of each type with (ggml-cpu.c type_traits_cpu: vec_dot_type;
+# on x86): the quantized ones as bitcpm's schemes name them, a float weight's activations converted to its type.
+VEC_DOT_ACTIVATIONS = {"TQ1_0": "q8_k", "TQ2_0": "q8_k", "Q2_K": "q8_k", "Q3_K": "q8_k", "Q4_K": "q8_k",
+                       "Q5_K": "q8_k", "Q6_K": "q8_k", "Q4_0": "q8_0", "Q5_0": "q8_0", "Q8_0": "q8_0", "Q4_1": "q8_1",
+                       "Q5_1": "q8_1", "F16": "f16", "BF16": "bf16", "F32": "none"}
+
+
+def gguf_activations(path: Path) -> str:
+    """How llama.cpp quantizes the activations of a GGUF file's matrix multiplications, from its tensor types:
+    'llama.cpp: q8_k (TQ2_0), f16 (F16)' (most tensors first). The token embedding is a lookup, not a product
+    (unless it is also the output head)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    try:
+        names = {tensor.name for tensor in reader.tensors}
+        counts: dict[str, int] = {}
+        for tensor in reader.tensors:
+            lookup = tensor.name == "token_embd.weight" and "output.weight" in names
+            if len(tensor.shape) >= 2 and not lookup:
+                counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    finally:
+        del reader  # its memory map
+    ordered = sorted(counts, key=lambda name: (-counts[name], name))
+    return "llama.cpp: " + ", ".join(f"{VEC_DOT_ACTIVATIONS.get(name, 'as llama.cpp decides')} ({name})"
+                                     for name in ordered)
 
 
 def _open(path: Path, refusal: str = "not a .gguf file", **options: Any):
@@ -203,6 +232,7 @@ class _LlamaCppSession(Session):
 
 class LlamaCppEngine(Engine):
     name, extra, module = "llama.cpp", "gguf", "llama_cpp"
+    decides_activations = True
 
     def accepts(self, path: Path) -> bool:
         return path.suffix == ".gguf"
@@ -229,8 +259,19 @@ class LlamaCppEngine(Engine):
         compile_template(template, gguf_template_source(path))
         return gguf_template_source(path)
 
+    def check_activations(self, path: Path, activations: str | None) -> None:
+        """llama.cpp quantizes activations by the weights' tensor type: an override cannot be honoured."""
+        check_activations_option(activations)
+        if activations is None:
+            return
+        raise InputError(f"--activations {activations}: the llama.cpp engine cannot change the activation scheme of "
+                         f"{path}; llama.cpp quantizes activations by the weights' tensor type",
+                         hint="drop --activations (TQ1_0 / TQ2_0 weights run q8_k activations, Q4_0 / Q8_0 q8_0; "
+                              "the results' model.activations says which), or run the model folder with --engine hf")
+
     def open(self, path: Path, *, device: str = "auto", dtype: str = "bfloat16", trust_remote_code: bool = False,
-             qat_forward: bool = False, context: int | None = None) -> Session:
+             qat_forward: bool = False, context: int | None = None, activations: str | None = None) -> Session:
+        self.check_activations(path, activations)
         if device not in ("auto", "cpu"):
             raise InputError(f"the llama.cpp engine runs on the CPU, not {device}", hint="use --device cpu (or auto)")
         return _LlamaCppSession(path, context)

@@ -36,13 +36,16 @@ def engine_for(path: str | Path, name: str = "auto") -> Engine:
 
 def generate(path: str | Path, prompts: list, *, engine: str = "auto", device: str = "auto",
              dtype: str = "bfloat16", trust_remote_code: bool = False, seed: int = 42,
-             **settings: Any) -> dict[str, Any]:
-    """`bitcpm infer`: open the model with its engine and generate for every prompt (a results document)."""
+             activations: str | None = None, **settings: Any) -> dict[str, Any]:
+    """`bitcpm infer`: open the model with its engine and generate for every prompt (a results document);
+    `activations` overrides the model's activation scheme (an engine that cannot run it refuses)."""
     chosen = engine_for(path, engine)
     chosen.require()
+    chosen.check_activations(Path(path), activations)  # before the weights load
     if settings.get("chat"):  # a broken chat template fails here, before the weights load
         chosen.check_chat_template(Path(path), trust_remote_code)
-    session = chosen.open(Path(path), device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    session = chosen.open(Path(path), device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                          activations=activations)
     try:
         return session.generate(prompts, seed=seed, **settings)
     finally:

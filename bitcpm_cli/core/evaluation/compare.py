@@ -118,6 +118,8 @@ def _settings_notes(a: ResultsFile, b: ResultsFile) -> list[str]:
         notes.append("the two runs used different weights (model fingerprints differ)")
     if ma.get("dtype") and mb.get("dtype") and ma["dtype"] != mb["dtype"]:
         notes.append(f"dtypes differ: {ma['dtype']} in A, {mb['dtype']} in B")
+    if ma.get("activations") and mb.get("activations") and ma["activations"] != mb["activations"]:
+        notes.append(f"activation schemes differ: {ma['activations']} in A, {mb['activations']} in B")
     ra, rb = a.meta.get("runtime") or {}, b.meta.get("runtime") or {}
     if ra.get("device") and rb.get("device"):
         notes.append(f"devices: A ran on {ra['device']} ({ra.get('device_name')}), B on {rb['device']} "

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from bitcpm_cli.core.errors import CheckFailed, InputError
+from bitcpm_cli.core.errors import BitcpmError, CheckFailed, InputError, QuantError, collect
 from bitcpm_cli.core.io.readers import file_problem
 from bitcpm_cli.core.evaluation.scoring import (
     PER_TOKEN_SCHEMA,
@@ -89,6 +89,7 @@ class EvalPlan:
     scoring: str = "windows"  # or "llama.cpp" (core/evaluation/scoring.py)
     per_token: Path | None = None  # --per-token: where the per-token file goes
     overwrite: bool = False  # replace an existing --per-token file
+    activations: str | None = None  # --activations: the scheme every model bitcpm runs through transformers runs
 
 
 def plan_eval(models: list[str | Path], data: str | Path, *, reference: str | Path | None = None, context: int = 512,
@@ -96,9 +97,11 @@ def plan_eval(models: list[str | Path], data: str | Path, *, reference: str | Pa
               dtype: str = "float32", trust_remote_code: bool = False, tasks: list[str] | None = None,
               include_path: str | Path | None = None, max_kld: float | None = None,
               min_top1: float | None = None, scoring: str = "windows", per_token: str | Path | None = None,
-              overwrite: bool = False) -> EvalPlan:
+              overwrite: bool = False, activations: str | None = None) -> EvalPlan:
     """Check every input (all problems at once), then read each model's vocabulary and context length without its
-    weights: a model that cannot be compared is refused before any model is loaded."""
+    weights: a model that cannot be compared is refused before any model is loaded, and so is a model whose
+    activation scheme (its own, or the `activations` override) cannot run."""
+    from bitcpm_cli.core.engines.base import check_activations_option
     from bitcpm_cli.core.engines.registry import engine_for
 
     paths = [Path(m) for m in models]
@@ -109,6 +112,10 @@ def plan_eval(models: list[str | Path], data: str | Path, *, reference: str | Pa
     problems = _model_problems(paths, Path(data), scoring)
     problems += _setting_problems(context, stride, max_tokens, dtype, scoring)
     problems += _gate_problems(max_kld, min_top1, len(paths))
+    try:
+        check_activations_option(activations)
+    except InputError as exc:
+        problems.append(exc.message)
     if include_path is not None and not tasks:
         problems.append("--include-path is only used with --tasks")
     if include_path is not None and not Path(include_path).is_dir():
@@ -121,6 +128,17 @@ def plan_eval(models: list[str | Path], data: str | Path, *, reference: str | Pa
     engines = [engine_for(path) for path in paths]
     for engine in engines:
         engine.require()
+    refused = []  # every model's activation problems, all at once
+    for engine, path in zip(engines, paths):
+        try:
+            engine.check_activations(path, _override(engine, activations))
+        except BitcpmError as exc:
+            refused.append(exc)
+    if len(refused) == 1:
+        raise refused[0]
+    collect([p for exc in refused for p in (exc.problems or [exc.message])], QuantError,
+            f"{len(refused)} models cannot run their activation schemes",
+            "fix the models named above, or pick --activations that fits every one")
     cards = [engine.card(path, trust_remote_code) for engine, path in zip(engines, paths)]
     for card in cards:
         if card.max_context is not None and context > card.max_context:
@@ -135,7 +153,12 @@ def plan_eval(models: list[str | Path], data: str | Path, *, reference: str | Pa
                          problems=problems if len(problems) > 1 else ())
     return EvalPlan(paths, cards, Path(data), context, stride, max_tokens, device, dtype, trust_remote_code,
                     list(tasks or []), Path(include_path) if include_path else None, max_kld, min_top1, harness,
-                    scoring, Path(per_token) if per_token is not None else None, overwrite)
+                    scoring, Path(per_token) if per_token is not None else None, overwrite, activations)
+
+
+def _override(engine, activations: str | None) -> str | None:
+    """The --activations override for one model: none for an engine that decides activations itself."""
+    return None if engine.decides_activations else activations
 
 
 def _model_problems(paths: list[Path], data: Path, scoring: str) -> list[str]:
@@ -416,7 +439,7 @@ def _score_one(plan: EvalPlan, index: int, path: Path, ids: np.ndarray, store: R
 
     engine = engine_for(path)
     session = engine.open(path, device=plan.device, dtype=plan.dtype, trust_remote_code=plan.trust_remote_code,
-                          qat_forward=True, context=plan.context)
+                          qat_forward=True, context=plan.context, activations=_override(engine, plan.activations))
     try:
         acc = Accumulator(folder, str(index), store.argmax.shape[0], compare=index > 0,
                           per_token=plan.per_token is not None)
@@ -425,9 +448,13 @@ def _score_one(plan: EvalPlan, index: int, path: Path, ids: np.ndarray, store: R
         elapsed = time.perf_counter() - began
         entry = {"path": str(path), "engine": engine.name, "format": session.info["format"],
                  "dtype": session.info["dtype"], "fingerprint": session.info["fingerprint"],
+                 "activations": session.info.get("activations", "none"),
                  "reference": index == 0, **model_statistics(acc, plan.scoring),
                  "tokens_per_s": round(acc.count / elapsed, 3) if elapsed else None,
                  "notes": list(session.notes)}
+        if plan.activations is not None and engine.decides_activations:
+            entry["notes"].append(f"--activations {plan.activations} does not apply: {engine.name} quantizes "
+                                  f"activations by the weights' tensor type ({entry['activations']})")
         if plan.tasks:
             entry["tasks"] = run_tasks(session, plan.tasks, plan.harness)
             if entry["tasks"] is None:
@@ -469,6 +496,7 @@ def _report(plan: EvalPlan, reports: list[dict[str, Any]], documents: int | None
         "schema": EVAL_SCHEMA, "reference": str(plan.models[0]), "data": data,
         "settings": {"scoring": plan.scoring, "context": plan.context, "stride": plan.stride,
                      "max_tokens": plan.max_tokens, "device": plan.device, "dtype": plan.dtype,
+                     "activations": plan.activations,
                      "kld_top_k": min(TOP_K, vocab - 1), "tasks": plan.tasks,
                      "include_path": str(plan.include_path) if plan.include_path else None,
                      "per_token": str(plan.per_token) if plan.per_token is not None else None},

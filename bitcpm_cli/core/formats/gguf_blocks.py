@@ -30,6 +30,13 @@ GGUF_BLOCKS = {"TQ2_0": (35, 256, 66), "TQ1_0": (34, 256, 54), "Q4_0": (2, 32, 1
                "F16": (1, 1, 2), "BF16": (30, 1, 2), "F32": (0, 1, 4)}
 
 
+# The activations llama.cpp quantizes a matrix's input to before multiplying it by blocks of each type (its CPU
+# backend's `vec_dot_type`: ggml/src/ggml-cpu/ggml-cpu.c, `type_traits_cpu`), as bitcpm's activation schemes name them
+# (quant/activations.py computes them); float types multiply float activations.
+GGUF_ACTIVATIONS = {"TQ2_0": "q8_k", "TQ1_0": "q8_k", "Q4_0": "q8_0", "Q8_0": "q8_0", "F16": "none", "BF16": "none",
+                    "F32": "none"}
+
+
 # general.file_type (llama.cpp's LLAMA_FTYPE_MOSTLY_*) named after the type of most quantized weights
 GGUF_FILE_TYPES = {"TQ1_0": 36, "TQ2_0": 37, "Q4_0": 2, "Q8_0": 7, "F16": 1, "BF16": 32}
 FILE_TYPE_NAMES = {v: k.lower() for k, v in GGUF_FILE_TYPES.items()}

@@ -19,7 +19,9 @@ MAX_TOKEN_ID = 2**31 - 1
 
 def results_document(model: dict[str, Any], runtime: dict[str, Any], sampling: dict[str, Any],
                      results: list[dict[str, Any]], total_time: float, notes: list[str]) -> dict[str, Any]:
-    """The results JSON (bitcpm.results/1) of any engine: model, runtime, sampling, per-prompt results, summary."""
+    """The results JSON (bitcpm.results/1) of any engine: model (path, fingerprint, dtype, format and, since
+    activation schemes, `activations`: the scheme its quantized linears ran, absent in older files), runtime,
+    sampling, per-prompt results, summary."""
     total_tokens = sum(r["num_tokens"] for r in results)
     return {
         "schema": RESULTS_SCHEMA, "model": model, "runtime": runtime, "sampling": sampling, "results": results,
@@ -99,6 +101,9 @@ def _check_meta(data: dict[str, Any], path: Path, problems: list[str]) -> None:
     for block in ("model", "runtime", "sampling", "summary"):
         if data.get(block) is not None and not isinstance(data[block], dict):
             problems.append(f"{block}: must be an object")
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    if model.get("activations") is not None and not isinstance(model["activations"], str):
+        problems.append("model.activations: must be a string (the activation scheme the model ran with)")
     sampling = data.get("sampling") if isinstance(data.get("sampling"), dict) else {}
     for key in ("temperature", "top_p"):
         if key in sampling and not _finite(sampling[key]):

@@ -368,6 +368,81 @@ def _learned_scale_checks(config: dict[str, Any], specs: dict[str, TensorSpec]) 
                        present=isinstance(block, dict) and "learned_scales" in block)]
 
 
+ACTIVATIONS_FIELD = "bitcpm_quant.activations"
+ACTIVATION_HINT = ("not fixable from the weights: choose activations whose block divides these layers' in_features "
+                   "(q8_k: 256, q8_0: 32; int8-token and none have no block), or override them per layer under "
+                   "bitcpm_quant.layers")
+RECORD_HINT = ("not fixable from the weights: bitcpm_activations is written by `bitcpm convert`; convert the QAT "
+               "checkpoint again, or remove the key to run the model with full-precision activations")
+
+
+def _problem_note(problems: list[str], hint: str) -> str:
+    """Every problem of an activation row, then what to do."""
+    return "; ".join(problems) + f" ({hint})"
+
+
+def _activation_checks(config: dict[str, Any], specs: dict[str, TensorSpec]) -> list[FieldCheck]:
+    """A QAT config's activation schemes against the layers' in_features (a block must divide them), and a fused
+    config's `bitcpm_activations` record against its linears (none when neither names activations). Unfixable:
+    what the model was trained with cannot be derived from the weights."""
+    from bitcpm_cli.core.quant.activations import FUSED_CONFIG_KEY
+
+    checks = []
+    block = config.get("bitcpm_quant")
+    layers = block.get("layers") if isinstance(block, dict) else None
+    overrides = layers.values() if isinstance(layers, dict) else ()
+    if isinstance(block, dict) and ("activations" in block or any(isinstance(o, dict) and "activations" in o
+                                                                  for o in overrides)):
+        problems, summary = _scheme_activation_problems(config, specs)
+        checks.append(FieldCheck(ACTIVATIONS_FIELD, summary, "blocks that divide every quantized layer's in_features",
+                                 "unfixable" if problems else "ok",
+                                 _problem_note(problems, ACTIVATION_HINT) if problems else ""))
+    if FUSED_CONFIG_KEY in config:
+        problems = _record_problems(config[FUSED_CONFIG_KEY], specs)
+        record = config[FUSED_CONFIG_KEY]
+        shown = (", ".join(f"{scheme}: {len(names) if isinstance(names, list) else names!r}"
+                           for scheme, names in record.items()) if isinstance(record, dict) else record)
+        checks.append(FieldCheck(FUSED_CONFIG_KEY, shown, "quantizing schemes of linear layers",
+                                 "unfixable" if problems else "ok",
+                                 _problem_note(problems, RECORD_HINT) if problems else ""))
+    return checks
+
+
+def _scheme_activation_problems(config: dict[str, Any], specs: dict[str, TensorSpec]) -> tuple[list[str], Any]:
+    """Every problem with bitcpm_quant's activation schemes on these weights, and their summary (or the raw value of
+    a scheme that does not parse)."""
+    from bitcpm_cli.core.quant.activations import block_problem
+    from bitcpm_cli.core.quant.scheme import ACTIVATION_BLOCKS, QuantScheme, is_embedding_name
+
+    try:
+        scheme = QuantScheme.from_config(config)
+    except ConfigError as exc:
+        return exc.problems or [exc.message], config["bitcpm_quant"].get("activations", "none")
+    misfits: dict[tuple[str, int], list[str]] = defaultdict(list)  # (scheme, in_features) -> the layers
+    for name, spec in specs.items():  # the linears `plan_state_dict` quantizes
+        module = name.removesuffix(".weight")
+        if (name.endswith(".weight") and len(spec.shape) == 2 and spec.dtype.startswith(("float", "bfloat"))
+                and not is_embedding_name(module)):
+            activations = scheme.for_module(module).activations
+            if block_problem(activations, spec.shape[1], module) is not None:
+                misfits[activations, spec.shape[1]].append(module)
+    problems = [f"activations {activations} quantize blocks of {ACTIVATION_BLOCKS[activations]} input values, which "
+                f"do not divide in_features {columns} of {len(names)} linear(s): {', '.join(sorted(names))}"
+                for (activations, columns), names in sorted(misfits.items())]
+    return problems, scheme.activation_summary()
+
+
+def _record_problems(record: Any, specs: dict[str, TensorSpec]) -> list[str]:
+    """Every problem of a fused config's `bitcpm_activations` record against the tensor headers."""
+    from bitcpm_cli.core.quant.activations import FUSED_CONFIG_KEY, read_fused_record
+
+    try:
+        read_fused_record(record, {n: s.shape for n, s in specs.items()}, FUSED_CONFIG_KEY)
+    except ConfigError as exc:
+        return exc.problems or [exc.message]
+    return []
+
+
 def check_config(model_dir: str | Path, head_dim: int | None = None) -> ConfigReport:
     """Compare a model directory's config.json with its weights (headers only) and prepare the fixed config."""
     model_dir = Path(model_dir)
@@ -377,7 +452,7 @@ def check_config(model_dir: str | Path, head_dim: int | None = None) -> ConfigRe
     config = read_config(model_dir)
     files, specs = read_tensor_specs(model_dir)
     derived, evidence = derive_architecture(specs, config, head_dim)
-    checks = _compare(config, derived) + _learned_scale_checks(config, specs)
+    checks = _compare(config, derived) + _learned_scale_checks(config, specs) + _activation_checks(config, specs)
     fixed = dict(config)
     for check in checks:
         if check.fixable:
@@ -448,8 +523,10 @@ def require_consistent_config(model_dir: str | Path) -> ConfigReport | None:
         report = check_config(model_dir)
     except UnsupportedArchitecture:
         return None
-    # The loaders check learned scales themselves (learned_scales.py), naming the tensor and the fix.
-    bad = [c for c in report.to_fix + report.unfixable if c.field != LEARNED_SCALES_FIELD]
+    # The loaders check learned scales and activation schemes themselves (learned_scales.py, quant/qat.py,
+    # quant/activations.py), naming the layer and the fix.
+    bad = [c for c in report.to_fix + report.unfixable
+           if c.field not in (LEARNED_SCALES_FIELD, ACTIVATIONS_FIELD, "bitcpm_activations")]
     if bad:
         details = [f"{c.field}: config.json says {c.config if c.present else '(not set)'}, the weights say "
                    f"{c.weights}" for c in bad]

@@ -8,8 +8,16 @@ import torch
 from torch import nn
 
 from bitcpm_cli.core.errors import QuantError, collect
+from bitcpm_cli.core.quant.activations import (
+    FUSED_CONFIG_KEY,
+    attach_activations,
+    block_problem,
+    detach_activations,
+    fake_quantize_activations,
+    fused_record,
+)
 from bitcpm_cli.core.quant.functional import SCALE_PARAM, TERNARY_EPS, absmean_scales, check_groupable, fake_quantize
-from bitcpm_cli.core.quant.scheme import CONFIG_KEY, LayerQuant, QuantScheme
+from bitcpm_cli.core.quant.scheme import CONFIG_KEY, LayerQuant, QuantScheme, is_embedding_name
 
 _optimizer_steps = 0
 _step_hook = None
@@ -144,12 +152,18 @@ class QATLinear(nn.Linear):
             return _QuantizedWeight.apply(weight, fused, alpha, a, b, self.quant, scaling)
         return fused
 
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as this layer's activation scheme quantizes it (straight-through gradient)."""
+        return fake_quantize_activations(x, self.quant.activations)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.fused_weight(), self.bias)
+        return nn.functional.linear(self.quantized_input(x), self.fused_weight(), self.bias)
 
     def extra_repr(self) -> str:
         learned = ", learned_scales=True" if self.quant.learned else ""
-        return f"{super().extra_repr()}, quant_type={self.quant.quant_type}, group_size={self.quant.group_size}{learned}"
+        activations = f", activations={self.quant.activations}" if self.quant.activations != "none" else ""
+        return (f"{super().extra_repr()}, quant_type={self.quant.quant_type}, group_size={self.quant.group_size}"
+                f"{learned}{activations}")
 
 
 def _input_embedding_weight(model: nn.Module) -> torch.Tensor | None:
@@ -172,6 +186,8 @@ def _targets(candidates, scheme: QuantScheme, what: str) -> dict[str, LayerQuant
                 check_groupable(shape, spec.group_size, module)
             except QuantError as exc:
                 problem = f"{exc.message}; {exc.hint}"
+        if problem is None:
+            problem = block_problem(spec.activations, shape[1], module)
         if problem is None:
             targets[key] = spec
         else:
@@ -197,8 +213,6 @@ def plan(model: nn.Module, scheme: QuantScheme) -> dict[str, LayerQuant]:
     return _targets(candidates(), scheme, "model")
 
 
-EMBEDDING_NAMES = ("embed", "wte", "wpe", "embeddings")
-
 
 def plan_state_dict(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str],
                     scheme: QuantScheme) -> dict[str, LayerQuant]:
@@ -207,7 +221,7 @@ def plan_state_dict(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str],
     candidates = (
         (name, name.removesuffix(".weight"), shape, None) for name, shape in shapes.items()
         if name.endswith(".weight") and len(shape) == 2 and dtypes[name].startswith(("float", "bfloat"))
-        and not any(e in name.removesuffix(".weight").rsplit(".", 1)[-1] for e in EMBEDDING_NAMES)
+        and not is_embedding_name(name.removesuffix(".weight"))
     )
     return _targets(candidates, scheme, "checkpoint")
 
@@ -218,6 +232,7 @@ def prepare(model: nn.Module, scheme: QuantScheme) -> nn.Module:
     _watch_optimizer_steps()
     for name, module in model.named_modules():
         if name in targets:
+            detach_activations(module)  # a fused model's input quantization: the QATLinear's scheme replaces it
             module.__class__ = QATLinear
             module.quant = targets[name]
             module.quant_name = name
@@ -225,6 +240,8 @@ def prepare(model: nn.Module, scheme: QuantScheme) -> nn.Module:
     config = getattr(model, "config", None)
     if config is not None:
         setattr(config, CONFIG_KEY, scheme.to_dict())
+        if hasattr(config, FUSED_CONFIG_KEY):  # a fused input's record: the scheme now says it
+            delattr(config, FUSED_CONFIG_KEY)
     return model
 
 
@@ -259,15 +276,22 @@ def learned_scale_params(model: nn.Module) -> dict[str, QATLinear]:
 
 @torch.no_grad()
 def fuse(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Turn every QATLinear back into an nn.Linear holding its fused weight; drop the scheme from the config."""
-    for module in qat_layers(model).values():
+    """Turn every QATLinear back into an nn.Linear holding its fused weight; drop the scheme from the config. A layer
+    that quantizes its input keeps doing so (a forward pre-hook, `attach_activations`), and the config records it
+    under `bitcpm_activations` as `convert` does: the fused model computes, and saves, what the QAT model does."""
+    layers = qat_layers(model)
+    activations = {name: m.quant.activations for name, m in layers.items()}
+    for module in layers.values():
         fused = fake_quantize(module.weight, module.quant, dtype=dtype, name=module.quant_name, scales=module.scales())
         module.weight = nn.Parameter(fused, requires_grad=module.weight.requires_grad)
         module.__class__ = nn.Linear
         module._parameters.pop(SCALE_PARAM, None)
         for attribute in ("quant", "quant_name", "_fused", "_fused_key", "cache_fused"):
             module.__dict__.pop(attribute, None)
+    attach_activations(model, activations)  # after the class change: a QATLinear's forward quantizes its own input
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
+        if (record := fused_record(activations)) is not None:  # what `convert` records: saving it keeps the scheme
+            setattr(config, FUSED_CONFIG_KEY, record)
     return model

@@ -5,7 +5,8 @@ A scheme is the `bitcpm_quant` block of a QAT checkpoint's config.json (README, 
     {"quant_type": "ternary", "group_size": 128,
      "modules_to_not_convert": ["lm_head", "embed_tokens"], "layers": {}}
 
-`layers` maps a module-name pattern to per-layer overrides ({quant_type, group_size}).
+`layers` maps a module-name pattern to per-layer overrides ({quant_type, group_size, activations}). `activations`
+(none | int8-token | q8_k | q8_0) names how each quantized linear's input is quantized (see quant/activations.py).
 """
 
 from __future__ import annotations
@@ -21,8 +22,19 @@ from bitcpm_cli.core.io.readers import read_structured_file
 
 QUANT_TYPES = ("ternary", "binary", "int2", "int4", "int8", "none")
 DEFAULT_SKIP = ("lm_head", "embed_tokens")
-SCHEME_KEYS = ("quant_type", "group_size", "modules_to_not_convert", "layers", "packed", "learned_scales")
-OVERRIDE_KEYS = ("quant_type", "group_size")
+SCHEME_KEYS = ("quant_type", "group_size", "modules_to_not_convert", "layers", "packed", "learned_scales",
+               "activations")
+OVERRIDE_KEYS = ("quant_type", "group_size", "activations")
+# How a quantized linear's input is quantized (quant/activations.py computes them); the blocked ones quantize blocks
+# of this many values along the input dimension, which must divide in_features.
+ACTIVATION_SCHEMES = ("none", "int8-token", "q8_k", "q8_0")
+ACTIVATION_BLOCKS = {"q8_k": 256, "q8_0": 32}
+# Module names (their last part contains one of these) that are embeddings, never quantized linears.
+EMBEDDING_NAMES = ("embed", "wte", "wpe", "embeddings")
+
+
+def is_embedding_name(module_name: str) -> bool:
+    return any(e in module_name.rsplit(".", 1)[-1] for e in EMBEDDING_NAMES)
 CONFIG_KEY = "bitcpm_quant"
 # Quant types whose scale can be a trained parameter (LSQ): ternary, whose one level Qp = 1 has the absmean scale.
 LEARNED_SCALE_TYPES = ("ternary",)
@@ -31,11 +43,13 @@ LEARNED_SCALE_TYPES = ("ternary",)
 @dataclass(frozen=True)
 class LayerQuant:
     """How one weight is quantized: the resolved (quant_type, group_size) of a layer, and whether its scales are
-    trained parameters (`learned`: stored beside the weight as `quant_alpha`) rather than computed from it."""
+    trained parameters (`learned`: stored beside the weight as `quant_alpha`) rather than computed from it, and how
+    its input is quantized (`activations`)."""
 
     quant_type: str
     group_size: int
     learned: bool = False
+    activations: str = "none"
 
     @property
     def bits(self) -> int | None:
@@ -63,6 +77,19 @@ def _problems_for(quant_type: Any, group_size: Any, where: str) -> list[str]:
     return problems
 
 
+def _activation_problems(activations: Any, quant_type: Any, where: str) -> list[str]:
+    """Problems with an activation scheme (`...`: not given); `quant_type` is the layer's resolved one."""
+    if activations is ...:
+        return []
+    if activations not in ACTIVATION_SCHEMES:
+        return [f"{where}activations {activations!r} is not one of {', '.join(ACTIVATION_SCHEMES)}"
+                f"{did_you_mean(str(activations), ACTIVATION_SCHEMES)}"]
+    if activations != "none" and quant_type == "none":
+        return [f"{where}activations {activations} quantize the input of a quantized linear, and quant_type none "
+                "keeps this one in full precision"]
+    return []
+
+
 def _matches(pattern: str, name: str) -> bool:
     """A pattern matches a whole module name, or its dotted tail ('mlp.down_proj', 'lm_head')."""
     return re.fullmatch(pattern, name) is not None or re.fullmatch(rf".*\.(?:{pattern})", name) is not None
@@ -76,12 +103,20 @@ class QuantScheme:
     layers: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     packed: bool = False
     learned_scales: bool = False
+    activations: str = "none"
+    # What reading the scheme could not carry over exactly (e.g. a CANN file's calibrated activation scales): commands
+    # that load it report these. Not part of the scheme's identity or of config.json.
+    notes: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         # Normalise containers so equal schemes compare equal and stay immutable in spirit.
         object.__setattr__(self, "modules_to_not_convert", tuple(self.modules_to_not_convert))
-        object.__setattr__(self, "layers", {k: dict(v) for k, v in dict(self.layers).items()})
+        # (an override that is not a mapping stays as it is, to be reported below rather than coerced or crash dict())
+        object.__setattr__(self, "layers", {k: dict(v) if isinstance(v, Mapping) else v
+                                            for k, v in dict(self.layers).items()})
+        object.__setattr__(self, "notes", tuple(self.notes))
         problems = _problems_for(self.quant_type, self.group_size, "")
+        problems += _activation_problems(self.activations, self.quant_type, "")
         for name in self.modules_to_not_convert:
             if not isinstance(name, str) or not name:
                 problems.append(f"modules_to_not_convert entry {name!r} must be a non-empty module name")
@@ -89,7 +124,7 @@ class QuantScheme:
             where = f"layers[{pattern!r}]: "
             try:
                 re.compile(pattern)
-            except re.error as exc:
+            except (re.error, TypeError) as exc:  # TypeError: a key that is no string (YAML `3:`)
                 problems.append(f"{where}pattern is not a valid regular expression ({exc})")
             if not isinstance(override, dict):
                 problems.append(f"{where}must be a mapping with quant_type and/or group_size")
@@ -98,6 +133,8 @@ class QuantScheme:
                 if key not in OVERRIDE_KEYS:
                     problems.append(f"{where}unknown key {key!r}{did_you_mean(key, OVERRIDE_KEYS)}")
             problems += _problems_for(override.get("quant_type", ...), override.get("group_size", ...), where)
+            problems += _activation_problems(override.get("activations", ...),
+                                             override.get("quant_type", self.quant_type), where)
         if not isinstance(self.packed, bool):
             problems.append(f"packed must be true or false, not {self.packed!r}")
         problems += self._learned_scale_problems()
@@ -141,17 +178,35 @@ class QuantScheme:
         """The quantization of one module: skip list first, then the first matching override."""
         if self.skips(module_name):
             return LayerQuant("none", self.group_size)
-        quant_type, group_size = self.quant_type, self.group_size
+        quant_type, group_size, activations = self.quant_type, self.group_size, self.activations
         for pattern, override in self.layers.items():
             if _matches(pattern, module_name):
-                quant_type, group_size = override.get("quant_type", quant_type), override.get("group_size", group_size)
+                quant_type = override.get("quant_type", quant_type)
+                group_size = override.get("group_size", group_size)
+                activations = override.get("activations", activations)
                 break
-        return LayerQuant(quant_type, group_size, learned=self.learned_scales and quant_type != "none")
+        if quant_type == "none":  # a full-precision layer: its input stays full precision too
+            return LayerQuant("none", group_size)
+        return LayerQuant(quant_type, group_size, learned=self.learned_scales, activations=activations)
 
     def replace(self, **changes: Any) -> "QuantScheme":
         values = self.to_dict()
         values.update({k: v for k, v in changes.items() if v is not None})
-        return QuantScheme.from_dict(values)
+        replaced = QuantScheme.from_dict(values)
+        object.__setattr__(replaced, "notes", self.notes)
+        return replaced
+
+    def with_activations(self, activations: str) -> "QuantScheme":
+        """This scheme with every quantized linear's input quantized by `activations` (per-layer choices dropped):
+        an override such as `--activations none`."""
+        layers = {p: {k: v for k, v in o.items() if k != "activations"} for p, o in self.layers.items()}
+        return self.replace(activations=activations, layers={p: o for p, o in layers.items() if o} or {})
+
+    def activation_summary(self) -> str:
+        """The activation scheme(s) in one word or a short list: 'none', 'q8_k', 'q8_k, some layers none'."""
+        others = sorted({o["activations"] for o in self.layers.values() if o.get("activations", self.activations)
+                         != self.activations})
+        return self.activations + (f" ({', '.join(others)} in some layers)" if others else "")
 
     # ---- config.json --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -165,6 +220,8 @@ class QuantScheme:
             out["packed"] = True
         if self.learned_scales:
             out["learned_scales"] = True
+        if self.activations != "none":
+            out["activations"] = self.activations
         return out
 
     @classmethod
@@ -195,6 +252,7 @@ class QuantScheme:
             layers=layers,
             packed=data.get("packed", False),
             learned_scales=data.get("learned_scales", False),
+            activations=data.get("activations", "none"),
         )
 
     @classmethod
@@ -248,25 +306,24 @@ def scheme_from_strategy(strategy: Any, where: str, default_group_size: int = 12
 
     problems: list[str] = []
     resolved: dict[str, LayerQuant] = {}
+    source = where  # the file (the loop below names each entry in `where`)
     for name, entry in strategy.items():
         where = f"layer_strategy[{name!r}]"
         if not isinstance(entry, dict) or not isinstance(entry.get("weight"), dict):
             problems.append(f"{where}: needs a 'weight' mapping with 'bit' and 'group_size'")
             continue
-        input_bits = (entry.get("input") or {}).get("bit", 16)
-        if input_bits not in (16, 32, None):
-            problems.append(f"{where}: input.bit {input_bits} asks for activation quantization, which bitcpm "
-                            "does not do (weights only); set input.bit to 16")
+        activations = _input_activations(entry.get("input"), where, problems)
         quant_type = _weight_quant_type(entry["weight"], where, problems)
         group_size = entry["weight"].get("group_size", default_group_size)
         is_embedding = "embed" in name or entry.get("quant_strategy") == "Quant_Embed_MinMax"
         if is_embedding and quant_type not in (None, "none"):
             problems.append(f"{where}: embedding quantization is not supported; set weight.bit to 16")
             continue
-        if quant_type is not None:
+        if quant_type is not None and activations is not None:
             problems += _problems_for(quant_type, group_size, f"{where}: ")
-            resolved[name] = LayerQuant(quant_type, group_size)
-    collect(problems, ConfigError, f"invalid strategy file ({where})",
+            problems += _activation_problems(activations, quant_type, f"{where}: ")
+            resolved[name] = LayerQuant(quant_type, group_size, activations=activations)
+    collect(problems, ConfigError, f"invalid strategy file ({source})",
             "fix the entries named above; see the CANN Kit low-bit quantization guide for the format")
 
     decoder = [q for n, q in resolved.items() if q.enabled and not n.endswith("lm_head")]
@@ -274,7 +331,28 @@ def scheme_from_strategy(strategy: Any, where: str, default_group_size: int = 12
     skip = [s for s in DEFAULT_SKIP if not any(n.endswith(s) and q.enabled for n, q in resolved.items())]
     layers = {
         re.escape(name): {"quant_type": q.quant_type, "group_size": q.group_size}
+                         | ({"activations": q.activations} if q.enabled else {})
         for name, q in resolved.items()
         if q != base and not (q.quant_type == "none" and any(name.endswith(s) for s in skip))
     }
-    return QuantScheme(base.quant_type, base.group_size, tuple(skip), layers)
+    calibrated = sum(q.activations != "none" for q in resolved.values())
+    unlisted = (" and in every quantized linear the file does not list (they take its most common entry's settings)"
+                if base.activations != "none" else "")
+    notes = (f"{source}: input.bit 8 in {calibrated} listed layer(s){unlisted} runs as int8-token activations "
+             "(dynamic absmax per token); the CANN Kit's calibrated static activation scales (num_samples) are not "
+             "reproduced",) if calibrated else ()
+    return QuantScheme(base.quant_type, base.group_size, tuple(skip), layers, activations=base.activations,
+                       notes=notes)
+
+
+def _input_activations(entry: Any, where: str, problems: list[str]) -> str | None:
+    """A strategy entry's `input.bit` as an activation scheme: 8 -> int8-token (the CANN Kit calibrates a static
+    scale; bitcpm computes the absmax of each token), 16 or 32 (or none given) -> none."""
+    bit = (entry or {}).get("bit", 16) if isinstance(entry, dict) else entry
+    if bit in (16, 32, None) and not isinstance(bit, bool):
+        return "none"
+    if bit == 8 and not isinstance(bit, bool):
+        return "int8-token"
+    problems.append(f"{where}: input.bit {bit!r} is not supported; use 8 (int8 activations, per token) or 16 "
+                    "(full precision)")
+    return None

@@ -10,8 +10,9 @@ merge adds `B A` to the weight in the weight's dtype. Also bitcpm's: `lora_targe
 marker subclass of LoraConfig, and the resume checks (peft loads mismatched adapters with a warning only).
 
 What holds:
-- QATLinear base: forward = `F.linear(x, base.fused_weight(lora=(A, B, alpha/r)), bias)` (STE to A and B; a learned
-  scale `quant_alpha` stays frozen at its stored / initial value, as every base parameter: only the adapters train).
+- QATLinear base: forward = `F.linear(base.quantized_input(x), base.fused_weight(lora=(A, B, alpha/r)), bias)`
+  (the input quantized by the base layer's activation scheme; STE to the input, A and B; a learned scale
+  `quant_alpha` stays frozen at its stored / initial value, as every base parameter: only the adapters train).
 - plain nn.Linear base (a layer the scheme leaves unquantized): forward = `F.linear(x, W + (alpha/r) B @ A, bias)`
   with the sum computed in float32, so its merge is exact too.
 - merge (`merge_lora`): every base weight becomes the very tensor its forward used as latent (`latent_weight(lora)`
@@ -168,7 +169,10 @@ def _classes() -> tuple[type, type]:
             self._check_forward_args(x, *args, **kwargs)
             if self.disable_adapters or self.merged or not any(n in self.lora_A for n in self.active_adapters):
                 return self.base_layer(x, *args, **kwargs)
-            return nn.functional.linear(x, self.lora_weight(), self.get_base_layer().bias)
+            base = self.get_base_layer()
+            if isinstance(base, QATLinear):  # the base layer's activation scheme quantizes the input
+                x = base.quantized_input(x)
+            return nn.functional.linear(x, self.lora_weight(), base.bias)
 
         def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
             if not check_adapters_to_merge(self, adapter_names):

@@ -9,7 +9,8 @@ Bytes per parameter, as transformers' Trainer and DeepSpeed hold them:
 Activations per micro-batch are an estimate for a Llama-style decoder layer (the attention inputs and outputs, the
 MLP's intermediate tensors, the attention scores as eager attention materialises them: an upper bound where
 flash attention runs) plus the logits with their fp32 loss; with gradient
-checkpointing only each layer's input is kept, plus one layer being recomputed.
+checkpointing only each layer's input is kept, plus one layer being recomputed. Fake-quantized activations (a scheme
+with `activations`) add the quantized inputs the linears save in place of shared ones (quantized_input_copies).
 A run fits when the plan is at most 90 % of the device memory (the rest for the framework, the data and the
 allocator); CPU memory is shared by the ranks on one machine.
 """
@@ -257,7 +258,32 @@ def estimate(shape: Shape, settings: Settings) -> dict[str, int]:
     if settings.teacher_parameters:
         logits += tokens * shape.vocab * 4 * 2  # the teacher's logits and their fp32 softmax / difference
     parts["activations per micro-batch"] = kept + logits
+    if settings.quantized and quantizes_activations(settings.scheme):
+        copies = quantized_input_copies(shape, settings)
+        parts["quantized activations (QAT)"] = copies * (1 if settings.gradient_checkpointing else shape.layers)
     return parts
+
+
+def quantizes_activations(scheme: Any) -> bool:
+    """Whether a scheme fake-quantizes the input of any quantized linear (globally or in a per-layer override)."""
+    return scheme is not None and (scheme.activations != "none" or any(
+        override.get("activations", "none") != "none" for override in scheme.layers.values()))
+
+
+def quantized_input_copies(shape: Shape, settings: Settings) -> int:
+    """Bytes one decoder layer keeps for backward beyond the float path when activations are fake-quantized (an
+    upper bound: every linear of the layer quantized). Each linear saves its own quantized input: in float32, q/k/v
+    no longer share one saved input (2 more hidden-size copies), nor gate/up (1 more), and o_proj's input is saved
+    beside the attention output SDPA keeps (attention-size); under bf16 autocast (Trainer's bf16) every linear saves
+    its own bf16 cast already, so only o_proj's copy is new; DeepSpeed's bf16 (16-bit weights, no autocast) is the
+    float32 case at 2 bytes. Measured with saved-tensor hooks on a Llama layer."""
+    tokens = settings.batch_size * settings.sequence
+    attention = shape.heads * shape.head_dim
+    if settings.bf16 and not settings.kind.startswith("zero"):
+        per_token = attention * 2
+    else:
+        per_token = (3 * shape.hidden + attention) * (2 if settings.bf16 else 4)
+    return tokens * per_token
 
 
 def device_memory(device: Any, limit_gb: float | None) -> tuple[int | None, str]:

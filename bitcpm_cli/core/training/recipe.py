@@ -12,7 +12,7 @@ from typing import Any
 
 from bitcpm_cli.core.errors import ConfigError, collect, did_you_mean
 from bitcpm_cli.core.io.readers import read_structured_file
-from bitcpm_cli.core.quant.scheme import QUANT_TYPES
+from bitcpm_cli.core.quant.scheme import ACTIVATION_SCHEMES, QUANT_TYPES
 
 KD_LOSSES = ("kl", "mse")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
@@ -29,6 +29,9 @@ class TrainConfig:
     quant_type: str | None = None  # None: the checkpoint's bitcpm_quant, else ternary
     group_size: int | None = None  # None: the checkpoint's bitcpm_quant, else 128
     scheme: str | None = None  # a scheme file (bitcpm_quant block or CANN strategy)
+    # How every quantized linear's input is fake-quantized (none | int8-token | q8_k | q8_0); None: the checkpoint's /
+    # the scheme file's (per-layer choices kept); set, it applies to every quantized linear
+    activations: str | None = None
     lr: float = 1e-4
     lr_scheduler: str = "cosine"
     warmup_steps: int = 0
@@ -105,6 +108,7 @@ class TrainConfig:
                             f"{did_you_mean(self.quant_type, QUANT_TYPES)}")
         if self.group_size is not None and self.group_size < -1:
             problems.append(f"group_size: {self.group_size} is invalid; use -1, 0 or a positive number")
+        problems += self.activation_problems()
         if not 0 <= self.kd_weight <= 1:
             problems.append(f"kd_weight: must be within [0, 1], got {self.kd_weight}")
         if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
@@ -155,6 +159,18 @@ class TrainConfig:
             problems.append(f"learned_scales: quant_type {self.quant_type} has no learned scale (only ternary has)")
         return problems
 
+
+    def activation_problems(self) -> list[str]:
+        """The `activations` setting: a known scheme, and a quantized run to apply it to."""
+        if self.activations is None:
+            return []
+        if self.activations not in ACTIVATION_SCHEMES:
+            return [f"activations: {self.activations!r} is not one of {', '.join(ACTIVATION_SCHEMES)}"
+                    f"{did_you_mean(self.activations, ACTIVATION_SCHEMES)}"]
+        if self.activations != "none" and self.quant_type == "none":
+            return [f"activations: {self.activations} quantizes the input of the quantized linears, and quant_type "
+                    "none trains in full precision (set a quant_type, or drop activations)"]
+        return []
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,16 +14,17 @@ from typing import Any, Callable
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from bitcpm_cli.core.errors import ConfigError, InputError
+from bitcpm_cli.core.errors import ConfigError, InputError, collect
 from bitcpm_cli.core.io.outputs import OutputGuard
 from bitcpm_cli.core.io.readers import iter_text_lines, parse_json, read_structured_file
-from bitcpm_cli.core.model.checkpoint import read_config
+from bitcpm_cli.core.model.checkpoint import read_config, read_tensor_specs
 from bitcpm_cli.core.model.config_check import require_consistent_config
 from bitcpm_cli.core.model.hf import dtype_kwarg, hf_loading, load_tokenizer, quiet_transformers
 from bitcpm_cli.core.model.inference_ready import make_inference_ready, read_generation_config
 from bitcpm_cli.core.model.learned_scales import load_learned_scales, quiet_scale_report
 from bitcpm_cli.core.model.tokenizer_bos import prepend_bos_like_training
 from bitcpm_cli.core.quant import QuantScheme, load_scheme_file, prepare, qat_layers
+from bitcpm_cli.core.quant.activations import FUSED_CONFIG_KEY, attach_activations, read_fused_record
 from bitcpm_cli.core.runtime.device import distributed_backend, is_main_process, resolve_device
 from bitcpm_cli.core.training.callbacks import (
     COMPLETE_MARKER,
@@ -77,11 +78,14 @@ class TrainResult:
     scheme: dict[str, Any] | None
     notes: list[str] = field(default_factory=list)
     data_summary: dict[str, Any] = field(default_factory=dict)
+    activations: str | None = None  # the activation scheme(s) trained with (QuantScheme.activation_summary)
 
 
-def resolve_scheme(config: TrainConfig, recorded: QuantScheme | None, notes: list[str]) -> QuantScheme | None:
+def resolve_scheme(config: TrainConfig, recorded: QuantScheme | None, notes: list[str],
+                   record: Any = None) -> QuantScheme | None:
     """The scheme to train with: the checkpoint's, a scheme file, or the flags; None trains in full precision.
-    learned_scales: unset keeps the checkpoint's; true turns them on; stored scales are never silently dropped."""
+    learned_scales: unset keeps the checkpoint's; true turns them on; stored scales are never silently dropped.
+    `record`: a fused input's `bitcpm_activations` (what its weights were trained with), the activations default."""
     stored = recorded is not None and recorded.learned_scales
     if stored and (config.learned_scales is False or config.quant_type == "none"):
         setting = "learned_scales: false" if config.learned_scales is False else "quant_type none"
@@ -100,7 +104,31 @@ def resolve_scheme(config: TrainConfig, recorded: QuantScheme | None, notes: lis
     if learned and not stored:
         notes.append("learned_scales: every quantized layer's group scales are parameters (quant_alpha), starting "
                      "from their absmean values")
-    return base.replace(quant_type=config.quant_type, group_size=config.group_size, learned_scales=learned)
+    notes += [note for note in base.notes if note not in notes]  # e.g. a CANN file's input.bit 8
+    scheme = base.replace(quant_type=config.quant_type, group_size=config.group_size, learned_scales=learned)
+    if config.activations is not None:
+        scheme = scheme.with_activations(config.activations)
+    elif record:
+        scheme = scheme.with_activations(_record_activations(record, notes))
+    if recorded is not None and scheme.activation_summary() != recorded.activation_summary():
+        notes.append(f"activations {scheme.activation_summary()} replace the checkpoint's "
+                     f"{recorded.activation_summary()}: the inputs of the quantized linears are quantized otherwise "
+                     "than it was trained with")
+    return scheme
+
+
+def _record_activations(record: Any, notes: list[str]) -> str:
+    """The one activation scheme of a fused input's `bitcpm_activations` record (checked against the shapes by
+    check_modes), which a run that sets no `activations` continues with; a record of several is a ConfigError."""
+    schemes = sorted(record) if isinstance(record, dict) else []
+    if len(schemes) != 1:
+        raise ConfigError(f"the input's {FUSED_CONFIG_KEY} record holds {len(schemes)} activation schemes "
+                          f"({', '.join(map(str, schemes))}); bitcpm cannot tell which to train every linear with",
+                          hint="set activations (none, int8-token, q8_k or q8_0)")
+    count = len(record[schemes[0]]) if isinstance(record[schemes[0]], list) else 0
+    notes.append(f"activations {schemes[0]}: the fused input's {FUSED_CONFIG_KEY} record ({count} linears) says its "
+                 "weights were trained with them; set activations to train otherwise")
+    return schemes[0]
 
 
 def _refuse_learned_overrides(config: TrainConfig, recorded: QuantScheme, base: QuantScheme) -> None:
@@ -112,7 +140,8 @@ def _refuse_learned_overrides(config: TrainConfig, recorded: QuantScheme, base: 
         raise ConfigError(problems[0], hint=hint)
     if config.scheme:
         keys = ("quant_type", "group_size", "modules_to_not_convert", "layers")
-        given, saved = base.to_dict(), recorded.to_dict()
+        # the activation scheme is no part of the scales' shapes: a file that changes only activations keeps them
+        given, saved = (s.with_activations("none").to_dict() for s in (base, recorded))
         differ = [f"{key} {given.get(key)!r} (the checkpoint's: {saved.get(key)!r})" for key in keys
                   if given.get(key) != saved.get(key)]
         if differ:
@@ -141,8 +170,8 @@ def _check_output_dir(config: TrainConfig) -> Path | None:
 # optimizer states, adapter and scales belong to them).
 RESUME_SETTINGS = ("finetuning_type", "freeze_trainable_layers", "freeze_trainable_modules", "freeze_extra_modules",
                    "trainable_keys", "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "learned_scales",
-                   "quant_type", "group_size", "scheme")
-SCHEME_SETTINGS = ("learned_scales", "quant_type", "group_size", "scheme")
+                   "quant_type", "group_size", "scheme", "activations")
+SCHEME_SETTINGS = ("learned_scales", "quant_type", "group_size", "scheme", "activations")
 
 
 def check_resume_settings(config: TrainConfig, output: Path) -> None:
@@ -184,9 +213,10 @@ def _same_scheme(config: TrainConfig, then: dict[str, Any]) -> bool:
     import dataclasses
 
     try:
-        recorded = QuantScheme.from_config(read_config(Path(config.model)))
+        values = read_config(Path(config.model))
+        recorded = QuantScheme.from_config(values)
         earlier = dataclasses.replace(config, **{key: then[key] for key in SCHEME_SETTINGS})
-        schemes = [resolve_scheme(c, recorded, []) for c in (earlier, config)]
+        schemes = [resolve_scheme(c, recorded, [], values.get(FUSED_CONFIG_KEY)) for c in (earlier, config)]
     except (InputError, ConfigError, TypeError):
         return False
     before, after = (s.to_dict() if s is not None else None for s in schemes)
@@ -224,7 +254,7 @@ def _train(config: TrainConfig, data: Callable[[TrainConfig, Any], DataPlan], on
     plan = data(config, tokenizer)
     emit({"phase": "loading the model"})
     model = _load_student(config, model_dir, tokenizer, strategy, scheme, notes)
-    teacher = _load_teacher(config, model, device) if config.teacher else None
+    teacher = _load_teacher(config, model, device, notes) if config.teacher else None
 
     args = training_arguments(config, output, device, strategy)
     check_deepspeed_config(args, str(config.deepspeed))
@@ -263,7 +293,7 @@ def _train(config: TrainConfig, data: Callable[[TrainConfig, Any], DataPlan], on
     final = output / "final"
     return TrainResult(str(output), str(final), trainer.state.global_step, metrics.first_loss, metrics.last_loss,
                        str(resume_from) if resume_from else None, scheme.to_dict() if scheme else None, notes,
-                       plan.summary)
+                       plan.summary, scheme.activation_summary() if scheme else None)
 
 
 def _preflight(config: TrainConfig) -> tuple[Path, Any, Strategy, MemoryPlan, QuantScheme | None, list[str]]:
@@ -292,9 +322,18 @@ def check_modes(config: TrainConfig, model_dir: Path, strategy: Strategy, notes:
     trainable_keys pattern / freeze module must name a parameter of the synthetic name table), the strategies and
     dtypes these modes need, the teacher folder. Returns the scheme to train with."""
     values = read_config(model_dir)
-    scheme = resolve_scheme(config, QuantScheme.from_config(values), notes)
+    record = values.get(FUSED_CONFIG_KEY)
+    if record is not None:  # a fused input's activation record: checked against its headers, then the default
+        _, specs = read_tensor_specs(model_dir)
+        read_fused_record(record, {n: s.shape for n, s in specs.items()}, str(model_dir / "config.json"))
+    scheme = resolve_scheme(config, QuantScheme.from_config(values), notes, record)
+    if record is not None and scheme is None:
+        notes.append(f"quant_type none: the fused input's {FUSED_CONFIG_KEY} record is dropped (full precision)")
     choice = Choice.from_config(config)
-    trainable_names(Shape.from_config(model_dir / "config.json").parameter_table(scheme), choice, str(model_dir))
+    table = Shape.from_config(model_dir / "config.json").parameter_table(scheme)
+    trainable_names(table, choice, str(model_dir))
+    if scheme is not None:
+        check_activation_blocks(table, scheme, model_dir)
     light = [f"finetuning_type {config.finetuning_type}"] if config.finetuning_type != "full" else []
     light += ["trainable_keys"] if config.trainable_keys else []
     light += ["learned_scales"] if scheme is not None and scheme.learned_scales else []
@@ -312,10 +351,29 @@ def check_modes(config: TrainConfig, model_dir: Path, strategy: Strategy, notes:
     return scheme
 
 
+def check_activation_blocks(table: dict[str, tuple[int, ...]], scheme: QuantScheme, model_dir: Path) -> None:
+    """Before anything loads, from config.json's shapes (`table`, Shape.parameter_table): a blocked activation scheme
+    (q8_k: 256 values, q8_0: 32) must divide the input dimension of every linear it quantizes; one ConfigError
+    naming every layer that it does not (prepare() would refuse them only once the weights are read)."""
+    from bitcpm_cli.core.quant.activations import block_problem
+    from bitcpm_cli.core.quant.scheme import is_embedding_name
+
+    problems = []
+    for name, shape in table.items():
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and len(shape) == 2 and not is_embedding_name(module):
+            spec = scheme.for_module(module)
+            problem = block_problem(spec.activations, shape[1], module) if spec.enabled else None
+            problems += [problem] if problem else []
+    collect(problems, ConfigError, f"the activation scheme does not fit {model_dir}",
+            "choose activations whose block divides these layers' inputs (int8-token fits any size, q8_0 needs "
+            "multiples of 32), or keep these layers' inputs full precision (activations: none under `layers` in a "
+            "--scheme file)")
+
+
 def check_teacher(path: Path, student: dict[str, Any]) -> None:
     """Before anything loads: the KD teacher is a float model folder (a QAT checkpoint loaded as a float model
     would lose its fake quantizer and learned scales) with the student's vocab_size (config.json's)."""
-    from bitcpm_cli.core.model.checkpoint import read_tensor_specs
     from bitcpm_cli.core.quant import SCALE_PARAM
     from bitcpm_cli.core.quant.scheme import CONFIG_KEY
 
@@ -332,6 +390,8 @@ def check_teacher(path: Path, student: dict[str, Any]) -> None:
                           f"from the student's {student.get('vocab_size')}",
                           hint="distil from a teacher with the same tokenizer")
     _, specs = read_tensor_specs(path)
+    if FUSED_CONFIG_KEY in values:  # a fused teacher's activation record: checked now, run by _load_teacher
+        read_fused_record(values[FUSED_CONFIG_KEY], {n: s.shape for n, s in specs.items()}, str(path / "config.json"))
     scales = sorted(name for name in specs if name.endswith("." + SCALE_PARAM))
     if scales:
         raise ConfigError(f"--teacher {path} stores learned scales ({scales[0]}, {len(scales)} in all): a QAT "
@@ -536,8 +596,10 @@ def _checkpointing_kwarg(enabled: bool) -> dict[str, bool]:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": True}
 
 
-def _load_teacher(config: TrainConfig, student: Any, device) -> Any:
-    """The teacher (checked by check_teacher before anything loaded), in inference mode, in the planned dtype."""
+def _load_teacher(config: TrainConfig, student: Any, device, notes: list[str]) -> Any:
+    """The teacher (checked by check_teacher before anything loaded), in inference mode, in the planned dtype; a fused
+    teacher quantizes its linears' inputs as its `bitcpm_activations` record says (what it computed when it was the
+    QAT model)."""
     path = Path(config.teacher)
     vocab = read_config(path).get("vocab_size")
     if vocab != student.config.vocab_size:  # the student grew to its tokenizer (sft's chat tokens)
@@ -547,6 +609,14 @@ def _load_teacher(config: TrainConfig, student: Any, device) -> Any:
         teacher = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=config.trust_remote_code, **{
             dtype_kwarg(): torch.bfloat16 if config.bf16 else torch.float32})
     teacher.requires_grad_(False)
+    values = read_config(path)
+    if FUSED_CONFIG_KEY in values:
+        _, specs = read_tensor_specs(path)
+        record = read_fused_record(values[FUSED_CONFIG_KEY], {n: s.shape for n, s in specs.items()},
+                                   str(path / "config.json"))
+        count = attach_activations(teacher, record)
+        notes.append(f"the teacher quantizes the input of {count} linears as its {FUSED_CONFIG_KEY} record says "
+                     f"({', '.join(sorted(set(record.values())))})")
     return teacher.to(device).eval()
 
 

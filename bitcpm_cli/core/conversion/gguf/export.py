@@ -4,7 +4,10 @@ Every quantized linear is written in a block type that reproduces its fused weig
 (blocks of 256 values of one row with one fp16 scale) when each block holds one scale group, Q4_0 (blocks of 32,
 value `(q - 8) * d`, ternary codes as q in {7, 8, 9} with d = s) when each 32-block does, Q8_0 (blocks of 32 with
 int8 codes) when the block's values are small integer multiples of one fp16 number. `--gguf-type auto` picks the
-first that is exact, per tensor; `tq2_0` / `tq1_0` take that type or refuse.
+first that is exact, per tensor (the types whose activations match the linear's training ones first: llama.cpp
+multiplies TQ blocks by Q8_K activations, Q4_0 / Q8_0 blocks by Q8_0 ones); `tq2_0` / `tq1_0` take that type or
+refuse. A linear trained with other activations than its type's is one note of the result (never file metadata,
+which llama.cpp would ignore).
 
 What the scheme already decides (group sizes against block sizes) is decided from config.json and the tensor
 headers before any weight is read. Then the file's header and tensor table are written, each tensor is fused,
@@ -20,6 +23,7 @@ import math
 import os
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -34,6 +38,7 @@ from bitcpm_cli.core.conversion.plan import plan_conversion
 from bitcpm_cli.core.conversion.report import GgufResult
 from bitcpm_cli.core.errors import CheckFailed, InputError
 from bitcpm_cli.core.formats.gguf_blocks import (
+    GGUF_ACTIVATIONS,
     GGUF_ALIGNMENT,
     GGUF_BLOCKS,
     GGUF_FILE_TYPES,
@@ -64,6 +69,14 @@ class _Entry:
     group_size: int | None = None
     digest: str = ""
     error: float = 0.0  # max abs error of the decoded values (0 unless --allow-lossy)
+    activations: str = "none"  # how training quantized the input of a quantized linear
+
+    @property
+    def auto_order(self) -> tuple[str, ...]:
+        """--gguf-type auto's candidate types, smallest first: those whose activations (llama.cpp's) are the ones
+        this linear was trained with come first, so that a model trained with q8_0 gets Q4_0 / Q8_0 blocks."""
+        matching = [t for t in AUTO_ORDER if GGUF_ACTIVATIONS[t] == self.activations]
+        return tuple(matching + [t for t in AUTO_ORDER if t not in matching])
 
     @property
     def nbytes(self) -> int:
@@ -85,7 +98,7 @@ def _plan_type(entry: _Entry, gguf_type: str) -> tuple[str, str | None]:
     if gguf_type != "auto":
         problem = block_problem(entry.group_size, columns, GGUF_BLOCKS["TQ2_0"][1])
         return gguf_type.upper(), problem
-    for type_name in AUTO_ORDER:
+    for type_name in entry.auto_order:
         block = GGUF_BLOCKS[type_name][1]
         if block_problem(entry.group_size if type_name != "Q8_0" else -1, columns, block) is None:
             return type_name, None
@@ -163,7 +176,8 @@ def _encode(entry: _Entry, data: torch.Tensor, gguf_type: str, allow_lossy: bool
     it exactly, and the problem when none does (with --allow-lossy: llama.cpp's own rounding in the planned type)."""
     import gguf
 
-    candidates = [entry.type] if gguf_type != "auto" else list(AUTO_ORDER[AUTO_ORDER.index(entry.type):])
+    order = entry.auto_order
+    candidates = [entry.type] if gguf_type != "auto" else list(order[order.index(entry.type):])
     values = None  # the float32 numpy copy that gguf-py's encoders take, made once
     for type_name in candidates:
         if entry.shape[1] % GGUF_BLOCKS[type_name][1]:
@@ -222,8 +236,30 @@ def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2
     except BaseException as exc:
         guard.abort(exc)
         raise
+    notes += activation_notes(entries, gguf_type)
     return _result(output, gguf_type, arch, entries, time.perf_counter() - started, worst, lossy, notes,
                    list(plan.warnings))
+
+
+def activation_notes(entries: list[_Entry], gguf_type: str) -> list[str]:
+    """One note when some quantized linears were trained with activations other than those llama.cpp quantizes
+    their written block type's input to (TQ1_0 / TQ2_0: Q8_K, Q4_0 / Q8_0: Q8_0): the file then runs differently
+    from training. The file itself records nothing of it (llama.cpp would ignore any such metadata)."""
+    differ = [e for e in entries if e.quantized and e.activations != GGUF_ACTIVATIONS[e.type]]
+    if not differ:
+        return []
+    trained = Counter(e.activations for e in differ)
+    trained_text = (next(iter(trained)) if len(trained) == 1 else
+                    ", ".join(f"{scheme} ({n})" for scheme, n in sorted(trained.items())))
+    types = sorted({e.type for e in differ}, key=list(GGUF_BLOCKS).index)
+    multiplied = " and ".join(f"{t} blocks by {GGUF_ACTIVATIONS[t].upper()} activations" for t in types)
+    if set(trained) == {"q8_0"} and gguf_type != "auto":
+        fix = ("export with --gguf-type auto (Q4_0 / Q8_0 blocks, which multiply Q8_0 activations), or train with "
+               "activations q8_k, to match")
+    else:
+        fix = "train with activations q8_k (or q8_0 with --gguf-type auto Q4_0/Q8_0 blocks) to match"
+    return [f"activations: {len(differ)} linear(s) were trained with activations {trained_text}, and llama.cpp "
+            f"multiplies their {multiplied}: the GGUF runs differently from training; {fix}"]
 
 
 def _check_options(source: Path, output: Path, gguf_type: str, embeddings: str) -> None:
@@ -263,7 +299,8 @@ def _plan_entries(plan: Any, arch: Any, gguf_type: str, embeddings: str, allow_l
             raise InputError(f"no GGUF name for tensor {name} in llama.cpp's {arch.name} architecture",
                              hint="export Llama/MiniCPM-style decoders")
         if name in group_sizes:
-            entry = _Entry(name, gguf_name, tuple(shape), "", True, group_sizes[name])
+            entry = _Entry(name, gguf_name, tuple(shape), "", True, group_sizes[name],
+                           activations=plan.activations.get(name.removesuffix(".weight"), "none"))
             entry.type, problem = _plan_type(entry, gguf_type)
             if problem:
                 refused.setdefault(problem, []).append(name)
