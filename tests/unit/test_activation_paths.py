@@ -16,16 +16,7 @@ from bitcpm_cli.core.conversion.convert import convert_checkpoint
 from bitcpm_cli.core.errors import ConfigError, QuantError
 from bitcpm_cli.core.quant import QuantScheme, fuse, prepare
 from bitcpm_cli.core.quant.activations import FUSED_CONFIG_KEY, attach_activations, recorded_activations
-from tests.unit.test_engine_activations import a8_qat_model, no_weights_read
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("a8-paths")
-    a8_qat_model(root / "qat")
-    convert_checkpoint(root / "qat", root / "fused", dtype="float32")
-    convert_checkpoint(root / "qat", root / "packed", fmt="packed", dtype="float32")
-    return root
+from tests.unit.test_engine_activations import models, no_weights_read  # noqa: F401 (models: a fixture)
 
 
 def edit_config(folder: Path, **changes) -> None:

@@ -133,18 +133,13 @@ def model_info(path: Path, llm: Any) -> dict[str, Any]:
             "format": "gguf", "activations": gguf_activations(path)}
 
 
-# The activations ggml's CPU backend multiplies a weight of each type with (ggml-cpu.c type_traits_cpu: vec_dot_type;
-# on x86): the quantized ones as bitcpm's schemes name them, a float weight's activations converted to its type.
-VEC_DOT_ACTIVATIONS = {"TQ1_0": "q8_k", "TQ2_0": "q8_k", "Q2_K": "q8_k", "Q3_K": "q8_k", "Q4_K": "q8_k",
-                       "Q5_K": "q8_k", "Q6_K": "q8_k", "Q4_0": "q8_0", "Q5_0": "q8_0", "Q8_0": "q8_0", "Q4_1": "q8_1",
-                       "Q5_1": "q8_1", "F16": "f16", "BF16": "bf16", "F32": "none"}
-
-
 def gguf_activations(path: Path) -> str:
     """How llama.cpp quantizes the activations of a GGUF file's matrix multiplications, from its tensor types:
     'llama.cpp: q8_k (TQ2_0), f16 (F16)' (most tensors first). The token embedding is a lookup, not a product
     (unless it is also the output head)."""
     from gguf import GGUFReader
+
+    from bitcpm_cli.core.formats.gguf_blocks import GGUF_ACTIVATIONS
 
     reader = GGUFReader(path)
     try:
@@ -157,7 +152,7 @@ def gguf_activations(path: Path) -> str:
     finally:
         del reader  # its memory map
     ordered = sorted(counts, key=lambda name: (-counts[name], name))
-    return "llama.cpp: " + ", ".join(f"{VEC_DOT_ACTIVATIONS.get(name, 'as llama.cpp decides')} ({name})"
+    return "llama.cpp: " + ", ".join(f"{GGUF_ACTIVATIONS.get(name, 'as llama.cpp decides')} ({name})"
                                      for name in ordered)
 
 

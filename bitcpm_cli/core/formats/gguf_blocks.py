@@ -31,10 +31,12 @@ GGUF_BLOCKS = {"TQ2_0": (35, 256, 66), "TQ1_0": (34, 256, 54), "Q4_0": (2, 32, 1
 
 
 # The activations llama.cpp quantizes a matrix's input to before multiplying it by blocks of each type (its CPU
-# backend's `vec_dot_type`: ggml/src/ggml-cpu/ggml-cpu.c, `type_traits_cpu`), as bitcpm's activation schemes name them
-# (quant/activations.py computes them); float types multiply float activations.
-GGUF_ACTIVATIONS = {"TQ2_0": "q8_k", "TQ1_0": "q8_k", "Q4_0": "q8_0", "Q8_0": "q8_0", "F16": "none", "BF16": "none",
-                    "F32": "none"}
+# backend's `vec_dot_type` on x86: ggml/src/ggml-cpu/ggml-cpu.c, `type_traits_cpu`), as bitcpm's activation schemes
+# name them (quant/activations.py computes q8_k and q8_0); F16 / BF16 weights multiply activations converted to their
+# type, F32 ones full-precision activations.
+GGUF_ACTIVATIONS = {"TQ1_0": "q8_k", "TQ2_0": "q8_k", "Q2_K": "q8_k", "Q3_K": "q8_k", "Q4_K": "q8_k", "Q5_K": "q8_k",
+                    "Q6_K": "q8_k", "Q4_0": "q8_0", "Q5_0": "q8_0", "Q8_0": "q8_0", "Q4_1": "q8_1", "Q5_1": "q8_1",
+                    "F16": "f16", "BF16": "bf16", "F32": "none"}
 
 
 # general.file_type (llama.cpp's LLAMA_FTYPE_MOSTLY_*) named after the type of most quantized weights
