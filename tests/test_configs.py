@@ -195,7 +195,7 @@ def test_the_a8_recipe_fits_the_quickstart_model_and_not_the_64_wide_tiny_one():
 
     config = resolve_config(TrainConfig, CONFIGS / "pretrain" / "tiny-cpu-a8.yaml", REQUIRED)
     scheme = resolve_scheme(config, None, [])
-    assert scheme.activations == "q8_k"
+    assert scheme.activations == "q8_k" and scheme.group_size == 256  # one TQ2_0 block a group: an exact GGUF
     values = yaml.safe_load((CONFIGS / "quickstart" / "model.yaml").read_text())
     quickstart = Shape(values["vocab_size"], values["hidden_size"], values["num_hidden_layers"],
                        values["num_attention_heads"], values["num_key_value_heads"], values["head_dim"],
