@@ -98,17 +98,73 @@ def test_a_fused_student_trains_with_its_records_scheme_and_saves_it_once(models
     record = json.loads((models / "fused" / "config.json").read_text())[FUSED_CONFIG_KEY]
     notes: list[str] = []
     config = TrainConfig(model=str(models / "fused"), data=["x"], output_dir="o", group_size=-1)
-    assert resolve_scheme(config, None, notes, record).activations == "q8_k"
-    assert any("fused input's bitcpm_activations record (7 linears)" in note for note in notes)
+    scheme = resolve_scheme(config, None, notes, record)
+    assert all(scheme.for_module(name).activations == "q8_k" for name in record["q8_k"])
+    assert any("record names 7 linears" in note for note in notes)
+    # a partial, mixed record: exactly the linears it names, each with its scheme; the others stay full precision
+    mixed = {"q8_k": ["model.layers.0.mlp.up_proj"], "q8_0": ["model.layers.0.mlp.down_proj"]}
+    scheme = resolve_scheme(config, None, [], mixed)
+    assert [scheme.for_module(f"model.layers.0.mlp.{m}").activations for m in ("up_proj", "down_proj", "gate_proj")] \
+        == ["q8_k", "q8_0", "none"]
     chosen = TrainConfig(model=str(models / "fused"), data=["x"], output_dir="o", group_size=-1, activations="none")
     assert resolve_scheme(chosen, None, [], record).activations == "none"
-    with pytest.raises(ConfigError, match="2 activation schemes"):
-        resolve_scheme(config, None, [], {"q8_k": ["a"], "q8_0": ["b"]})
+    bitnet = Path(__file__).resolve().parents[2] / "configs" / "quant" / "bitnet-b158.yaml"
+    notes = []
+    from_file = TrainConfig(model=str(models / "fused"), data=["x"], output_dir="o", scheme=str(bitnet))
+    assert resolve_scheme(from_file, None, notes, record).activations == "int8-token"  # the file the user named wins
+    assert any("replace the fused input's bitcpm_activations record" in note for note in notes)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(models / "fused")
     prepare(model, QuantScheme(group_size=-1, activations="q8_k"))
     assert not hasattr(model.config, FUSED_CONFIG_KEY)  # bitcpm_quant says it now: no second, stale record
+
+
+def test_full_precision_training_of_a_fused_a8_model_drops_its_record(models, tmp_path):
+    from bitcpm_cli.core.training.recipe import TrainConfig
+    from bitcpm_cli.core.training.train import train
+
+    (tmp_path / "t.txt").write_text("\n".join("a b c d e f g h" for _ in range(40)) + "\n")
+    result = train(TrainConfig(model=str(models / "fused"), data=[str(tmp_path / "t.txt")],
+                               output_dir=str(tmp_path / "run"), quant_type="none", max_steps=1, batch_size=2,
+                               block_size=16, save_steps=100, device="cpu"))
+    assert any("record is dropped (full precision)" in note for note in result.notes)
+    assert FUSED_CONFIG_KEY not in json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+
+
+def test_what_ran_names_the_quantized_linears_left_at_full_precision(tmp_path):
+    from bitcpm_cli.core.engines.hf import load_for_inference
+    from tests.unit.test_engine_activations import a8_qat_model
+
+    a8_qat_model(tmp_path / "qat")
+    edit = json.loads((tmp_path / "qat" / "config.json").read_text())
+    edit["bitcpm_quant"]["layers"] = {"mlp\\.down_proj": {"activations": "none"}}
+    (tmp_path / "qat" / "config.json").write_text(json.dumps(edit))
+    assert load_for_inference(tmp_path / "qat", device="cpu").info["activations"] == "q8_k (none in 1 linear)"
+
+
+def test_compare_reports_llama_cpps_activations_without_calling_them_a_mismatch(tmp_path):
+    from bitcpm_cli.core.evaluation.compare import compare_results
+    from bitcpm_cli.core.formats.results import results_document
+
+    result = {"id": 0, "prompt": "a", "token_ids": [5], "text": "x", "num_tokens": 1}
+    paths = []
+    for name, activations in (("hf", "q8_k"), ("gguf", "llama.cpp: q8_k (TQ2_0), f16 (F16)")):
+        model = {"path": "m", "dtype": "float32", "format": "qat", "activations": activations}
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(results_document(model, {}, {}, [result], 1.0, [])))
+    notes = compare_results(*paths).notes
+    assert "activations: A ran q8_k, B ran llama.cpp: q8_k (TQ2_0), f16 (F16)" in notes
+    assert not any("differ" in note and "activation" in note for note in notes)
+
+
+def test_a_cann_w16a8_entry_is_refused():
+    from bitcpm_cli.core.quant.scheme import scheme_from_strategy
+
+    strategy = {"model.layers.0.mlp.up_proj": {"weight": {"bit": 1.58, "group_size": 128}, "input": {"bit": 8}},
+                "lm_head": {"weight": {"bit": 16}, "input": {"bit": 8}}}
+    with pytest.raises(ConfigError, match="quant_type none keeps this one in full precision"):
+        scheme_from_strategy(strategy, "dopt_config.json")
 
 
 def test_a_record_naming_a_layer_the_conversion_keeps_in_full_precision_is_a_warning(models, tmp_path):
@@ -144,5 +200,5 @@ def test_eval_names_every_model_whose_activations_cannot_run(models, tmp_path):
     (tmp_path / "t.txt").write_text("a b c\n")
     with pytest.raises(QuantError) as caught:
         plan_eval([models / "fused", *broken], tmp_path / "t.txt", context=16)
-    assert "2 models cannot run their activation schemes" in caught.value.message
+    assert "2 models cannot be run as given" in caught.value.message
     assert [str(b) in " ".join(caught.value.problems) for b in broken] == [True, True]

@@ -122,7 +122,16 @@ def apply_activations(model: Any, plan: ActivationPlan, kind: str) -> tuple[str,
                      "the model runs with full-precision activations)")
     elif plan.override == "none":
         notes.append("activations: none on every linear (--activations none)")
-    return ", ".join(sorted(set(running.values()))) or "none", notes
+    summary = ", ".join(sorted(set(running.values()))) or "none"
+    import torch
+
+    full = {n for n, scheme in plan.modules.items() if scheme == "none"}
+    if plan.scheme is not None:  # a QAT checkpoint's quantized linears (fused on load or not)
+        specs = {n: plan.scheme.for_module(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        full |= {n for n, spec in specs.items() if spec.enabled and spec.activations == "none"}
+    if running and full:  # some quantized linears run full-precision activations: the summary says so
+        summary += f" (none in {len(full)} linear{'s' if len(full) != 1 else ''})"
+    return summary, notes
 
 
 def _is_fused(weight: Any) -> bool:

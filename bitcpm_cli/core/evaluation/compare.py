@@ -119,7 +119,9 @@ def _settings_notes(a: ResultsFile, b: ResultsFile) -> list[str]:
     if ma.get("dtype") and mb.get("dtype") and ma["dtype"] != mb["dtype"]:
         notes.append(f"dtypes differ: {ma['dtype']} in A, {mb['dtype']} in B")
     if ma.get("activations") and mb.get("activations") and ma["activations"] != mb["activations"]:
-        notes.append(f"activation schemes differ: {ma['activations']} in A, {mb['activations']} in B")
+        engine_decides = any(m["activations"].startswith("llama.cpp:") for m in (ma, mb))
+        notes.append(f"activations: A ran {ma['activations']}, B ran {mb['activations']}" if engine_decides else
+                     f"activation schemes differ: {ma['activations']} in A, {mb['activations']} in B")
     ra, rb = a.meta.get("runtime") or {}, b.meta.get("runtime") or {}
     if ra.get("device") and rb.get("device"):
         notes.append(f"devices: A ran on {ra['device']} ({ra.get('device_name')}), B on {rb['device']} "

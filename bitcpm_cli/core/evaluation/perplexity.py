@@ -137,8 +137,9 @@ def plan_eval(models: list[str | Path], data: str | Path, *, reference: str | Pa
     if len(refused) == 1:
         raise refused[0]
     collect([p for exc in refused for p in (exc.problems or [exc.message])], QuantError,
-            f"{len(refused)} models cannot run their activation schemes",
-            "fix the models named above, or pick --activations that fits every one")
+            f"{len(refused)} models cannot be run as given",
+            "fix the problems named above (`bitcpm fix-config` repairs config.json fields that disagree with the "
+            "weights; --activations picks another activation scheme)")
     cards = [engine.card(path, trust_remote_code) for engine, path in zip(engines, paths)]
     for card in cards:
         if card.max_context is not None and context > card.max_context:

@@ -108,8 +108,12 @@ def resolve_scheme(config: TrainConfig, recorded: QuantScheme | None, notes: lis
     scheme = base.replace(quant_type=config.quant_type, group_size=config.group_size, learned_scales=learned)
     if config.activations is not None:
         scheme = scheme.with_activations(config.activations)
+    elif record and config.scheme:
+        notes.append(f"the scheme file's activations ({scheme.activation_summary()}) replace the fused input's "
+                     f"{FUSED_CONFIG_KEY} record ({', '.join(sorted(map(str, record)))}), which says what its weights "
+                     "were trained with")
     elif record:
-        scheme = scheme.with_activations(_record_activations(record, notes))
+        scheme = _record_activations(scheme, record, notes)
     if recorded is not None and scheme.activation_summary() != recorded.activation_summary():
         notes.append(f"activations {scheme.activation_summary()} replace the checkpoint's "
                      f"{recorded.activation_summary()}: the inputs of the quantized linears are quantized otherwise "
@@ -117,18 +121,19 @@ def resolve_scheme(config: TrainConfig, recorded: QuantScheme | None, notes: lis
     return scheme
 
 
-def _record_activations(record: Any, notes: list[str]) -> str:
-    """The one activation scheme of a fused input's `bitcpm_activations` record (checked against the shapes by
-    check_modes), which a run that sets no `activations` continues with; a record of several is a ConfigError."""
-    schemes = sorted(record) if isinstance(record, dict) else []
-    if len(schemes) != 1:
-        raise ConfigError(f"the input's {FUSED_CONFIG_KEY} record holds {len(schemes)} activation schemes "
-                          f"({', '.join(map(str, schemes))}); bitcpm cannot tell which to train every linear with",
-                          hint="set activations (none, int8-token, q8_k or q8_0)")
-    count = len(record[schemes[0]]) if isinstance(record[schemes[0]], list) else 0
-    notes.append(f"activations {schemes[0]}: the fused input's {FUSED_CONFIG_KEY} record ({count} linears) says its "
-                 "weights were trained with them; set activations to train otherwise")
-    return schemes[0]
+def _record_activations(scheme: QuantScheme, record: Any, notes: list[str]) -> QuantScheme:
+    """`scheme` with the activations of a fused input's `bitcpm_activations` record (checked against the shapes by
+    check_modes): what a run that sets neither `activations` nor a scheme file continues with. Exactly the linears
+    the record names quantize their input, each with its scheme (exact-name overrides); every other linear's input
+    stays full precision, as it was when the weights were trained."""
+    import re
+
+    named = {name: activations for activations, names in record.items() for name in names}
+    layers = {re.escape(name): {"activations": activations} for name, activations in sorted(named.items())}
+    notes.append(f"activations {', '.join(sorted(set(named.values())))}: the fused input's {FUSED_CONFIG_KEY} record "
+                 f"names {len(named)} linears whose inputs its weights were trained to quantize; they keep doing so "
+                 "(set activations to train otherwise)")
+    return scheme.with_activations("none").replace(layers={**layers, **scheme.with_activations("none").layers})
 
 
 def _refuse_learned_overrides(config: TrainConfig, recorded: QuantScheme, base: QuantScheme) -> None:
@@ -414,6 +419,8 @@ def _load_student(config: TrainConfig, model_dir: Path, tokenizer: Any, strategy
                      "tokens to fit the tokenizer")
         torch.manual_seed(config.seed)  # the new rows are drawn at random: the same ones again on --resume
         model.resize_token_embeddings(len(tokenizer))
+    if scheme is None and hasattr(model.config, FUSED_CONFIG_KEY):  # full precision: no input is quantized now
+        delattr(model.config, FUSED_CONFIG_KEY)
     if scheme is not None:
         recorded = QuantScheme.from_config(model.config)
         prepare(model, scheme)
