@@ -608,7 +608,8 @@ def _load_teacher(config: TrainConfig, student: Any, device, notes: list[str]) -
     teacher quantizes its linears' inputs as its `bitcpm_activations` record says (what it computed when it was the
     QAT model)."""
     path = Path(config.teacher)
-    vocab = read_config(path).get("vocab_size")
+    values = read_config(path)
+    vocab = values.get("vocab_size")
     if vocab != student.config.vocab_size:  # the student grew to its tokenizer (sft's chat tokens)
         raise ConfigError(f"the teacher's vocab_size {vocab} differs from the student's {student.config.vocab_size} "
                           "(grown to fit the tokenizer)", hint="distil from a teacher with the same tokenizer")
@@ -616,11 +617,8 @@ def _load_teacher(config: TrainConfig, student: Any, device, notes: list[str]) -
         teacher = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=config.trust_remote_code, **{
             dtype_kwarg(): torch.bfloat16 if config.bf16 else torch.float32})
     teacher.requires_grad_(False)
-    values = read_config(path)
-    if FUSED_CONFIG_KEY in values:
-        _, specs = read_tensor_specs(path)
-        record = read_fused_record(values[FUSED_CONFIG_KEY], {n: s.shape for n, s in specs.items()},
-                                   str(path / "config.json"))
+    if FUSED_CONFIG_KEY in values:  # check_teacher checked the record against the headers
+        record = {name: scheme for scheme, names in values[FUSED_CONFIG_KEY].items() for name in names}
         count = attach_activations(teacher, record)
         notes.append(f"the teacher quantizes the input of {count} linears as its {FUSED_CONFIG_KEY} record says "
                      f"({', '.join(sorted(set(record.values())))})")
