@@ -159,7 +159,6 @@ class TrainConfig:
             problems.append(f"learned_scales: quant_type {self.quant_type} has no learned scale (only ternary has)")
         return problems
 
-
     def activation_problems(self) -> list[str]:
         """The `activations` setting: a known scheme, and a quantized run to apply it to."""
         if self.activations is None:
