@@ -41,7 +41,7 @@ def qat_model(folder: Path, group_size: int, vocab_size: int = 512, **config) ->
 def exact(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf")
     qat_model(root / "qat", group_size=-1)
-    convert_checkpoint(root / "qat", root / "fused", dtype="bfloat16")
+    convert_checkpoint(root / "qat", root / "fused", dtype="float16")
     return root
 
 
@@ -73,7 +73,7 @@ def test_export_dequantizes_exactly(exact, tmp_path, gguf_type):
 
 
 def test_packed_and_fused_inputs_export_the_same_blocks(exact, tmp_path):
-    convert_checkpoint(exact / "qat", tmp_path / "packed", fmt="packed")
+    convert_checkpoint(exact / "qat", tmp_path / "packed", fmt="packed", dtype="float16")
     export_gguf(exact / "fused", tmp_path / "a.gguf")
     export_gguf(tmp_path / "packed", tmp_path / "b.gguf")
     a, b = gguf.GGUFReader(str(tmp_path / "a.gguf")), gguf.GGUFReader(str(tmp_path / "b.gguf"))
@@ -119,7 +119,7 @@ LINEAR_NAMES = [f"model.layers.{i}.{m}.weight" for i in range(2) for m in
 def grouped(tmp_path_factory):
     root = tmp_path_factory.mktemp("g128")
     qat_model(root / "qat", group_size=128)
-    convert_checkpoint(root / "qat", root / "fused", dtype="bfloat16")
+    convert_checkpoint(root / "qat", root / "fused", dtype="float16")
     return root
 
 
@@ -233,15 +233,17 @@ def test_blocks_of_rows_encode_and_check_as_one_pass_does(monkeypatch, type_name
 
 # ---- the llama.cpp engine -----------------------------------------------------------------------------
 def agree_with_transformers(gguf_file: Path, fused: Path, tmp_path: Path, invoke, dtype: str,
-                            near_ties: bool = False) -> None:
-    """Greedy tokens equal (with `near_ties`: or parted only at a near tie, which `compare` tells from a bug)."""
+                            near_ties: bool = False, activations: str | None = None) -> None:
+    """Greedy tokens equal (with `near_ties`: or parted only at a near tie, which `compare` tells from a bug);
+    `activations`: the transformers run quantizes its linears' inputs as llama.cpp does for the file's block type."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("23 24 25 26\ncontinue: 47 48 49\nhéllo Zebra!\n")
     llama = invoke("infer", "--engine", "llama.cpp", "-m", gguf_file, "--prompts", prompts, "-o",
                    tmp_path / "llama.json", "--max-new-tokens", "12", "--logprobs", "3", "-q")
     assert llama.exit_code == 0, llama.output
     hf = invoke("infer", "-m", fused, "--prompts", prompts, "-o", tmp_path / "hf.json", "--max-new-tokens",
-                "12", "--logprobs", "3", "-q", "--dtype", "float32", "--device", "cpu")
+                "12", "--logprobs", "3", "-q", "--dtype", "float32", "--device", "cpu",
+                *(["--activations", activations] if activations else []))
     assert hf.exit_code == 0, hf.output
     a, b = (json.loads((tmp_path / f).read_text()) for f in ("llama.json", "hf.json"))
     assert a["runtime"]["engine"] == "llama.cpp" and a["model"]["format"] == "gguf" and a["model"]["dtype"] == dtype
@@ -266,7 +268,7 @@ def test_llamacpp_agrees_with_transformers_on_a_group_128_model(grouped, tmp_pat
                        "--gguf-type", "auto")
     assert converted.exit_code == 0, converted.output
     assert "Q4_0 x14" in converted.stdout and "bits/weight (linears 4.500)" in converted.stdout
-    agree_with_transformers(tmp_path / "m.gguf", grouped / "fused", tmp_path, invoke, "q4_0")
+    agree_with_transformers(tmp_path / "m.gguf", grouped / "fused", tmp_path, invoke, "q4_0", activations="q8_0")
 
 
 def test_llamacpp_engine_input_errors(exact, tmp_path, invoke):
@@ -349,7 +351,7 @@ def test_longrope_is_exported_as_transformers_applies_it(tmp_path, invoke):
     qat_model(tmp_path / "qat", group_size=-1)
     rope = longrope(attention_factor=1.6)
     edit_config(tmp_path / "qat", rope_parameters=rope, max_position_embeddings=1024)
-    convert_checkpoint(tmp_path / "qat", tmp_path / "fused")
+    convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float16")
     result = export_gguf(tmp_path / "qat", tmp_path / "m.gguf")
     assert result.architecture == "minicpm" and "LongRoPE" in " ".join(result.notes)
     ids = [1] + list(range(40, 140, 2))
@@ -426,9 +428,56 @@ def test_metadata_as_llamacpp_writes_it_and_bf16_embeddings(exact, tmp_path):
     assert int(fields["general.file_type"].parts[-1][0]) == gguf.LlamaFileType.MOSTLY_TQ2_0
     assert bytes(fields["general.size_label"].parts[-1]).decode().endswith("M")
     assert bytes(fields["general.name"].parts[-1]).decode() == "qat"
+    # with bf16 embeddings the file holds the bfloat16 fused model bit for bit, its ternary blocks included
+    convert_checkpoint(exact / "qat", tmp_path / "fused-bf16", dtype="bfloat16")
+    fused = load_file(tmp_path / "fused-bf16" / "model.safetensors")
     embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    fused = load_file(exact / "fused" / "model.safetensors")["model.embed_tokens.weight"]
-    assert np.asarray(embed.data).tobytes() == fused.view(torch.int16).numpy().tobytes()
+    assert np.asarray(embed.data).tobytes() == fused["model.embed_tokens.weight"].view(torch.int16).numpy().tobytes()
+    q = next(t for t in reader.tensors if t.name == "blk.1.attn_q.weight")
+    values = gguf.quants.dequantize(np.asarray(q.data), q.tensor_type).reshape(256, 256)
+    assert np.array_equal(values, permute(fused["model.layers.1.self_attn.q_proj.weight"].float().numpy(), 4))
+
+
+def test_values_beyond_float16_are_refused_not_written_as_inf(exact, tmp_path):
+    """A GGUF holds the float16 fused model (bfloat16 with --gguf-embeddings bf16): an embedding beyond float16's
+    65504 is refused (exit 2, nothing written), for `convert --dtype float16` too, and exported with bf16 embeddings."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(exact / "qat", tmp_path / "qat")
+    weights = load_file(tmp_path / "qat" / "model.safetensors")
+    weights["model.embed_tokens.weight"][5, 7] = 1.0e5
+    save_file(weights, tmp_path / "qat" / "model.safetensors", metadata={"format": "pt"})
+    for attempt in (lambda: export_gguf(tmp_path / "qat", tmp_path / "m.gguf"),
+                    lambda: convert_checkpoint(tmp_path / "qat", tmp_path / "fused", dtype="float16")):
+        with pytest.raises(InputError, match="model.embed_tokens.weight has values beyond float16's range") as error:
+            attempt()
+        assert "bfloat16" in error.value.hint
+    assert not (tmp_path / "m.gguf").exists() and not (tmp_path / "fused").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["qat"]
+    result = export_gguf(tmp_path / "qat", tmp_path / "m.gguf", embeddings="bf16")
+    assert result.exact and result.tensor_types["BF16"] == 2
+
+
+def test_packed_scales_beyond_float16_are_refused_whatever_order_the_pair_comes_in(exact, tmp_path):
+    """A packed folder's bfloat16 scale beyond 65504, unpacked to float16: refused naming the scale tensor, nothing
+    written (safetensors stores the bf16 scales before the uint8 codes, so the codes complete the pair)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    convert_checkpoint(exact / "qat", tmp_path / "packed", fmt="packed")
+    weights_file = tmp_path / "packed" / "model.safetensors"
+    with safe_open(weights_file, "pt") as handle:
+        metadata = handle.metadata()
+    weights = load_file(weights_file)
+    name = "model.layers.0.mlp.down_proj.weight_scale"
+    assert weights[name].dtype == torch.bfloat16
+    weights[name][0] = 1.0e5
+    save_file(weights, weights_file, metadata=metadata)
+    with pytest.raises(InputError, match=f"{name} has values beyond float16's range"):
+        convert_checkpoint(tmp_path / "packed", tmp_path / "fused", dtype="float16")
+    with pytest.raises(InputError, match=f"{name} has values beyond float16's range"):
+        export_gguf(tmp_path / "packed", tmp_path / "m.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["packed"]
 
 
 def test_llama_config_with_minicpm_scales_gets_a_note(tmp_path):

@@ -2,8 +2,8 @@
 `learned_scales: true`): every command that reads it takes the stored scales, exactly.
 
 Fused = codes x learned scale, bit for bit (the fused model's float32 logits equal the QAT forward's); packed reads
-back to exactly the fused weights; GGUF is exact (at tq2_0 / tq1_0 the bfloat16 fused weights' scales are fp16
-numbers) or refused by today's block rules; the QAT folder, its fused conversion and its GGUF give the same greedy
+back to exactly the fused weights; GGUF is exact (at tq2_0 / tq1_0 it holds the float16 fused weights, whose scales
+are fp16 numbers) or refused by today's block rules; the QAT folder, its fused conversion and its GGUF give the same greedy
 tokens; fix-config passes; a scale that is missing, of the wrong shape, or stored for a scheme without learned
 scales, and convert flags that cannot use the stored scales, are exit 2 with one line, nothing written, the input
 unchanged."""
@@ -173,6 +173,7 @@ def gguf_ready(tmp_path_factory):
     # and 5 one of them is, which `bitcpm compare` reports as a near tie or a small-margin divergence)
     qat, _ = learned_checkpoint(root, -1, seed=2, config=GGUF_SHAPE, tokenizer=TOKENIZER, head_gain=20.0)
     convert_checkpoint(qat, root / "fused", dtype="bfloat16")
+    convert_checkpoint(qat, root / "fused16", dtype="float16")  # what a GGUF file holds
     return root
 
 
@@ -182,7 +183,7 @@ def permute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("gguf_type", ["tq2_0", "tq1_0"])
 def test_gguf_is_exact_at_the_ternary_types(gguf_ready, tmp_path, gguf_type):
-    """Learned scales are arbitrary float32, but GGUF encodes the bfloat16 fused weights, whose scales (above the
+    """Learned scales are arbitrary float32, but GGUF encodes the float16 fused weights, whose scales (above the
     1e-5 floor) are fp16 numbers: every block decodes to the fused weights bit for bit."""
     import gguf
     import numpy as np
@@ -191,7 +192,7 @@ def test_gguf_is_exact_at_the_ternary_types(gguf_ready, tmp_path, gguf_type):
 
     result = export_gguf(gguf_ready / "qat", tmp_path / "m.gguf", gguf_type=gguf_type)
     assert result.exact and result.max_abs_error == 0 and result.ternary_tensors == 14
-    fused = {k: v.float().numpy() for k, v in tensors(gguf_ready / "fused").items()}
+    fused = {k: v.float().numpy() for k, v in tensors(gguf_ready / "fused16").items()}
     found = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "m.gguf")).tensors}
     for gguf_name, name, heads in (("blk.0.attn_q.weight", "model.layers.0.self_attn.q_proj.weight", 4),
                                    ("blk.1.ffn_down.weight", "model.layers.1.mlp.down_proj.weight", None),

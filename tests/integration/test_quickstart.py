@@ -39,12 +39,13 @@ def test_quickstart_end_to_end(invoke, tmp_path):
         qs = tmp_path / "qs"
         assert json.loads((qs / "sft" / "final" / "config.json").read_text())["bitcpm_quant"]["activations"] == "q8_k"
         versus = {}  # trained with Q8_K activations, as llama.cpp runs TQ2_0: the same weights scored A8 and A16
-        for activations in ("q8_k", "none"):  # against the bf16 fused model, whose weights the GGUF holds exactly
-            result = invoke("eval", "-m", qs / "fused", "-m", qs / "model-tq2_0.gguf", "--data", qs / "held-out.txt",
+        for activations in ("q8_k", "none"):  # against the float32 QAT checkpoint (the GGUF: its fp16 fusion)
+            result = invoke("eval", "-m", qs / "sft" / "final", "-m", qs / "model-tq2_0.gguf", "--data",
+                            qs / "held-out.txt",
                             "--context", "64", "--device", "cpu", "--json", "--activations", activations)
             assert result.exit_code == 0, result.output
-            fused, gguf = json.loads(result.stdout)["models"]
-            assert fused["activations"] == activations and gguf["activations"].startswith("llama.cpp: q8_k (TQ2_0)")
+            qat, gguf = json.loads(result.stdout)["models"]
+            assert qat["activations"] == activations and gguf["activations"].startswith("llama.cpp: q8_k (TQ2_0)")
             versus[activations] = gguf["vs_reference"]
             assert 0 < versus[activations]["mean_kld"] < 0.05 and versus[activations]["same_top_pct"] >= 95, versus
         assert versus["q8_k"]["mean_kld"] < versus["none"]["mean_kld"] / 3, versus

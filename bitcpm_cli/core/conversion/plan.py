@@ -129,6 +129,17 @@ class Transform:
         return is_scale_name(name) and weight_name(name) in self.scales
 
     def apply(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """The output tensors one input tensor becomes (none for a consumed scale or the first of a packed pair)."""
+        if self.dtype == torch.float16 and self.mode == "unpack" and name.endswith(SCALE_SUFFIX):
+            # a packed pair's weight is built when its second tensor arrives, which may be the uint8 codes
+            _require_float16_range(name, tensor.to(self.dtype), tensor)
+        outputs = self._outputs(name, tensor)
+        if self.dtype == torch.float16:
+            for out_name, out in outputs:
+                _require_float16_range(out_name, out, tensor)
+        return outputs
+
+    def _outputs(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         if self.consumes(name):
             return []
         if self.mode == "unpack":
@@ -163,6 +174,17 @@ class Transform:
 
     def _cast(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+
+def _require_float16_range(name: str, out: torch.Tensor, source: torch.Tensor) -> None:
+    """A float16 output may not turn finite input values into infinities (float16 ends at 65504): refused, naming the
+    tensor and its largest value, rather than written as inf."""
+    if (not out.is_floating_point() or torch.isfinite(out).all()
+            or not (source.is_floating_point() and torch.isfinite(source).all())):
+        return
+    largest = float(source.detach().abs().max())
+    raise InputError(f"{name} has values beyond float16's range (largest {largest:.6g}, float16 ends at 65504)",
+                     hint="convert with --dtype bfloat16 (for GGUF: --gguf-embeddings bf16); nothing was written")
 
 
 # ---- the command ---------------------------------------------------------------------------------

@@ -218,7 +218,7 @@ def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2
     _check_options(source, output, gguf_type, embeddings)
     refuse_remote_code(source, hint=NO_REMOTE_CODE_HINT)  # gguf-py's tokenizer readers could prompt for it
     plan = plan_conversion(source, output, quant_type=quant_type, group_size=group_size, scheme_file=scheme_file,
-                           fmt="fused", dtype="bfloat16", overwrite=overwrite)
+                           fmt="fused", dtype=fused_dtype(embeddings), overwrite=overwrite)
     config = plan.config or {}
     arch = select_architecture(config)
     notes = list(plan.notes) + arch.notes
@@ -239,6 +239,13 @@ def export_gguf(source: str | Path, output: str | Path, *, gguf_type: str = "tq2
     notes += activation_notes(entries, gguf_type)
     return _result(output, gguf_type, arch, entries, time.perf_counter() - started, worst, lossy, notes,
                    list(plan.warnings))
+
+
+def fused_dtype(embeddings: str) -> str:
+    """The dtype of the fused model a GGUF file reproduces bit for bit: float16, whose scales TQ / Q4_0 / Q8_0 blocks
+    store as they are (one rounding from the float32 QAT scale, where bfloat16 then float16 would round twice), or
+    bfloat16 with `--gguf-embeddings bf16` (its embeddings then bfloat16 bit for bit, its scales bfloat16 numbers)."""
+    return "bfloat16" if embeddings == "bf16" else "float16"
 
 
 def activation_notes(entries: list[_Entry], gguf_type: str) -> list[str]:
