@@ -46,6 +46,9 @@ def _render(report: dict) -> None:
     deepspeed = report.get("deepspeed")
     versions.add_row("deepspeed", "[dim]not installed[/]" if deepspeed is None else
                      f"{deepspeed['version']} (accelerator {deepspeed['accelerator'] or '-'})")
+    vllm = report.get("vllm")
+    versions.add_row("vllm", "[dim]not installed[/]" if vllm is None else
+                     f"{vllm['version'] or '-'} ({vllm['distribution'] or '-'}, platform {vllm['platform'] or '-'})")
     out.print(versions)
 
     devices = Table(title="devices")

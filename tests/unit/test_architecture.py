@@ -19,7 +19,8 @@ LAYERS = [
     ["quant"],
     ["model"],
     ["formats"],
-    ["conversion", "engines"],
+    ["conversion"],
+    ["engines"],  # above the writers: the vllm engine fuses a QAT checkpoint through conversion/formats.py
     ["training"],
     ["evaluation"],
     ["quickstart"],

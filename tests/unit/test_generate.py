@@ -191,4 +191,4 @@ def test_an_engine_added_to_the_registry_is_used(tmp_path, invoke, monkeypatch):
         assert document["runtime"]["engine"] == "reverse" and document["results"][0]["text"] == "cba"
         assert read_results(out)[1][0]["token_ids"] == [2, 3]
     refused = invoke("infer", "-m", model, "-p", "abc", "-o", tmp_path / "x.json", "--engine", "nope")
-    assert refused.exit_code == 2 and "auto, hf, llama.cpp, reverse" in refused.stderr
+    assert refused.exit_code == 2 and "auto, hf, llama.cpp, vllm, reverse" in refused.stderr

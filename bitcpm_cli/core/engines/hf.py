@@ -21,9 +21,9 @@ from bitcpm_cli.core.engines.base import (
     fit_context,
     top_logprobs,
 )
+from bitcpm_cli.core.engines.prompts import encode_prompt
 from bitcpm_cli.core.errors import InputError
 from bitcpm_cli.core.formats.results import results_document
-from bitcpm_cli.core.model.chat import render_chat
 from bitcpm_cli.core.model.checkpoint import read_config, read_tensor_specs
 from bitcpm_cli.core.model.config_check import require_consistent_config, require_valid_scales
 from bitcpm_cli.core.model.hf import DTYPES, dtype_kwarg, hf_loading, load_tokenizer
@@ -72,7 +72,7 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfl
     require_model_folder(path)
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}", hint="bfloat16 is what the NPU uses")
-    config, files, specs, packed_shapes = _read_headers(path)
+    config, files, specs, packed_shapes = read_model_headers(path)
     plan = plan_activations(path, config, specs, packed_shapes, activations)  # before any weight is read
     target = resolve_device(device)  # a missing device fails here, before anything heavy is loaded
     torch_dtype = getattr(torch, dtype)
@@ -89,7 +89,7 @@ def load_for_inference(path: str | Path, device: str = "auto", dtype: str = "bfl
     return LoadedModel(model, tokenizer, target, info, notes + activation_notes)
 
 
-def _read_headers(path: Path) -> tuple[dict[str, Any], Any, dict[str, Any], dict[str, list[int]] | None]:
+def read_model_headers(path: Path) -> tuple[dict[str, Any], Any, dict[str, Any], dict[str, list[int]] | None]:
     """(config.json, weight files, tensor specs, {packed linear: [out, in]} or None), checked, from headers only."""
     from bitcpm_cli.core.formats.packed import PACKED_SUFFIX, read_packed_shapes
 
@@ -213,23 +213,6 @@ def _logits_width(model) -> int:
     return int(weight.shape[0]) if weight is not None else int(model.config.vocab_size)
 
 
-def _encode(tokenizer, prompt: Prompt, chat: bool) -> list[int]:
-    if chat:
-        messages = prompt.messages or [{"role": "user", "content": prompt.text}]
-        text = render_chat(tokenizer, messages, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    elif prompt.text is None:
-        raise InputError(f"prompt {prompt.id} has messages but --chat was not given",
-                         hint="pass --chat to render messages with the chat template")
-    else:
-        ids = tokenizer(prompt.text)["input_ids"]
-    if not ids:  # nothing to condition on: generate() would fail deep inside transformers
-        raise InputError(f"prompt {prompt.id} encodes to no tokens" + (" (the chat template rendered an empty text)"
-                                                                       if chat else ""),
-                         hint="give a non-empty prompt" + (", or fix the chat template" if chat else ""))
-    return ids
-
-
 def run_generation(loaded: LoadedModel, prompts: list[Prompt], *, max_new_tokens: int = 128,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 42, chat: bool = False,
                    logprobs: int = 0, batch_size: int = 1, on_text: TextCallback | None = None,
@@ -261,7 +244,7 @@ def run_generation(loaded: LoadedModel, prompts: list[Prompt], *, max_new_tokens
         pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True, output_logits=logprobs > 0,
     )
     context = getattr(model.config, "max_position_embeddings", None)
-    encoded = [fit_context(_encode(tokenizer, p, chat), max_new_tokens, context, truncate_prompt, p.id, notes)
+    encoded = [fit_context(encode_prompt(tokenizer, p, chat), max_new_tokens, context, truncate_prompt, p.id, notes)
                for p in prompts]
     results = []
     total_time = 0.0
@@ -357,7 +340,7 @@ class HFEngine(Engine):
 
     def check_activations(self, path: Path, activations: str | None) -> None:
         require_model_folder(path)
-        config, _, specs, packed_shapes = _read_headers(path)
+        config, _, specs, packed_shapes = read_model_headers(path)
         plan_activations(path, config, specs, packed_shapes, activations)
 
     def open(self, path: Path, *, device: str = "auto", dtype: str = "bfloat16", trust_remote_code: bool = False,

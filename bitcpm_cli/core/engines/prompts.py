@@ -1,4 +1,5 @@
-"""Prompts for `bitcpm infer`: from --prompt, or a file (.txt one a line, .jsonl / .json with `prompt` or `messages`).
+"""Prompts for `bitcpm infer`: from --prompt, or a file (.txt one a line, .jsonl / .json with `prompt` or `messages`),
+and their token ids as every transformers-tokenizer engine (hf, vllm) encodes them.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from typing import Any
 from bitcpm_cli.core.engines.base import Prompt
 from bitcpm_cli.core.errors import InputError
 from bitcpm_cli.core.io.readers import file_problem, json_records, read_text_file
+from bitcpm_cli.core.model.chat import render_chat
 
 
 # ---- prompts -------------------------------------------------------------------------------------
@@ -46,3 +48,22 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | Path | None) -> 
     if not result:
         raise InputError(f"the prompts file holds no prompts ({path})", hint="add one prompt a line")
     return result
+
+
+def encode_prompt(tokenizer, prompt: Prompt, chat: bool) -> list[int]:
+    """A prompt's token ids as the engines that run a transformers tokenizer (hf, vllm) feed them: the chat template
+    rendered (`chat`), else the text with the tokenizer's special tokens (BOS); an empty encoding is refused."""
+    if chat:
+        messages = prompt.messages or [{"role": "user", "content": prompt.text}]
+        text = render_chat(tokenizer, messages, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    elif prompt.text is None:
+        raise InputError(f"prompt {prompt.id} has messages but --chat was not given",
+                         hint="pass --chat to render messages with the chat template")
+    else:
+        ids = tokenizer(prompt.text)["input_ids"]
+    if not ids:  # nothing to condition on: generate() would fail deep inside the engine
+        raise InputError(f"prompt {prompt.id} encodes to no tokens" + (" (the chat template rendered an empty text)"
+                                                                       if chat else ""),
+                         hint="give a non-empty prompt" + (", or fix the chat template" if chat else ""))
+    return ids

@@ -11,9 +11,10 @@ from typing import Any
 from bitcpm_cli.core.engines.base import Engine
 from bitcpm_cli.core.engines.hf import HFEngine, require_model_folder
 from bitcpm_cli.core.engines.llamacpp import LlamaCppEngine
+from bitcpm_cli.core.engines.vllm import VLLMEngine, refuse_non_folder
 from bitcpm_cli.core.errors import InputError
 
-ENGINES: dict[str, Engine] = {"hf": HFEngine(), "llama.cpp": LlamaCppEngine()}
+ENGINES: dict[str, Engine] = {"hf": HFEngine(), "llama.cpp": LlamaCppEngine(), "vllm": VLLMEngine()}
 
 
 def engine_for(path: str | Path, name: str = "auto") -> Engine:
@@ -22,9 +23,12 @@ def engine_for(path: str | Path, name: str = "auto") -> Engine:
     if name != "auto":
         if name not in ENGINES:
             raise InputError(f"--engine {name!r} is not one of auto, {', '.join(ENGINES)}",
-                             hint="auto picks llama.cpp for .gguf files and hf for model folders")
+                             hint="auto picks llama.cpp for .gguf files and hf for model folders; vllm runs only "
+                                  "when named")
         if name == "hf":
             require_model_folder(path)  # a .gguf file is named as such, with the engine that runs it
+        if name == "vllm":
+            refuse_non_folder(path)  # vllm is never picked by auto: only named
         return ENGINES[name]
     for engine in ENGINES.values():
         if engine.accepts(path):

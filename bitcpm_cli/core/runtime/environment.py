@@ -24,6 +24,7 @@ from bitcpm_cli.core.runtime.device import (
     resolve_device,
 )
 from bitcpm_cli.core.runtime.extensions import extension_locks, extensions_dir, is_stale, lock_hint
+from bitcpm_cli.core.runtime.vllm_platform import INSTALL_HINT, vllm_report
 
 
 def deepspeed_report() -> tuple[dict[str, Any] | None, list[tuple[str, str, str]]]:
@@ -132,6 +133,10 @@ def collect_environment(requested: str = "auto") -> dict[str, Any]:
         if not any(d.message in exc.message for d in diagnoses):
             diagnoses.append(Diagnosis("error", exc.message, exc.hint))
     report["deepspeed"], found = deepspeed_report()
+    report["vllm"], broken = vllm_report()
+    if broken:
+        found.append(("error", f"vLLM is installed but its platform layer cannot load ({broken})",
+                      INSTALL_HINT))
     diagnoses += [Diagnosis(*finding) for finding in found]
     report["diagnoses"] = [asdict(d) for d in diagnoses]
     return report
