@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import bitcpm_script
+from tests.helpers import bitcpm_in_process, bitcpm_script
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "configs" / "quickstart" / "tokenizer"
 PROMPT = "the cat sat on the"
@@ -17,8 +17,9 @@ PROMPT = "the cat sat on the"
 
 @pytest.fixture(scope="module")
 def a8(tmp_path_factory):
-    """A q8_k QAT checkpoint of the quickstart's shape (one layer), its fused conversion through the installed
-    `bitcpm convert`, and (with the gguf extra) its TQ2_0 GGUF."""
+    """A q8_k QAT checkpoint of the quickstart's shape (one layer), its fused conversion through `bitcpm convert`
+    (in-process: tests/cli/test_convert_activations_cli.py runs the installed script), and (with the gguf extra) its
+    TQ2_0 GGUF."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from bitcpm_cli.core.quant import QuantScheme, prepare
@@ -34,7 +35,7 @@ def a8(tmp_path_factory):
     prepare(model, QuantScheme(group_size=-1, activations="q8_k"))
     model.save_pretrained(root / "qat")
     AutoTokenizer.from_pretrained(TOKENIZER).save_pretrained(root / "qat")
-    converted = bitcpm_script("convert", "-i", root / "qat", "-o", root / "fused", "--dtype", "float32")
+    converted = bitcpm_in_process("convert", "-i", root / "qat", "-o", root / "fused", "--dtype", "float32")
     assert converted.returncode == 0, converted.stderr
     lines = (TOKENIZER.parent / "corpus.txt").read_text().splitlines()[:8]
     (root / "t.txt").write_text("\n".join(lines) + "\n")
@@ -110,8 +111,10 @@ def test_infer_gives_the_same_tokens_for_the_qat_checkpoint_and_its_fused_output
     assert "activation schemes differ: q8_k in A, none in B" in compared.output
 
 
-def refused(*args, output: Path) -> str:
-    result = bitcpm_script(*args, "-o", output)
+def refused(*args, output: Path, installed: bool = False) -> str:
+    """Exit 2, one error line, nothing written; through the installed script, or in-process where the first refusal
+    already ran the script."""
+    result = (bitcpm_script if installed else bitcpm_in_process)(*args, "-o", output)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
@@ -120,7 +123,8 @@ def refused(*args, output: Path) -> str:
 
 
 def test_refusals_are_exit_2_with_one_error_line_and_nothing_written(a8, gguf_file, tmp_path):
-    stderr = refused("infer", "-m", a8 / "fused", "-p", PROMPT, "--activations", "bogus", output=tmp_path / "r.json")
+    stderr = refused("infer", "-m", a8 / "fused", "-p", PROMPT, "--activations", "bogus", output=tmp_path / "r.json",
+                     installed=True)
     assert "--activations 'bogus' is not one of none, int8-token, q8_k, q8_0" in stderr
     broken = tmp_path / "broken"
     shutil.copytree(a8 / "fused", broken)

@@ -1,5 +1,6 @@
-"""Bad activation settings through the installed `bitcpm` script: `convert` exits 2 with one `error:` line naming
-the layer or setting, writes nothing and leaves the input as it was; `fix-config` reports what cannot be fixed."""
+"""Bad activation settings through the installed `bitcpm` script (the first refusal; the others in-process):
+`convert` exits 2 with one `error:` line naming the layer or setting, writes nothing and leaves the input as it was;
+`fix-config` reports what cannot be fixed."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.fuzz.hostile import snapshot
-from tests.helpers import bitcpm_script, build_tiny_model
+from tests.helpers import bitcpm_in_process, bitcpm_script, build_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +29,11 @@ def _variant(qat: Path, folder: Path, **quant) -> Path:
     return folder
 
 
-def _refused(model: Path, out: Path, *extra) -> str:
-    """Run `convert`, check exit 2, nothing written, input unchanged; the `error:` line."""
+def _refused(model: Path, out: Path, *extra, installed: bool = False) -> str:
+    """Run `convert` (through the installed script, or in-process), check exit 2, nothing written, input unchanged;
+    the `error:` line."""
     before = snapshot(model)
-    run = bitcpm_script("convert", "-i", model, "-o", out, *extra)
+    run = (bitcpm_script if installed else bitcpm_in_process)("convert", "-i", model, "-o", out, *extra)
     assert run.returncode == 2, run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in run.stderr, run.stderr
@@ -41,7 +43,7 @@ def _refused(model: Path, out: Path, *extra) -> str:
 
 def test_an_unknown_activation_scheme_is_exit_2_naming_the_layer(qat, tmp_path):
     model = _variant(qat, tmp_path / "m", layers={r"mlp\.down_proj": {"activations": "q8_x"}})
-    line = _refused(model, tmp_path / "out")
+    line = _refused(model, tmp_path / "out", installed=True)
     assert r"layers['mlp\\.down_proj']: activations 'q8_x' is not one of" in line and "q8_k" in line
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.fuzz.hostile import snapshot
-from tests.helpers import bitcpm_script, build_tiny_model
+from tests.helpers import bitcpm_in_process, bitcpm_script, build_tiny_model
 
 pytest.importorskip("lm_eval", reason="--tasks needs the eval extra")
 EVAL_TASKS = Path(__file__).resolve().parents[2] / "configs" / "eval"
@@ -179,11 +179,13 @@ def template_task(template: str, field: str = "doc_to_text") -> str:
 def test_template_escape_needs_trust_remote_code(models, tmp_path, escape):
     """A doc_to_text that reaches Python through the template's globals runs nothing without --trust-remote-code
     (exit 2 naming the file, the task and the field: refused before the model loads when its dunder attributes show,
-    by the sandbox while rendering otherwise); with it, lm-evaluation-harness' own unsandboxed rendering runs it."""
+    by the sandbox while rendering otherwise); with it, lm-evaluation-harness' own unsandboxed rendering runs it.
+    The attribute escape runs through the installed script, the item escape in-process (the same command)."""
     marker = tmp_path / "ran"
     folder = task_folder(tmp_path, template_task(escape.format(marker=marker)))
     before = snapshot(folder)
-    run = bitcpm_script(*eval_args(models, folder))
+    bitcpm = bitcpm_script if escape == ESCAPES[0] else bitcpm_in_process
+    run = bitcpm(*eval_args(models, folder))
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert lines[0].startswith("error: task file ") and sum(line.startswith("error:") for line in lines) == 1
@@ -192,7 +194,7 @@ def test_template_escape_needs_trust_remote_code(models, tmp_path, escape):
         assert needle in lines[0], run.stderr
     assert lines[-1].startswith("hint: ") and "--trust-remote-code" in lines[-1], run.stderr
     assert not marker.exists() and snapshot(folder) == before
-    run = bitcpm_script(*eval_args(models, folder, "--trust-remote-code", "--json"))
+    run = bitcpm(*eval_args(models, folder, "--trust-remote-code", "--json"))
     assert run.returncode == 0, run.stderr
     assert marker.exists()
 
@@ -218,12 +220,12 @@ def test_templated_counting_scores_as_the_plain_one(models, tmp_path):
     rendered as a list, the answer as a number) scores exactly as the plain one under the sandbox."""
     import json
 
-    plain = bitcpm_script(*eval_args(models, task_folder(tmp_path / "plain"), "--json"))
+    plain = bitcpm_in_process(*eval_args(models, task_folder(tmp_path / "plain"), "--json"))
     text = TASK.replace("doc_to_text: context", "doc_to_text: \"{{ context | regex_replace('  +', ' ') }}\"")
     text = text.replace("doc_to_choice: choices", "doc_to_choice: '{{ choices }}'")
     text = text.replace("doc_to_target: answer", "doc_to_target: '{% for c in choices %}{% if loop.index0 == answer "
                                                  "%}{{ loop.index0 }}{% endif %}{% endfor %}'")
-    templated = bitcpm_script(*eval_args(models, task_folder(tmp_path / "templated", text), "--json"))
+    templated = bitcpm_in_process(*eval_args(models, task_folder(tmp_path / "templated", text), "--json"))
     assert plain.returncode == 0 and templated.returncode == 0, plain.stderr + templated.stderr
     scores = [json.loads(run.stdout)["models"][0]["tasks"] for run in (plain, templated)]
     assert scores[0] == scores[1] and "acc" in scores[0]["bitcpm_counting"], scores

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.fuzz.hostile import snapshot
-from tests.helpers import bitcpm_script, small_filesystem
+from tests.helpers import bitcpm_in_process, bitcpm_script, small_filesystem
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "configs" / "quickstart" / "corpus.txt"
@@ -26,8 +26,8 @@ def work(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("outputs")
     qat_model(root / "qat", group_size=-1)
-    run = bitcpm_script("infer", "-m", root / "qat", "-p", "Hello", "-o", root / "a.json", "--device", "cpu",
-                        "--max-new-tokens", "4")
+    run = bitcpm_in_process("infer", "-m", root / "qat", "-p", "Hello", "-o", root / "a.json", "--device", "cpu",
+                            "--max-new-tokens", "4")
     assert run.returncode == 0, run.stderr
     (root / "b.json").write_bytes((root / "a.json").read_bytes())
     return root
@@ -148,8 +148,8 @@ def test_a_parent_retargeted_mid_run_leaves_nothing_in_either_folder(invoke, wor
 
 def test_results_with_positive_logprobs_or_misaligned_steps_are_refused(invoke, work, tmp_path):
     document = json.loads((work / "a.json").read_text())
-    run = bitcpm_script("infer", "-m", work / "qat", "-p", "Hello", "-o", tmp_path / "k.json", "--device", "cpu",
-                        "--max-new-tokens", "4", "--logprobs", "2")
+    run = bitcpm_in_process("infer", "-m", work / "qat", "-p", "Hello", "-o", tmp_path / "k.json", "--device", "cpu",
+                            "--max-new-tokens", "4", "--logprobs", "2")
     assert run.returncode == 0, run.stderr
     document = json.loads((tmp_path / "k.json").read_text())
     positive = json.loads(json.dumps(document))

@@ -253,13 +253,11 @@ def test_malformed_prompts_are_exit_2_before_loading(invoke, model, tmp_path, na
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
 
-def test_sft_preview_on_bad_utf8_exits_2(model, tmp_path):
+def test_sft_preview_on_bad_utf8_exits_2(model, tmp_path, invoke):
     chat = tmp_path / "chat.jsonl"
     chat.write_bytes(b'{"messages": [{"role": "user", "content": "1"}, {"role": "assistant", "content": "\xff"}]}\n')
-    run = subprocess.run([sys.executable, "-m", "bitcpm_cli", "sft", "--model", str(model), "--data", str(chat),
-                          "--preview", "2"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert run.returncode == 2 and f"{chat}:1" in run.stderr and "Traceback" not in run.stderr
+    result = invoke("sft", "--model", model, "--data", chat, "--preview", "2")  # sft's script runs: test_json_stdout
+    assert result.exit_code == 2 and f"{chat}:1" in result.stderr and "Traceback" not in result.output
 
 
 def test_bad_corpus_and_settings_leave_no_output_folder(invoke, model, tmp_path):

@@ -1,5 +1,6 @@
-"""`bitcpm train` / `bitcpm sft` with fake-quantized activations, through the installed script: the W1.58A8 recipe end
-to end on a tiny model whose linear inputs are multiples of 256, and the settings refused before any weight is read."""
+"""`bitcpm train` / `bitcpm sft` with fake-quantized activations: the W1.58A8 recipe end to end through the installed
+script on a tiny model whose linear inputs are multiples of 256, and (in-process) the settings refused before any
+weight is read."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import bitcpm_script, build_tiny_model
+from tests.helpers import bitcpm_in_process, bitcpm_script, build_tiny_model
 from tests.integration.test_train import counting_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,8 +59,8 @@ def _one_error(run, start: str) -> str:
 
 
 def test_an_unknown_scheme_is_exit_2_with_one_line_naming_the_setting(models, tmp_path, invoke):
-    run = bitcpm_script("train", "--model", models / "wide", "--data", models / "count.txt", "--output-dir",
-                        tmp_path / "run", "--device", "cpu", "activations=bogus")
+    run = bitcpm_in_process("train", "--model", models / "wide", "--data", models / "count.txt", "--output-dir",
+                            tmp_path / "run", "--device", "cpu", "activations=bogus")
     _one_error(run, "activations: 'bogus' is not one of none, int8-token, q8_k, q8_0")
     assert not (tmp_path / "run").exists()
     result = invoke("sft", "--model", models / "wide", "--data", models / "count.txt", "--output-dir",
@@ -70,8 +71,8 @@ def test_an_unknown_scheme_is_exit_2_with_one_line_naming_the_setting(models, tm
 
 def test_q8_k_on_inputs_that_are_no_multiple_of_256_is_refused_before_any_weight_is_read(models, tmp_path, invoke):
     before = {p.name: p.read_bytes() for p in (models / "narrow").iterdir() if p.is_file()}
-    run = bitcpm_script("train", "--config", A8_RECIPE, "--model", models / "narrow", "--data", models / "count.txt",
-                        "--output-dir", tmp_path / "run")
+    run = bitcpm_in_process("train", "--config", A8_RECIPE, "--model", models / "narrow", "--data",
+                            models / "count.txt", "--output-dir", tmp_path / "run")
     _one_error(run, "model.layers.0.mlp.down_proj: activations q8_k quantize blocks of 256 input values, which do "
                     "not divide in_features 320")
     assert not (tmp_path / "run").exists()

@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("gguf", reason="GGUF tests need the gguf extra: pip install -e '.[gguf]'")
 
 from tests.fuzz.hostile import snapshot
-from tests.helpers import bitcpm_script, build_tiny_model
+from tests.helpers import bitcpm_in_process, bitcpm_script, build_tiny_model
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "configs" / "quickstart" / "tokenizer"
 
@@ -175,11 +175,13 @@ def test_dim_model_base_0_is_refused_by_infer_through_the_installed_script(model
     one_error(run, f"invalid MiniCPM scale in {folder / 'config.json'}: dim_model_base: config.json says 0, "
                    "model_type 'minicpm' needs a positive number")
     assert not (tmp_path / "r.json").exists() and snapshot(folder) == before
-    run = bitcpm_script("convert", "-i", folder, "-o", tmp_path / "m.gguf", "--format", "gguf", "--gguf-type", "auto")
+    # convert and eval in-process (their installed-script runs: the tokenizer test above, tests/cli/)
+    run = bitcpm_in_process("convert", "-i", folder, "-o", tmp_path / "m.gguf", "--format", "gguf", "--gguf-type",
+                            "auto")
     one_error(run, "invalid MiniCPM scale in")
     corpus = tmp_path / "text.txt"
     corpus.write_text("hello world\n" * 20)
-    run = bitcpm_script("eval", "-m", folder, "--data", corpus, "--context", "16", "--device", "cpu")
+    run = bitcpm_in_process("eval", "-m", folder, "--data", corpus, "--context", "16", "--device", "cpu")
     one_error(run, "invalid MiniCPM scale in")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "text.txt"]
 
@@ -211,8 +213,8 @@ def test_a_minicpm_config_without_its_scales_is_refused_by_gguf_export(model, tm
 
 
 def test_the_gguf_embeddings_hint_names_what_the_option_offers(model, tmp_path):
-    run = bitcpm_script("convert", "-i", model, "-o", tmp_path / "m.gguf", "--format", "gguf", "--gguf-embeddings",
-                        "tq2_0")
+    run = bitcpm_in_process("convert", "-i", model, "-o", tmp_path / "m.gguf", "--format", "gguf",
+                            "--gguf-embeddings", "tq2_0")
     one_error(run, "--gguf-embeddings 'tq2_0' is not one of f16, bf16, q8_0")
     hint = run.stderr.splitlines()[-1]
     assert "tq2_0" not in hint and all(t in hint for t in ("f16", "bf16", "q8_0")), hint

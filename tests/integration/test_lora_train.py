@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 from bitcpm_cli.core.training.lora import MARKER
 from bitcpm_cli.core.training.recipe import TrainConfig, resolve_config
 from bitcpm_cli.core.training.train import latest_complete_checkpoint, train
-from tests.helpers import bitcpm_script
+from tests.helpers import bitcpm_in_process, bitcpm_script
 from tests.integration.test_train import RECIPE, setup  # noqa: F401 (setup: a fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,8 +153,9 @@ def test_resume_from_an_adapter_checkpoint_continues_the_loss_curve(setup, strai
                           str(setup / "count.txt"), str(killed), *LORA], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == -9, run.stderr
     assert latest_complete_checkpoint(killed).name == "checkpoint-10"
-    resumed = bitcpm_script("train", "--config", RECIPE, "--model", setup / "float", "--data", setup / "count.txt",
-                            "--output-dir", killed, "--resume", *LORA)
+    # in-process: `train --resume` through the installed script is test_training_hostile.py's kill-before-the-marker
+    resumed = bitcpm_in_process("train", "--config", RECIPE, "--model", setup / "float", "--data",
+                                setup / "count.txt", "--output-dir", killed, "--resume", *LORA)
     assert resumed.returncode == 0, resumed.stderr
     a, b = losses(straight[0]), losses(killed)
     assert len(a) == len(b) == 20
@@ -171,15 +172,15 @@ def test_resume_refuses_a_plain_side_adapter_and_another_rank(setup, straight, t
     shutil.copytree(straight[0] / "checkpoint-10", checkpoint)
     args = ("train", "--config", RECIPE, "--model", setup / "float", "--data", setup / "count.txt", "--output-dir",
             run, "--resume", *LORA)
-    full = bitcpm_script(*args[:-len(LORA)], *LORA[2:])
+    full = bitcpm_in_process(*args[:-len(LORA)], *LORA[2:])
     assert full.returncode == 2 and "holds a LoRA adapter (adapter_config.json) but finetuning_type is full" in \
         full.stderr, full.stderr
-    other_rank = bitcpm_script(*args, "lora_rank=8")
+    other_rank = bitcpm_in_process(*args, "lora_rank=8")
     assert other_rank.returncode == 2 and "error: --resume: r is 4 in" in other_rank.stderr, other_rank.stderr
     saved = json.loads((checkpoint / "adapter_config.json").read_text())
     del saved[MARKER]
     (checkpoint / "adapter_config.json").write_text(json.dumps(saved))
-    side = bitcpm_script(*args)
+    side = bitcpm_in_process(*args)
     assert side.returncode == 2 and "is not bitcpm's adapter inside the quantizer" in side.stderr, side.stderr
     for refused in (full, other_rank, side):  # before anything loads; the run folder as it was
         assert "Traceback" not in refused.stderr and "loading the model" not in refused.stdout + refused.stderr
@@ -196,8 +197,8 @@ def test_resume_with_other_quantization_settings_is_refused_before_loading(setup
     shutil.copy(straight[0] / "bitcpm_train_config.yaml", run / "bitcpm_train_config.yaml")
     args = ("train", "--config", RECIPE, "--model", setup / "float", "--data", setup / "count.txt", "--output-dir",
             run, "--resume", *LORA)
-    learned = bitcpm_script(*args, "learned_scales=true", "--group-size", "64")
-    other_type = bitcpm_script(*args, "--quant-type", "int4")
+    learned = bitcpm_in_process(*args, "learned_scales=true", "--group-size", "64")
+    other_type = bitcpm_in_process(*args, "--quant-type", "int4")
     head = f"error: --resume: {run} was started with other settings than this run's: "
     assert learned.stderr.startswith(head + "learned_scales None (saved) vs True (now); group_size 32 (saved) vs "
                                             "64 (now)\n"), learned.stderr
@@ -235,8 +236,8 @@ def test_sft_with_lora(setup, tmp_path):
     ("lora_dropout=0.1", "lora_dropout: must be 0"),
 ])
 def test_bad_lora_settings_exit_2_before_loading(setup, tmp_path, setting, start):
-    run = bitcpm_script("train", "--config", RECIPE, "--model", setup / "float", "--data", setup / "count.txt",
-                        "--output-dir", tmp_path / "run", "finetuning_type=lora", setting)
+    run = bitcpm_in_process("train", "--config", RECIPE, "--model", setup / "float", "--data", setup / "count.txt",
+                            "--output-dir", tmp_path / "run", "finetuning_type=lora", setting)
     lines = run.stderr.splitlines()
     assert run.returncode == 2, run.stderr
     assert lines[0].startswith(f"error: {start}") and lines[-1].startswith("hint: "), run.stderr

@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from bitcpm_cli.core.training.recipe import TrainConfig, resolve_config
 from bitcpm_cli.core.training.sft import SftConfig, fine_tune
 from bitcpm_cli.core.training.train import train
-from tests.helpers import bitcpm_script, build_tiny_model
+from tests.helpers import bitcpm_in_process, build_tiny_model
 from tests.integration.test_train import RECIPE, counting_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -265,8 +265,8 @@ def test_bad_input_is_exit_2_before_anything_loads(config_only, setup, tmp_path,
         pytest.importorskip("peft")
     overrides = [o.format(root=config_only) for o in overrides]
     start = start.format(root=config_only)
-    done = bitcpm_script("train", "--config", RECIPE, "--model", config_only / model, "--data", setup / "count.txt",
-                         "--output-dir", tmp_path / "out", *overrides, cwd=ROOT)
+    done = bitcpm_in_process("train", "--config", RECIPE, "--model", config_only / model, "--data",
+                             setup / "count.txt", "--output-dir", tmp_path / "out", *overrides, cwd=ROOT)
     one_error(done, start)
     assert not (tmp_path / "out").exists()
 
@@ -280,15 +280,16 @@ def test_a_teacher_storing_learned_scales_is_refused_before_anything_loads(confi
     (teacher / "config.json").write_text((setup / "float" / "config.json").read_text())
     save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(128, 64),
                "model.layers.0.mlp.up_proj.quant_alpha": torch.ones(128, 2)}, teacher / "model.safetensors")
-    done = bitcpm_script("train", "--config", RECIPE, "--model", config_only / "qat", "--data", setup / "count.txt",
-                         "--output-dir", tmp_path / "out", f"teacher={teacher}", cwd=ROOT)
+    done = bitcpm_in_process("train", "--config", RECIPE, "--model", config_only / "qat", "--data",
+                             setup / "count.txt", "--output-dir", tmp_path / "out", f"teacher={teacher}", cwd=ROOT)
     one_error(done, f"--teacher {teacher} stores learned scales (model.layers.0.mlp.up_proj.quant_alpha, 1 in all)")
     assert "convert" in done.stderr.splitlines()[-1] and not (tmp_path / "out").exists()
 
 
 def _resume(setup, output, *settings):
-    return bitcpm_script("train", "--config", RECIPE, "--model", setup / "qat", "--data", setup / "count.txt",
-                         "--output-dir", output, "--resume", "max_steps=3", "logging_steps=1", *settings, cwd=ROOT)
+    return bitcpm_in_process("train", "--config", RECIPE, "--model", setup / "qat", "--data", setup / "count.txt",
+                             "--output-dir", output, "--resume", "max_steps=3", "logging_steps=1", *settings,
+                             cwd=ROOT)
 
 
 def _listing(folder: Path) -> dict[str, bytes]:
@@ -309,8 +310,8 @@ def test_resume_with_other_freeze_settings_is_refused_before_loading(setup, tmp_
     for refused in (other, full):
         assert "loading the model" not in refused.stdout + refused.stderr
     assert _listing(output) == before
-    same = bitcpm_script("train", "--config", output / "bitcpm_train_config.yaml", "--resume", "max_steps=3",
-                         cwd=ROOT)  # the hint's way: the run's own settings
+    same = bitcpm_in_process("train", "--config", output / "bitcpm_train_config.yaml", "--resume", "max_steps=3",
+                             cwd=ROOT)  # the hint's way: the run's own settings
     assert same.returncode == 0, same.stderr
     assert len((output / "metrics.jsonl").read_text().splitlines()) == 3
 

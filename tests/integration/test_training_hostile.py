@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import bitcpm_script, build_tiny_model, small_filesystem
+from tests.helpers import bitcpm_in_process, bitcpm_script, build_tiny_model, small_filesystem
 from tests.integration.test_train import RECIPE, ROOT, counting_corpus
 
 SFT_RECIPE = ROOT / "configs" / "sft" / "tiny-cpu.yaml"
@@ -196,7 +196,7 @@ def test_dataset_info_entry_of_the_wrong_shape_is_exit_2_naming_it(setup, tmp_pa
     entry, message = BAD_ENTRIES[case]
     info = tmp_path / "dataset_info.json"
     info.write_text(json.dumps({"my_chat": entry, "other": {"file_name": "chat.jsonl"}}))
-    run = bitcpm_script(*sft_args(setup, tmp_path / "run"), "--columns", info, "--preview", "1")
+    run = bitcpm_in_process(*sft_args(setup, tmp_path / "run"), "--columns", info, "--preview", "1")
     one_error(run, message)
     error = one_error(run, "columns:")
     assert "my_chat" in error and str(info) in error, error
@@ -305,8 +305,8 @@ def test_the_cut_changes_nothing_training_sees(setup):
 def test_sft_preview_of_a_10000_turn_conversation_notes_the_turns_cut(setup, tmp_path):
     data = tmp_path / "long.jsonl"
     data.write_text(json.dumps({"messages": conversation(10_000)}) + "\n")
-    run = bitcpm_script("sft", "--model", setup / "float", "--data", data, "--max-length", "128", "--preview", "1",
-                        "--json", timeout=300)
+    run = bitcpm_in_process("sft", "--model", setup / "float", "--data", data, "--max-length", "128", "--preview",
+                            "1", "--json")
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout)
     assert report["examples"][0]["tokens"] == 128 and report["summary"]["turns_cut"] > 9_900
@@ -322,7 +322,7 @@ def test_every_skipped_alpaca_record_is_named_by_file_and_line(setup, tmp_path):
     data.write_text("[\n" + ",\n".join(json.dumps(r, indent=2) for r in records) + "\n]\n")
     lines = data.read_text().splitlines()
     starts = [number for number, line in enumerate(lines, 1) if line == "{"]
-    run = bitcpm_script("sft", "--model", setup / "float", "--data", data, "--preview", "1", "--json")
+    run = bitcpm_in_process("sft", "--model", setup / "float", "--data", data, "--preview", "1", "--json")
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout)["summary"]
     bad = sorted((1, 2, 4, 5, 7, 8, 9, 10, 11, 12, 13))
@@ -339,8 +339,8 @@ def test_memory_plan_counts_parameters_in_human_units(setup):
 
     assert [human_count(n) for n in (950, 86_336, 2_620_000, 1_240_000_000)] == ["950", "86.34 K", "2.62 M",
                                                                                   "1.24 B"]
-    run = bitcpm_script(*train_args(setup, Path("/nonexistent-parent/never"), "max_steps=1",
-                                    "max_memory_gb=0.000001"))
+    run = bitcpm_in_process(*train_args(setup, Path("/nonexistent-parent/never"), "max_steps=1",
+                                        "max_memory_gb=0.000001"))
     assert "0.00 B parameters" not in run.stderr
     assert " K parameters)" in run.stderr, run.stderr[-2000:]
 
@@ -348,7 +348,7 @@ def test_memory_plan_counts_parameters_in_human_units(setup):
 # ---- item 8: --list-settings --json ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["train", "sft"])
 def test_list_settings_json_is_json(command):
-    run = bitcpm_script(command, "--list-settings", "--json")
+    run = bitcpm_in_process(command, "--list-settings", "--json")  # through the script: test_json_stdout.py
     assert run.returncode == 0, run.stderr
     rows = json.loads(run.stdout)
     names = {row["name"]: row for row in rows}
