@@ -102,6 +102,8 @@ def test_fused_model_gives_the_hf_engines_greedy_tokens_and_logprobs(models, fus
     assert set(runtime) >= set(reference["runtime"])  # the same keys as every engine, plus vLLM's own
     assert fused_greedy["model"]["format"] == "fused" and fused_greedy["model"]["activations"] == "none"
     assert fused_greedy["sampling"]["logprobs"] == 5 and fused_greedy["summary"]["prompts"] == 3
+    # the CPU KV cache bitcpm sizes (4 full-context sequences, at least 32 MiB), said in a note
+    assert any(n.startswith("vLLM KV cache: 32 MiB, room for 4 full-context sequences") for n in fused_greedy["notes"])
 
 
 def test_a_batch_of_three_prompts_equals_each_prompt_alone(fused_session, fused_greedy):
@@ -248,6 +250,7 @@ def test_a_packed_folder_is_unpacked_to_the_fused_weights_before_vllm_sees_it(mo
     with pytest.raises(InputError, match="stopped by the test"):
         ENGINE.open(packed, dtype="float32")
     assert seen["model"].parent.name.startswith("bitcpm-vllm-") and seen["options"]["dtype"] == "float32"
+    assert seen["options"]["kv_cache_memory_bytes"] == 32 << 20  # the tiny model's 4 sequences need less
     assert _temporaries(scratch) == []  # removed after the failed start
     reference = models["root"] / "packed-fused"
     if not reference.exists():
