@@ -35,7 +35,9 @@ def convert(
                                                                          "or q8_0."),
     allow_lossy: bool = typer.Option(False, "--allow-lossy", help="GGUF: export even where blocks are not exact, and "
                                                                    "report the error."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="Output dtype: bfloat16, float16 or float32."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype of a fused or packed model: bfloat16 (the "
+                                        "default), float16 or float32. A GGUF holds the float16 fused model (bfloat16 "
+                                        "with --gguf-embeddings bf16)."),
     verify: bool = typer.Option(False, "--verify", help="Reload the output and check it against the input."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (only once the new one is complete)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard of a folder output."),

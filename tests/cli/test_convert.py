@@ -85,6 +85,21 @@ def test_gguf_without_the_gguf_extra_is_exit_2_naming_the_extra(invoke, tmp_path
     assert not (tmp_path / "m.gguf").exists() and sorted(p.name for p in (tmp_path / "qat").iterdir()) == before
 
 
+def test_dtype_with_gguf_is_refused_not_dropped(invoke, tmp_path):
+    """A GGUF's dtype follows --gguf-embeddings (float16 fused, or bfloat16 with bf16): --dtype is refused, naming
+    that, before anything is written; fused and packed outputs keep their bfloat16 default."""
+    make_qat(tmp_path / "qat")
+    before = sorted(p.name for p in (tmp_path / "qat").iterdir())
+    result = invoke("convert", "-i", tmp_path / "qat", "-o", tmp_path / "m.gguf", "--format", "gguf", "--dtype",
+                    "bfloat16")
+    assert result.exit_code == 2, result.output
+    assert "--dtype bfloat16 does not apply to --format gguf" in result.stderr and "--gguf-embeddings bf16" in \
+        result.stderr
+    assert not (tmp_path / "m.gguf").exists() and sorted(p.name for p in (tmp_path / "qat").iterdir()) == before
+    assert invoke("convert", "-i", tmp_path / "qat", "-o", tmp_path / "fused").exit_code == 0
+    assert {t.dtype for t in load_file(tmp_path / "fused" / "model.safetensors").values()} == {torch.bfloat16}
+
+
 def test_nan_latent_weight_is_exit_2_naming_the_layer_and_nothing_written(invoke, tmp_path):
     from safetensors.torch import save_file
 

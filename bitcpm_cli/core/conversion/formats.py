@@ -41,7 +41,7 @@ class ConvertRequest:
     quant_type: str | None = None
     group_size: int | None = None
     scheme_file: str | Path | None = None
-    dtype: str = "bfloat16"
+    dtype: str | None = None  # fused / packed: bfloat16 when None; GGUF decides its own (refused when given)
     verify: bool = False
     overwrite: bool = False
     max_shard_size: str = "5GB"  # parsed only by the formats that write shards
@@ -61,7 +61,7 @@ class OutputFormat:
 def _write_checkpoint(request: ConvertRequest) -> ConvertResult:
     return convert_checkpoint(
         request.source, request.output, quant_type=request.quant_type, group_size=request.group_size,
-        scheme_file=request.scheme_file, fmt=request.fmt, dtype=request.dtype, verify=request.verify,
+        scheme_file=request.scheme_file, fmt=request.fmt, dtype=request.dtype or "bfloat16", verify=request.verify,
         overwrite=request.overwrite, max_shard_bytes=parse_size(request.max_shard_size), progress=request.progress,
     )
 
@@ -70,6 +70,10 @@ def _export_gguf(request: ConvertRequest) -> GgufResult:
     # Imported here, so that the other formats never need gguf-py (an optional extra).
     from bitcpm_cli.core.conversion.gguf.export import export_gguf
 
+    if request.dtype is not None:  # never dropped in silence: the file's dtype follows --gguf-embeddings
+        raise InputError(f"--dtype {request.dtype} does not apply to --format gguf: the file holds the float16 fused "
+                         "model (its blocks store fp16 scales), or the bfloat16 one with --gguf-embeddings bf16",
+                         hint="drop --dtype; pass --gguf-embeddings bf16 for bfloat16 embeddings and scales")
     return export_gguf(request.source, request.output, gguf_type=request.gguf_type, embeddings=request.embeddings,
                        allow_lossy=request.allow_lossy, overwrite=request.overwrite, quant_type=request.quant_type,
                        group_size=request.group_size, scheme_file=request.scheme_file)
