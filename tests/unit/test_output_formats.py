@@ -55,7 +55,7 @@ def test_gguf_runs_the_gguf_export_with_its_options(tmp_path, monkeypatch):
     monkeypatch.setattr(export, "export_gguf", spy)
     result = convert("gguf", tmp_path / "qat", tmp_path / "m.gguf", gguf_type="auto", embeddings="q8_0",
                      allow_lossy=True, overwrite=True, quant_type="ternary", group_size=-1, scheme_file=None,
-                     dtype="float16", verify=True, max_shard_size="not a size", progress=lambda *a: 1 / 0)
+                     verify=True, max_shard_size="not a size", progress=lambda *a: 1 / 0)
     assert result == "exported"
     assert calls == [((tmp_path / "qat", tmp_path / "m.gguf"),
                       dict(gguf_type="auto", embeddings="q8_0", allow_lossy=True, overwrite=True, quant_type="ternary",
