@@ -177,18 +177,25 @@ def bitcpm_script(*args, cwd=None, env: dict | None = None, unset: tuple[str, ..
                           timeout=timeout, stdin=subprocess.DEVNULL, cwd=cwd, env=environment)
 
 
-def bitcpm_in_process(*args):
+def bitcpm_in_process(*args, cwd=None):
     """The same command as `bitcpm_script`, run in this process through typer's CliRunner (bitcpm_cli.cli.app.app):
     a subprocess.CompletedProcess with the exit code, stdout and stderr. For the error paths and options whose exit
     code and message one installed-script run of the same command already shows end to end: no 4-6 s of imports per
-    run."""
+    run. `cwd` is the working folder for the run (relative paths), restored afterwards."""
+    import os
     import subprocess
 
     from typer.testing import CliRunner
 
     from bitcpm_cli.cli.app import app
 
-    result = CliRunner().invoke(app, [str(a) for a in args])
+    before = os.getcwd()
+    if cwd is not None:
+        os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        os.chdir(before)
     return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
 
 
