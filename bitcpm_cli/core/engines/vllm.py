@@ -138,7 +138,7 @@ def preflight(path: Path, device: str, dtype: str, activations: str | None) -> t
 def model_kind(path: Path) -> str:
     """qat / packed / fused / float, from config.json, the headers and (fused or float) the first linear's weight."""
     from bitcpm_cli.core.formats.packed import PACKED_SUFFIX
-    from bitcpm_cli.core.model.checkpoint import iter_tensors
+    from bitcpm_cli.core.model.checkpoint import TensorReader, tensor_order
     from bitcpm_cli.core.quant import FUSED_GROUP_CANDIDATES, QuantScheme, fused_scales
     from bitcpm_cli.core.quant.qat import plan_state_dict
 
@@ -149,10 +149,11 @@ def model_kind(path: Path) -> str:
         return "qat"
     targets = plan_state_dict({n: tuple(s.shape) for n, s in specs.items()}, {n: s.dtype for n, s in specs.items()},
                               QuantScheme(group_size=0))
-    for name, tensor in iter_tensors(files):
-        if name in targets:
-            return "fused" if any(fused_scales(tensor, g) is not None for g in FUSED_GROUP_CANDIDATES) else "float"
-    return "float"
+    first = next((n for n in tensor_order(files, specs) if n in targets), None)
+    if first is None:
+        return "float"
+    weight = TensorReader(files, specs)[first]  # that one tensor, not the ones stored before it
+    return "fused" if any(fused_scales(weight, g) is not None for g in FUSED_GROUP_CANDIDATES) else "float"
 
 
 def fuse_to_temporary(path: Path, dtype: str) -> tuple[Path, str]:
